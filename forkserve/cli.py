@@ -1,0 +1,35 @@
+"""The `forkserve` command: arguments to a running master, errors to exit statuses."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from forkserve import logs
+from forkserve.app import check_app_module
+from forkserve.config import parse_args
+from forkserve.errors import EXIT_CONFIG, ConfigError
+from forkserve.master import Master
+from forkserve.sockets import listen
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run forkserve with `argv` (default: sys.argv[1:]); return the exit status.
+
+    Anything wrong with what was asked for (flags, addresses, files) is one line on stderr
+    and exit status 2, before any worker starts.
+    """
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        if cfg.chdir:
+            os.chdir(cfg.chdir)
+        try:
+            logs.setup(cfg.log_level, cfg.error_logfile, cfg.access_logfile)
+        except OSError as exc:
+            raise ConfigError(f"cannot open log file {exc.filename}: {exc.strerror}") from None
+        check_app_module(cfg.app, cfg.chdir)
+        listeners = listen(cfg.bind, cfg.backlog)
+    except ConfigError as exc:
+        print(f"forkserve: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return Master(cfg, listeners).run()

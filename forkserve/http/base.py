@@ -1,0 +1,185 @@
+"""The seam between HTTP/1.1 parsers and the WSGI/ASGI adapters.
+
+A parser implementation is a sans-I/O connection object (see `HTTPConnection`): bytes go in
+with `receive_data`, events come out of `next_event`, and response bytes come back from the
+`send_*` methods. It never touches a socket. Every implementation raises `ProtocolError`
+carrying the status to answer, and enforces the same limits (`Limits`) through the checks in
+this module, so that all of them pass the same tests.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Protocol
+
+
+class ProtocolError(Exception):
+    """The client broke HTTP/1.1: answer `status` (400, 413, 414, 431, ...) and close."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request-head limits.
+
+    request_line: bytes in the request line (gunicorn 4094, nginx 8k); over it → 414.
+    header_count: number of header fields (gunicorn 100); over it → 431.
+    header_field_size: bytes in one `name: value` field (gunicorn 8190, nginx 8k); over it → 431.
+    head_size: bytes in the whole request head (nginx's default buffers allow 32k);
+        over it → 431. Checked on the buffered bytes, so a head that arrives in one read is
+        refused as surely as one that trickles in.
+    """
+
+    request_line: int = 8190
+    header_count: int = 100
+    header_field_size: int = 8190
+    head_size: int = 65536
+
+
+@dataclass(slots=True)
+class Request:
+    """A request head. Header names are lower-case bytes, values as received."""
+
+    method: bytes
+    target: bytes
+    http_version: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Data:
+    """A piece of the request body, de-chunked."""
+
+    data: bytes
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+END_OF_MESSAGE = _Sentinel("END_OF_MESSAGE")  # the request body is complete
+NEED_DATA = _Sentinel("NEED_DATA")  # feed more bytes with receive_data()
+PAUSED = _Sentinel("PAUSED")  # a request is in progress: respond before reading the next one
+CLOSED = _Sentinel("CLOSED")  # the client closed the connection between requests
+
+Event = Request | Data | _Sentinel
+
+
+class FilePart:
+    """A range of an open file to be sent with os.sendfile(); only its length goes to a parser."""
+
+    __slots__ = ("fd", "offset", "count")
+
+    def __init__(self, fd: int, offset: int, count: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class HTTPConnection(Protocol):
+    """One server-side HTTP/1.1 connection as a state machine. No I/O.
+
+    Reading: `receive_data(b"")` means the client closed its end. `next_event()` returns a
+    `Request`, then `Data` pieces and `END_OF_MESSAGE`; `NEED_DATA` when it needs bytes;
+    `PAUSED` once the request is read and the response is not finished; `CLOSED` when the
+    client left between requests. It raises `ProtocolError` for a malformed request.
+
+    Writing: `send_response` (head), `send_data`/`send_file` (body, framed as the head
+    chose: Content-Length, chunked, or until close for HTTP/1.0), `send_end`. A HEAD request's
+    body is swallowed. After `send_end`, `start_next_cycle()` tells whether the connection can
+    carry another request (the request body must have been read to its end first).
+    """
+
+    client_waiting_for_continue: bool
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def next_event(self) -> Event: ...
+
+    def send_continue(self) -> bytes: ...
+
+    def send_response(self, status: int, reason: bytes, headers: list) -> bytes: ...
+
+    def send_data(self, data: bytes) -> bytes: ...
+
+    def send_file(self, part: FilePart) -> list[bytes | FilePart]: ...
+
+    def send_end(self) -> bytes: ...
+
+    def start_next_cycle(self) -> bool: ...
+
+
+def check_partial_head(buffered: bytes, limits: Limits) -> None:
+    """Refuse an incomplete request head that is already over a limit."""
+    eol = buffered.find(b"\n", 0, limits.request_line + 2)
+    if eol == -1 and len(buffered) > limits.request_line + 1:
+        raise ProtocolError(414, "request line too long")
+    if len(buffered) > limits.head_size:
+        raise ProtocolError(431, "request head too large")
+
+
+def check_request(request: Request, limits: Limits) -> None:
+    """Refuse a parsed request head that breaks a limit or is ambiguous to frame."""
+    # method SP target SP HTTP/x.y
+    if len(request.method) + len(request.target) + 10 > limits.request_line:
+        raise ProtocolError(414, "request line too long")
+    headers = request.headers
+    if len(headers) > limits.header_count:
+        raise ProtocolError(431, "too many header fields")
+    hosts = 0
+    framing = 0
+    for name, value in headers:
+        if len(name) + len(value) + 2 > limits.header_field_size:
+            raise ProtocolError(431, "header field too large")
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length" or name == b"transfer-encoding":
+            framing |= 1 if name == b"content-length" else 2
+    if hosts > 1:
+        raise ProtocolError(400, "more than one Host header")
+    if framing == 3:
+        # RFC 9112 §6.1: a request with both is a smuggling attempt; close after answering.
+        raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
+
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The current time as an HTTP Date value, computed at most once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True).encode("ascii"))
+    return _date_cache[1]
+
+
+def error_response(status: int, server: bytes) -> bytes:
+    """A complete `status` response that closes the connection, for refused requests."""
+    phrase = HTTPStatus(status).phrase.encode("ascii")
+    body = phrase + b"\n"
+    return b"".join((
+        b"HTTP/1.1 %d %s\r\n" % (status, phrase),
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+        b"Connection: close\r\n",
+        b"Date: " + http_date() + b"\r\n",
+        b"Server: " + server + b"\r\n\r\n",
+        body,
+    ))

@@ -1,0 +1,153 @@
+"""Error log and access log.
+
+The error log is the stdlib logger "forkserve.error"; the access log is "forkserve.access",
+written only when `--access-logfile` is given, one line per response in the format of
+`--access-log-format`. The format uses gunicorn's atoms so existing formats keep working:
+
+    h remote address      l '-'              u remote user ('-')     t [time]
+    r request line        m method           U path                  q query string
+    H protocol            s status           b body bytes ('-' if 0) B body bytes
+    f referer             a user agent       T seconds               M milliseconds
+    D microseconds        L seconds (decimal) p worker pid
+    {name}i request header   {name}o response header   {name}e environ variable
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable
+
+ERROR_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
+
+error_log = logging.getLogger("forkserve.error")
+access_log = logging.getLogger("forkserve.access")
+
+
+def setup(level: str, error_logfile: str, access_logfile: str | None) -> None:
+    """Point the error and access loggers at their files ('-' for stderr/stdout)."""
+    error_log.handlers.clear()
+    error_log.propagate = False
+    error_log.setLevel(level.upper())
+    error_log.addHandler(_handler(error_logfile, sys.stderr, ERROR_LOG_FORMAT))
+    access_log.handlers.clear()
+    access_log.propagate = False
+    access_log.setLevel(logging.INFO)
+    if access_logfile is None:
+        access_log.disabled = True
+    else:
+        access_log.disabled = False
+        access_log.addHandler(_handler(access_logfile, sys.stdout, "%(message)s"))
+
+
+def _handler(target: str, stream, fmt: str) -> logging.Handler:
+    handler: logging.Handler
+    if target == "-":
+        handler = logging.StreamHandler(stream)
+    else:
+        handler = logging.FileHandler(target, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(fmt, DATE_FORMAT))
+    return handler
+
+
+def reopen() -> None:
+    """Reopen log files (after logrotate moved them away); streams are left as they are."""
+    for logger in (error_log, access_log):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler):
+                with handler.lock:
+                    handler.stream.close()
+                    handler.stream = handler._open()
+
+
+def flush() -> None:
+    """Flush every log handler: called before a process ends with os._exit()."""
+    for logger in (error_log, access_log):
+        for handler in logger.handlers:
+            handler.flush()
+
+
+class _Atoms(dict):
+    """The values one access-log line may use; header atoms are looked up on demand."""
+
+    def __init__(self, values: dict, request_headers: Iterable, response_headers: Iterable,
+                 environ: dict | None) -> None:
+        super().__init__(values)
+        self._request_headers = request_headers
+        self._response_headers = response_headers
+        self._environ = environ or {}
+
+    def __missing__(self, key: str) -> str:
+        if len(key) > 3 and key[0] == "{" and key[-2] == "}":
+            name, kind = key[1:-2].lower(), key[-1]
+            if kind == "i":
+                return _header(self._request_headers, name)
+            if kind == "o":
+                return _header(self._response_headers, name)
+            if kind == "e":
+                return str(self._environ.get(key[1:-2], "-"))
+        return "-"
+
+
+def _header(headers: Iterable, name: str) -> str:
+    for key, value in headers:
+        key = key.decode("latin-1") if isinstance(key, bytes) else key
+        if key.lower() == name:
+            return value.decode("latin-1") if isinstance(value, bytes) else value
+    return "-"
+
+
+def format_access_line(
+    fmt: str,
+    *,
+    remote: str,
+    method: str,
+    target: str,
+    version: str,
+    status: int,
+    sent: int,
+    started: float,
+    duration: float,
+    request_headers: Iterable = (),
+    response_headers: Iterable = (),
+    environ: dict | None = None,
+) -> str:
+    """Format one access-log line. `started` is a time.time() value, `duration` in seconds."""
+    path, _, query = target.partition("?")
+    values = {
+        "h": remote or "-",
+        "l": "-",
+        "u": "-",
+        "t": time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(started)),
+        "r": f"{method} {target} HTTP/{version}",
+        "m": method,
+        "U": path,
+        "q": query,
+        "H": f"HTTP/{version}",
+        "s": status,
+        "b": str(sent) if sent else "-",
+        "B": sent,
+        "T": int(duration),
+        "M": int(duration * 1000),
+        "D": int(duration * 1_000_000),
+        "L": f"{duration:.6f}",
+        "p": f"<{os.getpid()}>",
+    }
+    atoms = _Atoms(values, request_headers, response_headers, environ)
+    atoms["f"] = atoms["{referer}i"]
+    atoms["a"] = atoms["{user-agent}i"]
+    return fmt % atoms
+
+
+def check_access_log_format(fmt: str) -> None:
+    """Raise ValueError if `fmt` cannot format an access-log line."""
+    try:
+        format_access_line(
+            fmt, remote="127.0.0.1", method="GET", target="/", version="1.1", status=200,
+            sent=0, started=0.0, duration=0.0,
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"bad access log format {fmt!r}: {exc}") from None

@@ -1,0 +1,178 @@
+"""The one table of settings.
+
+Every setting is declared here once: its name, command-line flags, default, how a string
+becomes a value (and which strings are refused), and its help text. The argument parser in
+`config.py` is generated from this table, so a setting cannot exist in one place and be
+missing from another.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_APP = "forkserve.demo:app"
+DEFAULT_BIND = "127.0.0.1:8000"
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# gunicorn's "combined" style, with the same atoms (see logs.py for the full list).
+DEFAULT_ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        return _int_at_least(1)(text)
+    except ValueError as exc:
+        raise ValueError(f"expected 'auto' or a whole number >= 1 ({exc})") from None
+
+
+def _log_level(text: str) -> str:
+    level = text.lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return level
+
+
+def _directory(text: str) -> str:
+    if not os.path.isdir(text):
+        raise ValueError(f"no such directory: {text!r}")
+    return os.path.abspath(text)
+
+
+def _access_log_format(text: str) -> str:
+    from forkserve.logs import check_access_log_format
+
+    check_access_log_format(text)
+    return text
+
+
+def _text(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: how it is spelled, what it defaults to and how a string is checked.
+
+    `parse` turns one command-line string into a value or raises ValueError whose message
+    says what was expected. `repeat` settings collect every occurrence into a list.
+    """
+
+    name: str
+    flags: tuple[str, ...]
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+    metavar: str | None = None
+    repeat: bool = False
+    section: str = "server"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "bind", ("-b", "--bind"), [DEFAULT_BIND], _text,
+        "Address to listen on: HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N. "
+        f"Repeat to listen on several. Default: {DEFAULT_BIND}.",
+        metavar="ADDRESS", repeat=True,
+    ),
+    Setting(
+        "backlog", ("--backlog",), 2048, _int_at_least(1),
+        "Maximum number of pending connections queued by the kernel.", metavar="N",
+    ),
+    Setting(
+        "workers", ("-w", "--workers"), "auto", _workers,
+        "Number of worker processes, or 'auto' for one per CPU this process may use "
+        "(CPU affinity, capped by the cgroup CPU quota).", metavar="N|auto",
+    ),
+    Setting(
+        "threads", ("--threads",), 1, _int_at_least(1),
+        "Requests served concurrently by each worker. With 1 the app is called in the "
+        "worker's event loop; with more, in a pool of that many threads.", metavar="N",
+    ),
+    Setting(
+        "timeout", ("-t", "--timeout"), 30.0, _seconds,
+        "A worker silent for this many seconds is killed and replaced. 0 disables.",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "graceful_timeout", ("--graceful-timeout",), 30.0, _seconds,
+        "On a graceful stop, workers still busy after this many seconds are killed.",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "keep_alive", ("--keep-alive",), 75.0, _seconds,
+        "Seconds an idle keep-alive connection is kept open. The default outlasts the "
+        "60 s idle timeout of common load balancers. 0 disables keep-alive.",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "limit_request_line", ("--limit-request-line",), 8190, _int_at_least(64),
+        "Maximum size in bytes of the request line; longer gets 414.", metavar="BYTES",
+    ),
+    Setting(
+        "limit_request_fields", ("--limit-request-fields",), 100, _int_at_least(1),
+        "Maximum number of request header fields; more gets 431.", metavar="N",
+    ),
+    Setting(
+        "limit_request_field_size",
+        ("--limit-request-field-size", "--limit-request-field_size"), 8190, _int_at_least(64),
+        "Maximum size in bytes of one request header field; larger gets 431.",
+        metavar="BYTES",
+    ),
+    Setting(
+        "chdir", ("--chdir",), None, _directory,
+        "Change to this directory before loading the app (it is put first on sys.path).",
+        metavar="DIR", section="app",
+    ),
+    Setting(
+        "log_level", ("--log-level",), "info", _log_level,
+        f"Error log verbosity: {', '.join(LOG_LEVELS)}.", metavar="LEVEL", section="logging",
+    ),
+    Setting(
+        "error_logfile", ("--error-logfile", "--log-file"), "-", _text,
+        "Where the error log goes; '-' is standard error.", metavar="FILE", section="logging",
+    ),
+    Setting(
+        "access_logfile", ("--access-logfile",), None, _text,
+        "Where the access log goes; '-' is standard output. Off by default.",
+        metavar="FILE", section="logging",
+    ),
+    Setting(
+        "access_log_format", ("--access-log-format",), DEFAULT_ACCESS_LOG_FORMAT,
+        _access_log_format,
+        "Access log line format, with gunicorn's atoms: %(h)s remote address, %(t)s time, "
+        '%(r)s request line, %(s)s status, %(b)s body bytes, %(D)s microseconds, '
+        "%({header}i)s request header, %({header}o)s response header and more.",
+        metavar="FORMAT", section="logging",
+    ),
+)
+
+BY_NAME = {setting.name: setting for setting in SETTINGS}

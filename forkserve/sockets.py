@@ -1,0 +1,180 @@
+"""Listening sockets: parse `--bind` specs, bind them (before any fork), or adopt inherited fds."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from forkserve.errors import ConfigError
+
+DEFAULT_PORT = 8000
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed `--bind` spec: `kind` is 'tcp' (host, port), 'unix' (path) or 'fd' (fd)."""
+
+    kind: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    fd: int = -1
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if self.kind == "fd":
+            return f"fd://{self.fd}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_bind(spec: str) -> Address:
+    """Parse HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N; raise ConfigError if malformed."""
+    if spec.startswith("unix:"):
+        path = spec[5:]
+        if not path:
+            raise ConfigError(f"bad bind address {spec!r}: unix: needs a path")
+        return Address("unix", path=os.path.abspath(path))
+    if spec.startswith("fd://"):
+        try:
+            fd = int(spec[5:])
+        except ValueError:
+            fd = -1
+        if fd < 0:
+            raise ConfigError(f"bad bind address {spec!r}: fd:// needs a file descriptor number")
+        return Address("fd", fd=fd)
+    if spec.startswith("["):
+        host, sep, rest = spec[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"bad bind address {spec!r}: expected [IPv6]:PORT")
+        port_text = rest[1:] if rest else str(DEFAULT_PORT)
+    else:
+        host, sep, port_text = spec.rpartition(":")
+        if not sep:
+            host, port_text = spec, str(DEFAULT_PORT)
+        elif ":" in host:
+            raise ConfigError(f"bad bind address {spec!r}: write IPv6 addresses as [ADDR]:PORT")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"bad bind address {spec!r}: port must be a number from 0 to 65535")
+    return Address("tcp", host=host, port=int(port_text))
+
+
+class Listener:
+    """A bound, listening socket and the address it was asked for.
+
+    `owns_path` is true for a unix socket this process created: only its creator unlinks it.
+    """
+
+    def __init__(self, sock: socket.socket, address: Address, owns_path: bool = False) -> None:
+        self.sock = sock
+        self.address = address
+        self.owns_path = owns_path
+
+    @property
+    def url(self) -> str:
+        """Where clients reach this socket, with the real port when 0 was asked for."""
+        if self.sock.family == socket.AF_UNIX:
+            return f"unix:{self.sock.getsockname() or self.address.path}"
+        host, port = self.sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
+
+    def close(self) -> None:
+        """Close the socket, and unlink the unix socket file if this process created it."""
+        self.sock.close()
+        if self.owns_path:
+            try:
+                os.unlink(self.address.path)
+            except FileNotFoundError:
+                pass
+
+
+def listen(specs: list[str], backlog: int) -> list[Listener]:
+    """Bind and listen on every spec; on any failure close what was bound and raise ConfigError."""
+    listeners: list[Listener] = []
+    try:
+        for spec in specs:
+            listeners.append(_listen_one(parse_bind(spec), backlog))
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def _listen_one(address: Address, backlog: int) -> Listener:
+    if address.kind == "fd":
+        return Listener(_adopt_fd(address.fd), address)
+    if address.kind == "unix":
+        return _listen_unix(address, backlog)
+    try:
+        infos = socket.getaddrinfo(
+            address.host or None, address.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+            socket.AI_PASSIVE,
+        )
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot bind {address}: {exc.strerror}") from None
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot bind {address}: {_describe(exc)}") from None
+    return Listener(sock, address)
+
+
+def _listen_unix(address: Address, backlog: int) -> Listener:
+    path = address.path
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ConfigError(f"cannot bind {address}: {path} exists and is not a socket")
+        if _unix_socket_in_use(path):
+            raise ConfigError(f"cannot bind {address}: another server is listening there")
+        os.unlink(path)  # stale socket left by a process that died
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot bind {address}: {_describe(exc)}") from None
+    return Listener(sock, address, owns_path=True)
+
+
+def _unix_socket_in_use(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _adopt_fd(fd: int) -> socket.socket:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError(f"cannot use fd://{fd}: {_describe(exc)}") from None
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    ):
+        sock.detach()
+        raise ConfigError(f"cannot use fd://{fd}: not a listening stream socket")
+    return sock
+
+
+def _describe(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use"
+    if exc.errno == errno.EACCES:
+        return "permission denied"
+    return exc.strerror or str(exc)

@@ -1,0 +1,369 @@
+"""One client connection of a sync worker: request handling with bounded blocking I/O.
+
+Between requests the socket is watched by the worker's selector. Once a request head is
+parsed, `serve()` runs in the worker's loop (or a pool thread) and does the I/O of that
+request itself: the body is read on demand, the response written as the app produces it,
+each wait bounded by `io_timeout`. The socket stays non-blocking throughout, so a read or
+write that would block waits in poll() for at most that long.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from forkserve.http.base import (
+    END_OF_MESSAGE,
+    NEED_DATA,
+    Data,
+    FilePart,
+    HTTPConnection,
+    ProtocolError,
+    Request,
+    error_response,
+    http_date,
+)
+from forkserve.logs import access_log, error_log, format_access_line
+from forkserve.wsgi import SERVER_SOFTWARE, EnvironFactory, InputStream, call_app
+
+SERVER = SERVER_SOFTWARE.encode("ascii")
+RECV_SIZE = 65536
+# Bytes of an unread request body we read and discard to keep a connection alive.
+MAX_DRAIN = 1 << 20
+
+# What serve() leaves the connection in.
+READ = "read"  # waiting for the next request: watch it for reading
+LINGER = "linger"  # our side is shut: discard what the client still sends, then close
+DONE = "done"  # closed
+
+
+class ClientGone(OSError):
+    """The client closed the connection, reset it, or stalled past the I/O timeout."""
+
+
+class ClientError(OSError):
+    """The request body broke HTTP/1.1; `status` is what to answer if nothing was sent."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+class ServerContext:
+    """What every connection of a worker shares: the app, settings and log switches."""
+
+    def __init__(self, app: Callable[..., Any], io_timeout: float, multithread: bool,
+                 access_log_format: str | None) -> None:
+        self.app = app
+        self.io_timeout = io_timeout
+        self.multithread = multithread
+        self.access_log_format = access_log_format
+        self.stopping = False
+        self.served = 0  # requests answered (updated from pool threads too: approximate)
+
+
+class ClientConnection:
+    """A client socket, its HTTP state machine, and the `ResponseWriter` of its request."""
+
+    __slots__ = (
+        "sock", "fd", "peer", "proto", "ctx", "environ_factory", "deadline",
+        "method", "status", "reason", "headers", "headers_sent", "sent", "body_done", "_poll",
+    )
+
+    def __init__(self, sock: socket.socket, peer: Any, proto: HTTPConnection,
+                 ctx: ServerContext) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.proto = proto
+        self.ctx = ctx
+        self.environ_factory = EnvironFactory(sock.getsockname(), peer, ctx.multithread)
+        self.deadline = 0.0
+        self.method = b""
+        self._poll: select.poll | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_sent = False
+        self.sent = 0
+        self.body_done = False
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def serve(self, request: Request) -> str:
+        """Answer `request` and every complete request already buffered behind it (pipelining).
+
+        Returns READ, LINGER or DONE. Never raises: errors are answered or logged here.
+        """
+        proto = self.proto
+        while True:
+            if not self._serve_one(request):
+                return self.close_after_error()
+            if not proto.start_next_cycle():
+                self.close()
+                return DONE
+            try:
+                event = proto.next_event()
+            except ProtocolError as exc:
+                return self.reject(exc)
+            if type(event) is not Request:
+                if event is NEED_DATA:
+                    return READ
+                self.close()
+                return DONE
+            request = event
+
+    def _serve_one(self, request: Request) -> bool:
+        """One request-response exchange; False when the connection cannot go on."""
+        self._reset()
+        self.ctx.served += 1
+        self.method = request.method
+        started = time.time() if self.ctx.access_log_format else 0.0
+        environ = self.environ_factory.build(request, InputStream(self.read_chunk))
+        try:
+            call_app(self.ctx.app, environ, self)
+        except ClientGone:
+            return False
+        except ClientError as exc:
+            error_log.info("bad request body from %s: %s", _peer_text(self.peer), exc)
+            if not self.headers_sent:
+                self._send_error(exc.status)
+            return False
+        except Exception:
+            error_log.exception(
+                "error handling %s %s", environ["REQUEST_METHOD"], environ["RAW_URI"]
+            )
+            if not self.headers_sent:
+                self._send_error(500)
+            return False
+        if started:
+            self._log_access(request, environ, started)
+        if not self.body_done:
+            return self._drain()
+        return True
+
+    def _send_error(self, status: int) -> None:
+        self.status = status
+        self.headers_sent = True
+        try:
+            self.sendall(error_response(status, SERVER))
+        except ClientGone:
+            pass
+
+    def _drain(self) -> bool:
+        """Read and discard the rest of an unread request body, up to MAX_DRAIN bytes."""
+        if self.proto.client_waiting_for_continue:
+            return False  # the client never sent it; the response said Connection: close
+        total = 0
+        try:
+            while total <= MAX_DRAIN:
+                chunk = self.read_chunk()
+                if not chunk:
+                    return True
+                total += len(chunk)
+        except (ClientGone, ClientError):
+            pass
+        return False
+
+    def _log_access(self, request: Request, environ: dict, started: float) -> None:
+        access_log.info(format_access_line(
+            self.ctx.access_log_format,
+            remote=environ["REMOTE_ADDR"],
+            method=environ["REQUEST_METHOD"],
+            target=environ["RAW_URI"],
+            version=request.http_version.decode("ascii"),
+            status=self.status,
+            sent=self.sent,
+            started=started,
+            duration=time.time() - started,
+            request_headers=request.headers,
+            response_headers=self.headers,
+            environ=environ,
+        ))
+
+    def reject(self, exc: ProtocolError) -> str:
+        """Answer a malformed request with its status and close; returns LINGER or DONE."""
+        error_log.debug("refused request from %s: %s %s", _peer_text(self.peer), exc.status,
+                        exc.detail)
+        self._send_error(exc.status)
+        return self.close_after_error()
+
+    # -- request body (wsgi.input reads through this) ----------------------------------------
+
+    def read_chunk(self) -> bytes:
+        """The next piece of the request body, b"" at its end. Sends 100 Continue first if
+        the client waits for it."""
+        if self.body_done:
+            return b""
+        proto = self.proto
+        if proto.client_waiting_for_continue and not self.headers_sent:
+            self.sendall(proto.send_continue())
+        while True:
+            try:
+                event = proto.next_event()
+            except ProtocolError as exc:
+                raise ClientError(exc.status, exc.detail) from None
+            if type(event) is Data:
+                if event.data:
+                    return event.data
+            elif event is END_OF_MESSAGE:
+                self.body_done = True
+                return b""
+            elif event is NEED_DATA:
+                proto.receive_data(self.recv())
+            else:
+                raise ClientError(400, f"unexpected {event!r} while reading the body")
+
+    # -- ResponseWriter (see forkserve.wsgi) -------------------------------------------------
+
+    def start(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+    def _head(self, body_length: int | None) -> bytes:
+        """The response head; adds Date, Server, and Content-Length when `body_length` is
+        known and the app gave no framing."""
+        headers = self.headers
+        has_date = has_server = has_framing = False
+        for name, _ in headers:
+            lowered = name.lower()
+            if lowered == b"date":
+                has_date = True
+            elif lowered == b"server":
+                has_server = True
+            elif lowered == b"content-length" or lowered == b"transfer-encoding":
+                has_framing = True
+        extra = []
+        if not has_date:
+            extra.append((b"Date", http_date()))
+        if not has_server:
+            extra.append((b"Server", SERVER))
+        if body_length is not None and not has_framing and self.status >= 200 \
+                and self.status not in (204, 304) and self.method != b"HEAD":
+            extra.append((b"Content-Length", b"%d" % body_length))
+        if self.ctx.stopping or (self.proto.client_waiting_for_continue and not self.body_done):
+            extra.append((b"Connection", b"close"))
+        self.headers_sent = True
+        return self.proto.send_response(self.status, self.reason, headers + extra)
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        proto = self.proto
+        if self.headers_sent:
+            self.sendall(proto.send_data(data))
+        else:
+            self.sendall(self._head(None) + proto.send_data(data))
+        self.sent += len(data)
+
+    def finish(self, last: bytes = b"") -> None:
+        proto = self.proto
+        if self.headers_sent:
+            out = proto.send_data(last) + proto.send_end() if last else proto.send_end()
+        else:
+            out = self._head(len(last)) + proto.send_data(last) + proto.send_end()
+        self.sent += len(last)
+        if out:
+            self.sendall(out)
+
+    def send_file(self, fd: int, offset: int, count: int) -> None:
+        if not self.headers_sent:
+            self.sendall(self._head(count))
+        for piece in self.proto.send_file(FilePart(fd, offset, count)):
+            if type(piece) is FilePart:
+                self._sendfile(piece)
+            else:
+                self.sendall(piece)
+        self.sent += count
+
+    # -- socket I/O, bounded by io_timeout ---------------------------------------------------
+
+    def _wait(self, events: int) -> None:
+        poll = self._poll
+        if poll is None:
+            poll = self._poll = select.poll()
+            poll.register(self.fd, events)
+        else:
+            poll.modify(self.fd, events)
+        if not poll.poll(self.ctx.io_timeout * 1000):
+            raise ClientGone(f"client stalled for {self.ctx.io_timeout:g} s")
+
+    def recv(self) -> bytes:
+        """Bytes from the client (b"" at its EOF), waiting at most io_timeout."""
+        while True:
+            try:
+                return self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                self._wait(select.POLLIN)
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
+
+    def sendall(self, data: bytes) -> None:
+        """Send all of `data`, waiting at most io_timeout each time the client is slow."""
+        sock = self.sock
+        try:
+            while True:
+                try:
+                    sent = sock.send(data)
+                except BlockingIOError:
+                    self._wait(select.POLLOUT)
+                    continue
+                if sent == len(data):
+                    return
+                data = memoryview(data)[sent:]
+        except ClientGone:
+            raise
+        except OSError as exc:
+            raise ClientGone(str(exc)) from None
+
+    def _sendfile(self, part: FilePart) -> None:
+        offset, remaining = part.offset, part.count
+        while remaining > 0:
+            try:
+                sent = os.sendfile(self.fd, part.fd, offset, remaining)
+            except BlockingIOError:
+                self._wait(select.POLLOUT)
+                continue
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
+            if sent == 0:
+                raise ClientGone("file ended before its announced length")
+            offset += sent
+            remaining -= sent
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def close_after_error(self) -> str:
+        """Close our side after a refused or failed exchange.
+
+        Unread request bytes would make the kernel reset the connection and destroy the
+        response in flight, so shut down writing and let the worker discard what arrives.
+        """
+        if self.body_done:
+            self.close()
+            return DONE
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return DONE
+        return LINGER
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _peer_text(peer: Any) -> str:
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket"
+

@@ -1,0 +1,246 @@
+"""The sync worker: a selector loop that accepts and reads request heads, and calls a WSGI app.
+
+The loop owns every socket while it waits: listeners, idle keep-alive connections and
+connections whose head is still arriving cost no thread. When a request head is complete,
+the connection is served inline (`--threads 1`: the app runs in the loop, which therefore
+stops heartbeating if the app hangs) or handed to a pool of `--threads` threads, which hands
+it back to the loop through a wakeup pipe when it is waiting for its next request.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from forkserve.http import Limits, new_connection
+from forkserve.http.base import NEED_DATA, ProtocolError, Request
+from forkserve.logs import error_log
+from forkserve.workers.base import Worker
+from forkserve.workers.connection import (
+    DONE,
+    LINGER,
+    READ,
+    RECV_SIZE,
+    ClientConnection,
+    ServerContext,
+)
+
+# Connections accepted per readiness event, so that one worker does not take a whole burst.
+ACCEPT_BATCH = 16
+# How long a lingering close waits for the client to stop sending.
+LINGER_SECONDS = 2.0
+# The I/O stall bound while serving a request when --timeout is 0.
+DEFAULT_IO_TIMEOUT = 60.0
+
+_ACCEPT = "accept"
+_WAKEUP = "wakeup"
+
+
+class SyncWorker(Worker):
+    """Serves WSGI apps: one selector loop per process, optionally a thread pool."""
+
+    def serve(self) -> None:
+        cfg = self.cfg
+        threads = cfg.threads
+        self.limits = Limits(
+            request_line=cfg.limit_request_line,
+            header_count=cfg.limit_request_fields,
+            header_field_size=cfg.limit_request_field_size,
+        )
+        self.ctx = ServerContext(
+            self.app,
+            io_timeout=cfg.timeout / 2 if cfg.timeout > 0 else DEFAULT_IO_TIMEOUT,
+            multithread=threads > 1,
+            access_log_format=cfg.access_log_format if cfg.access_logfile else None,
+        )
+        self.selector = selectors.DefaultSelector()
+        self.pool = ThreadPoolExecutor(threads, "forkserve") if threads > 1 else None
+        self.handed_back: deque[tuple[ClientConnection, str]] = deque()
+        self.waiting: dict[ClientConnection, float] = {}  # connection -> when it expires
+        self.lingering: dict[ClientConnection, float] = {}
+        self.accepting = False
+        for listener in self.listeners:
+            listener.sock.setblocking(False)
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, _WAKEUP)
+        self._set_accepting(True)
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+
+    def _loop(self) -> None:
+        select = self.selector.select
+        next_tick = 0.0
+        while self.alive or self.in_flight:
+            now = time.monotonic()
+            if now >= next_tick:
+                self.tick()
+                self._expire(now)
+                next_tick = now + self.tick_interval
+            if not self.alive:
+                self._begin_stop()
+            for key, _ in select(max(0.0, next_tick - now)):
+                data = key.data
+                if type(data) is ClientConnection:
+                    self._readable(data)
+                elif data is _ACCEPT:
+                    self._accept(key.fileobj)
+                else:
+                    self._wakeup()
+
+    # -- accepting --------------------------------------------------------------------------
+
+    def _set_accepting(self, on: bool) -> None:
+        if on == self.accepting:
+            return
+        self.accepting = on
+        for listener in self.listeners:
+            if on:
+                self.selector.register(listener.sock, selectors.EVENT_READ, _ACCEPT)
+            else:
+                self.selector.unregister(listener.sock)
+
+    def _accept(self, listening: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = listening.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    error_log.error("cannot accept connections: %s", exc.strerror)
+                return
+            sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = ClientConnection(sock, peer, new_connection(self.limits), self.ctx)
+            self.selector.register(sock, selectors.EVENT_READ, conn)
+            self._wait_for_request(conn)
+
+    # -- reading request heads --------------------------------------------------------------
+
+    def _wait_for_request(self, conn: ClientConnection) -> None:
+        self.waiting[conn] = time.monotonic() + (self.cfg.keep_alive or 1.0)
+
+    def _readable(self, conn: ClientConnection) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if conn in self.lingering:
+            if not data:
+                self._forget(conn)
+                conn.close()
+            return
+        conn.proto.receive_data(data)
+        try:
+            event = conn.proto.next_event()
+        except ProtocolError as exc:
+            self._after(conn, conn.reject(exc))
+            return
+        if type(event) is Request:
+            self._dispatch(conn, event)
+        elif event is not NEED_DATA:
+            self._forget(conn)
+            conn.close()
+
+    def _dispatch(self, conn: ClientConnection, request: Request) -> None:
+        del self.waiting[conn]
+        self.in_flight += 1
+        if self.pool is None:
+            outcome = conn.serve(request)
+            self.in_flight -= 1
+            self._after(conn, outcome, registered=True)
+            return
+        self.selector.unregister(conn.sock)
+        self.pool.submit(self._serve_in_thread, conn, request)
+        if self.in_flight >= self.cfg.threads:
+            self._set_accepting(False)  # let other workers take new connections
+
+    def _serve_in_thread(self, conn: ClientConnection, request: Request) -> None:
+        try:
+            outcome = conn.serve(request)
+        except BaseException:  # serve() handles errors itself; this is a last resort
+            error_log.exception("unexpected error serving a connection")
+            conn.close()
+            outcome = DONE
+        self.handed_back.append((conn, outcome))
+        try:
+            os.write(self.wakeup_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop is being woken anyway
+
+    def _wakeup(self) -> None:
+        try:
+            os.read(self.wakeup_r, 4096)
+        except BlockingIOError:
+            pass
+        while self.handed_back:
+            conn, outcome = self.handed_back.popleft()
+            self.in_flight -= 1
+            self._after(conn, outcome, registered=False)
+        if self.alive and self.in_flight < self.cfg.threads:
+            self._set_accepting(True)
+
+    def _after(self, conn: ClientConnection, outcome: str, registered: bool = True) -> None:
+        """Put a connection where `outcome` says: back to waiting, lingering, or gone."""
+        if outcome == DONE:
+            if registered:
+                self._forget(conn)
+            return
+        if not registered:
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+        if outcome == READ and self.alive:
+            self._wait_for_request(conn)
+        elif outcome == LINGER:
+            self.waiting.pop(conn, None)
+            self.lingering[conn] = time.monotonic() + LINGER_SECONDS
+        else:
+            self._forget(conn)
+            conn.close()
+
+    def _forget(self, conn: ClientConnection) -> None:
+        self.waiting.pop(conn, None)
+        self.lingering.pop(conn, None)
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+
+    # -- time and stopping ------------------------------------------------------------------
+
+    def tick(self) -> None:
+        self.served = self.ctx.served
+        super().tick()
+
+    def _expire(self, now: float) -> None:
+        """Close connections idle past --keep-alive and lingering closes past their time."""
+        for table in (self.waiting, self.lingering):
+            expired = [conn for conn, deadline in table.items() if deadline <= now]
+            for conn in expired:
+                self._forget(conn)
+                conn.close()
+
+    def _begin_stop(self) -> None:
+        """Graceful stop: no new connections; idle ones are closed, busy ones finish."""
+        if self.ctx.stopping:
+            return
+        self.ctx.stopping = True
+        self._set_accepting(False)
+        for listener in self.listeners:
+            listener.sock.close()
+        for conn in list(self.waiting) + list(self.lingering):
+            self._forget(conn)
+            conn.close()
+
+    def _shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        self.selector.close()

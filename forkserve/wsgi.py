@@ -1,0 +1,375 @@
+"""The WSGI interface (PEP 3333): environ, wsgi.input, start_response, file wrapper.
+
+No socket I/O happens here. The worker supplies two things: a `read_chunk` callable that
+returns the next piece of the request body (b"" at its end), and a `ResponseWriter` that puts
+the response on the wire. `call_app` runs one request through the app between the two.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+from urllib.parse import unquote_to_bytes
+
+from forkserve import __version__
+from forkserve.http.base import Request
+from forkserve.logs import error_log
+
+SERVER_SOFTWARE = f"forkserve/{__version__}"
+
+# RFC 9110 §5.6.2 token characters.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_STATUS = re.compile(r"([1-9][0-9][0-9]) ([^\x00-\x08\x0a-\x1f\x7f]*)")
+
+
+class ResponseWriter(Protocol):
+    """What `call_app` needs from the worker to send a response.
+
+    `start` records the head; it is sent with the first non-empty body piece or at `finish`
+    (PEP 3333: headers wait for the body). `write` sends a piece at once. `finish(last)` sends
+    `last` and ends the response; when nothing was sent yet and no Content-Length was given,
+    it may add one. `send_file` sends `count` bytes of `fd` from `offset`.
+    """
+
+    headers_sent: bool
+
+    def start(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def send_file(self, fd: int, offset: int, count: int) -> None: ...
+
+    def finish(self, last: bytes = b"") -> None: ...
+
+
+class InputStream:
+    """`wsgi.input`: the request body, read on demand and never past its end."""
+
+    __slots__ = ("_read_chunk", "_buffer", "_eof")
+
+    def __init__(self, read_chunk: Callable[[], bytes]) -> None:
+        self._read_chunk = read_chunk
+        self._buffer = bytearray()
+        self._eof = False
+
+    def _fill(self) -> bool:
+        """Append the next body piece to the buffer; False when the body is exhausted."""
+        if self._eof:
+            return False
+        chunk = self._read_chunk()
+        if not chunk:
+            self._eof = True
+            return False
+        self._buffer += chunk
+        return True
+
+    def _take(self, size: int) -> bytes:
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Read `size` bytes (fewer only at the end of the body), or all that is left."""
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            return self._take(len(self._buffer))
+        while len(self._buffer) < size and self._fill():
+            pass
+        return self._take(size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """Read up to and including the next b"\\n", at most `size` bytes if given."""
+        limit = -1 if size is None else size
+        searched = 0
+        while True:
+            newline = self._buffer.find(b"\n", searched)
+            if newline >= 0:
+                end = newline + 1
+                break
+            if 0 <= limit <= len(self._buffer):
+                end = limit
+                break
+            searched = len(self._buffer)
+            if not self._fill():
+                end = len(self._buffer)
+                break
+        return self._take(end if limit < 0 else min(end, limit))
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        """Read lines until the end, or until about `hint` bytes have been read."""
+        lines: list[bytes] = []
+        total = 0
+        while True:
+            line = self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
+class ErrorStream:
+    """`wsgi.errors`: text written here goes to the error log, one record per line."""
+
+    def __init__(self) -> None:
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            error_log.error("%s", line)
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if self._partial:
+            error_log.error("%s", self._partial)
+            self._partial = ""
+
+
+_ERRORS = ErrorStream()
+
+
+class FileWrapper:
+    """`wsgi.file_wrapper`: iterates a file in blocks; the worker sends real files with sendfile."""
+
+    def __init__(self, filelike: Any, block_size: int = 65536) -> None:
+        self.filelike = filelike
+        self.block_size = block_size
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> Iterator[bytes]:
+        read = self.filelike.read
+        while True:
+            block = read(self.block_size)
+            if not block:
+                return
+            yield block
+
+    def file_range(self) -> tuple[int, int, int] | None:
+        """(fd, offset, count) to sendfile from, if the wrapped object is a regular file."""
+        try:
+            fd = self.filelike.fileno()
+            info = os.fstat(fd)
+            offset = self.filelike.tell()
+        except (AttributeError, OSError, ValueError):
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        return fd, offset, max(0, info.st_size - offset)
+
+
+class StartResponse:
+    """The `start_response` callable of one request (PEP 3333, including exc_info)."""
+
+    __slots__ = ("_writer", "called", "content_length")
+
+    def __init__(self, writer: ResponseWriter) -> None:
+        self._writer = writer
+        self.called = False
+        self.content_length: int | None = None
+
+    def __call__(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None):
+        if exc_info is not None:
+            try:
+                if self._writer.headers_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.called:
+            raise RuntimeError("start_response() called a second time without exc_info")
+        code, reason = _check_status(status)
+        self._writer.start(code, reason, self._encode_headers(headers))
+        self.called = True
+        return self._writer.write
+
+    def _encode_headers(self, headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+        if type(headers) is not list:
+            raise TypeError(f"response headers must be a list, not {type(headers).__name__}")
+        encoded = []
+        self.content_length = None
+        for item in headers:
+            if type(item) is not tuple or len(item) != 2:
+                raise TypeError(f"response header must be a (name, value) tuple: {item!r}")
+            name, value = item
+            if type(name) is not str or type(value) is not str:
+                raise TypeError(f"response header name and value must be str: {item!r}")
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"invalid response header name {name!r}")
+            if _BAD_VALUE.search(value):
+                raise ValueError(f"invalid character in response header {name}: {value!r}")
+            try:
+                raw = value.encode("latin-1")
+            except UnicodeEncodeError:
+                raise ValueError(f"response header {name} is not latin-1: {value!r}") from None
+            if len(name) == 14 and name.lower() == "content-length":
+                if not value.isdigit():
+                    raise ValueError(f"invalid Content-Length {value!r}")
+                self.content_length = int(value)
+            encoded.append((name.encode("ascii"), raw))
+        return encoded
+
+
+def _check_status(status: str) -> tuple[int, bytes]:
+    if type(status) is not str:
+        raise TypeError(f"status must be a str like '200 OK', not {type(status).__name__}")
+    match = _STATUS.fullmatch(status)
+    if match is None:
+        raise ValueError(f"invalid status {status!r}: expected a code and a reason, '200 OK'")
+    try:
+        return int(match[1]), match[2].encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"status {status!r} is not latin-1") from None
+
+
+class EnvironFactory:
+    """Builds request environs for one connection from a per-connection template."""
+
+    __slots__ = ("_template",)
+
+    def __init__(self, sockname: Any, peername: Any, multithread: bool, url_scheme: str = "http"):
+        if isinstance(sockname, tuple):
+            server_name, server_port = sockname[0], str(sockname[1])
+        else:  # unix socket
+            server_name, server_port = "localhost", "80"
+        if isinstance(peername, tuple):
+            remote_addr, remote_port = peername[0], str(peername[1])
+        else:
+            remote_addr, remote_port = "", ""
+        self._template = {
+            "SERVER_SOFTWARE": SERVER_SOFTWARE,
+            "SCRIPT_NAME": "",
+            "SERVER_NAME": server_name,
+            "SERVER_PORT": server_port,
+            "REMOTE_ADDR": remote_addr,
+            "REMOTE_PORT": remote_port,
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": url_scheme,
+            "wsgi.errors": _ERRORS,
+            "wsgi.multithread": multithread,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
+            "wsgi.input_terminated": True,
+        }
+
+    def build(self, request: Request, body: InputStream) -> dict[str, Any]:
+        """The environ of `request`, with `body` as wsgi.input."""
+        environ = self._template.copy()
+        target = request.target.decode("latin-1")
+        path, _, query = _path_of(target).partition("?")
+        environ["REQUEST_METHOD"] = request.method.decode("ascii")
+        environ["PATH_INFO"] = (
+            unquote_to_bytes(path).decode("latin-1") if "%" in path else path
+        )
+        environ["QUERY_STRING"] = query
+        environ["RAW_URI"] = environ["REQUEST_URI"] = target
+        environ["SERVER_PROTOCOL"] = "HTTP/" + request.http_version.decode("ascii")
+        environ["wsgi.input"] = body
+        for name, value in request.headers:
+            key = _ENVIRON_KEYS.get(name)
+            if key is None:
+                key = _environ_key(name)
+                if key is None:
+                    continue  # see _environ_key: names with "_" are dropped
+            text = value.decode("latin-1")
+            if key in environ:
+                text = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + text
+            environ[key] = text
+        return environ
+
+
+def _path_of(target: str) -> str:
+    """The path and query of a request target, also for the absolute form (RFC 9112 §3.2.2)."""
+    if target[:1] == "/" or "://" not in target:
+        return target
+    rest = target.split("://", 1)[1]
+    slash = rest.find("/")
+    query = rest.find("?")
+    if slash == -1 or (query != -1 and query < slash):
+        return "/" + (rest[query:] if query != -1 else "")
+    return rest[slash:]
+
+
+_ENVIRON_KEYS: dict[bytes, str] = {
+    b"content-type": "CONTENT_TYPE",
+    b"content-length": "CONTENT_LENGTH",
+}
+
+
+def _environ_key(name: bytes) -> str | None:
+    """HTTP_NAME for a header name, cached. Names containing "_" return None: a header
+    `X_Forwarded_For` would otherwise collide with `X-Forwarded-For` (as nginx, we drop it)."""
+    if b"_" in name:
+        return None
+    key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+    if len(_ENVIRON_KEYS) < 4096:
+        _ENVIRON_KEYS[name] = key
+    return key
+
+
+def call_app(app: Callable[..., Any], environ: dict[str, Any], writer: ResponseWriter) -> None:
+    """Run one request through a WSGI app and send its response through `writer`.
+
+    The result's close() is always called, also when sending fails. Exceptions from the app
+    propagate: the caller answers 500 if `writer.headers_sent` is false, else drops the
+    connection.
+    """
+    start_response = StartResponse(writer)
+    result = app(environ, start_response)
+    try:
+        if type(result) is list and len(result) == 1:
+            _require_started(start_response)
+            writer.finish(_check_bytes(result[0]))
+            return
+        if type(result) is FileWrapper:
+            file_range = result.file_range()
+            if file_range is not None:
+                _require_started(start_response)
+                fd, offset, count = file_range
+                if start_response.content_length is not None:
+                    count = min(count, start_response.content_length)
+                writer.send_file(fd, offset, count)
+                writer.finish()
+                return
+        for chunk in result:
+            if chunk:
+                _require_started(start_response)
+                writer.write(_check_bytes(chunk))
+        _require_started(start_response)
+        writer.finish()
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+
+
+def _require_started(start_response: StartResponse) -> None:
+    if not start_response.called:
+        raise RuntimeError("the app sent a body without calling start_response() first")
+
+
+def _check_bytes(chunk: Any) -> bytes:
+    if type(chunk) is not bytes and not isinstance(chunk, bytes | bytearray | memoryview):
+        raise TypeError(f"the app must yield bytes, not {type(chunk).__name__}")
+    return chunk
