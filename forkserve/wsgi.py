@@ -31,8 +31,9 @@ class ResponseWriter(Protocol):
 
     `start` records the head; it is sent with the first non-empty body piece or at `finish`
     (PEP 3333: headers wait for the body). `write` sends a piece at once. `finish(last)` sends
-    `last` and ends the response; when nothing was sent yet and no Content-Length was given,
-    it may add one. `send_file` sends `count` bytes of `fd` from `offset`.
+    `last` and ends the response; if nothing was sent before, `last` is the whole body (None:
+    empty) and the writer may add the Content-Length the app left out. `send_file` sends
+    `count` bytes of `fd` from `offset`.
     """
 
     headers_sent: bool
@@ -43,7 +44,7 @@ class ResponseWriter(Protocol):
 
     def send_file(self, fd: int, offset: int, count: int) -> None: ...
 
-    def finish(self, last: bytes = b"") -> None: ...
+    def finish(self, last: bytes | None = None) -> None: ...
 
 
 class InputStream:

@@ -144,13 +144,18 @@ def check_request(request: Request, limits: Limits) -> None:
         raise ProtocolError(431, "too many header fields")
     hosts = 0
     framing = 0
+    head_size = len(request.method) + len(request.target) + 12
     for name, value in headers:
-        if len(name) + len(value) + 2 > limits.header_field_size:
+        field_size = len(name) + len(value) + 2
+        if field_size > limits.header_field_size:
             raise ProtocolError(431, "header field too large")
+        head_size += field_size + 2
         if name == b"host":
             hosts += 1
         elif name == b"content-length" or name == b"transfer-encoding":
             framing |= 1 if name == b"content-length" else 2
+    if head_size > limits.head_size:
+        raise ProtocolError(431, "request head too large")
     if hosts > 1:
         raise ProtocolError(400, "more than one Host header")
     if framing == 3:

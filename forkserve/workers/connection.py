@@ -247,7 +247,7 @@ class ClientConnection:
         if not has_server:
             extra.append((b"Server", SERVER))
         if body_length is not None and not has_framing and self.status >= 200 \
-                and self.status not in (204, 304) and self.method != b"HEAD":
+                and self.status not in (204, 304):
             extra.append((b"Content-Length", b"%d" % body_length))
         if self.ctx.stopping or (self.proto.client_waiting_for_continue and not self.body_done):
             extra.append((b"Connection", b"close"))
@@ -264,13 +264,17 @@ class ClientConnection:
             self.sendall(self._head(None) + proto.send_data(data))
         self.sent += len(data)
 
-    def finish(self, last: bytes = b"") -> None:
+    def finish(self, last: bytes | None = None) -> None:
         proto = self.proto
         if self.headers_sent:
             out = proto.send_data(last) + proto.send_end() if last else proto.send_end()
+        elif last is None:
+            # An empty body; for HEAD the length of the GET body is unknown, so say nothing.
+            out = self._head(None if self.method == b"HEAD" else 0) + proto.send_end()
         else:
             out = self._head(len(last)) + proto.send_data(last) + proto.send_end()
-        self.sent += len(last)
+        if last:
+            self.sent += len(last)
         if out:
             self.sendall(out)
 

@@ -1,0 +1,233 @@
+"""Test WSGI apps. `app` runs every route through wsgiref.validate.validator, with its
+warnings turned into errors, so a server that breaks PEP 3333 fails the request (500)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from urllib.parse import parse_qs
+from wsgiref.validate import WSGIWarning, validator
+
+warnings.simplefilter("error", WSGIWarning)
+
+TEXT = [("Content-Type", "text/plain")]
+
+
+def _query(environ) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(environ["QUERY_STRING"]).items()}
+
+
+def _reply(start_response, body: bytes, status: str = "200 OK", headers=()):
+    start_response(status, TEXT + [("Content-Length", str(len(body)))] + list(headers))
+    return [body]
+
+
+def hello(environ, start_response):
+    return _reply(start_response, b"Hello, World!")
+
+
+def pid(environ, start_response):
+    return _reply(start_response, str(os.getpid()).encode())
+
+
+def echo(environ, start_response):
+    """The body, read with read(n) in pieces of ?size= bytes (default 8192)."""
+    size = int(_query(environ).get("size", "8192"))
+    stream = environ["wsgi.input"]
+    parts = []
+    while True:
+        part = stream.read(size)
+        if not part:
+            break
+        assert len(part) <= size
+        parts.append(part)
+    body = b"".join(parts)
+    return _reply(start_response, body, headers=[("X-Reads", str(len(parts)))])
+
+
+def read_all(environ, start_response):
+    """The body through read() with the exact CONTENT_LENGTH, then one more read for EOF."""
+    stream = environ["wsgi.input"]
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = stream.read(length)
+    extra = stream.read(10)
+    return _reply(start_response, body, headers=[("X-Extra", str(len(extra)))])
+
+
+def lines(environ, start_response):
+    """The body's lines as JSON, read with readline / readlines / iteration (?how=)."""
+    how = _query(environ).get("how", "readline")
+    stream = environ["wsgi.input"]
+    if how == "readline":
+        out = []
+        while True:
+            line = stream.readline()
+            if not line:
+                break
+            out.append(line)
+    elif how == "readline-limit":
+        out = []
+        while True:
+            line = stream.readline(4)
+            if not line:
+                break
+            out.append(line)
+    elif how == "readlines":
+        out = stream.readlines()
+    else:
+        out = list(stream)
+    body = json.dumps([line.decode("latin-1") for line in out]).encode()
+    return _reply(start_response, body)
+
+
+def environ_dump(environ, start_response):
+    data = {k: v for k, v in environ.items() if isinstance(v, str | bool | int | tuple)}
+    return _reply(start_response, json.dumps(data).encode())
+
+
+def stream(environ, start_response):
+    """?n= pieces with no Content-Length: chunked for HTTP/1.1."""
+    n = int(_query(environ).get("n", "3"))
+    start_response("200 OK", TEXT)
+    return (b"piece %d\n" % i for i in range(n))
+
+
+def write_callable(environ, start_response):
+    write = start_response("200 OK", TEXT)
+    write(b"written ")
+    write(b"by write()")
+    return [b" and returned"]
+
+
+def ignore_body(environ, start_response):
+    return _reply(start_response, b"ignored")
+
+
+def fail(environ, start_response):
+    raise RuntimeError("deliberate failure before start_response")
+
+
+def fail_midway(environ, start_response):
+    start_response("200 OK", TEXT)
+
+    def body():
+        yield b"first part\n"
+        raise RuntimeError("deliberate failure after the headers")
+
+    return body()
+
+
+def exc_info(environ, start_response):
+    start_response("200 OK", TEXT)
+    try:
+        raise ValueError("oops")
+    except ValueError:
+        start_response("500 Internal Server Error", TEXT, sys.exc_info())
+    return [b"handled by exc_info"]
+
+
+def twice(environ, start_response):
+    start_response("200 OK", TEXT)
+    start_response("200 OK", TEXT)
+    return [b"never"]
+
+
+def bad_header(environ, start_response):
+    return _reply(start_response, b"x", headers=[("X-Injected", "a\r\nSet-Cookie: evil=1")])
+
+
+def non_latin1(environ, start_response):
+    return _reply(start_response, b"x", headers=[("X-Name", "caf\u00e9 \u20ac")])
+
+
+class _Marked:
+    """A body whose close() is logged, optionally endless (?endless=1)."""
+
+    def __init__(self, environ, endless: bool) -> None:
+        self.errors = environ["wsgi.errors"]
+        self.tag = _query(environ).get("tag", "")
+        self.endless = endless
+
+    def __iter__(self):
+        yield b"start\n"
+        while self.endless:
+            yield b"x" * 65536
+
+    def close(self) -> None:
+        self.errors.write(f"CLOSED {self.tag}\n")
+        self.errors.flush()
+
+
+def marked(environ, start_response):
+    start_response("200 OK", TEXT)
+    return _Marked(environ, _query(environ).get("endless") == "1")
+
+
+def sleep(environ, start_response):
+    query = _query(environ)
+    if "tag" in query:
+        environ["wsgi.errors"].write(f"SLEEPING {query['tag']}\n")
+    time.sleep(float(query.get("s", "0.5")))
+    return _reply(start_response, str(os.getpid()).encode())
+
+
+ROUTES = {
+    "/": hello,
+    "/hello": hello,
+    "/pid": pid,
+    "/echo": echo,
+    "/read-all": read_all,
+    "/lines": lines,
+    "/environ": environ_dump,
+    "/stream": stream,
+    "/write": write_callable,
+    "/ignore-body": ignore_body,
+    "/fail": fail,
+    "/fail-midway": fail_midway,
+    "/exc-info": exc_info,
+    "/twice": twice,
+    "/marked": marked,
+    "/sleep": sleep,
+}
+
+
+def not_found(environ, start_response):
+    return _reply(start_response, b"not found", "404 Not Found")
+
+
+def file_app(environ, start_response):
+    """wsgi.file_wrapper over ?path= (not validated: the validator hides the wrapper)."""
+    query = _query(environ)
+    f = open(query["path"], "rb")  # noqa: SIM115 - the server closes it via the wrapper
+    f.seek(int(query.get("offset", "0")))
+    headers = TEXT + ([("Content-Length", query["length"])] if "length" in query else [])
+    start_response("200 OK", headers)
+    return environ["wsgi.file_wrapper"](f, 8192)
+
+
+_validated = {path: validator(route) for path, route in ROUTES.items()}
+_not_found = validator(not_found)
+
+
+# Routes the validator would refuse before the server gets to: they test the server's checks.
+UNVALIDATED = {"/file": file_app, "/bad-header": bad_header, "/non-latin1": non_latin1}
+
+
+def app(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path.startswith("/environ/"):
+        path = "/environ"
+    route = UNVALIDATED.get(path) or _validated.get(path, _not_found)
+    return route(environ, start_response)
+
+
+def create_app(greeting="factory"):
+    """For MODULE:FACTORY() loading."""
+
+    def factory_app(environ, start_response):
+        return _reply(start_response, greeting.encode())
+
+    return factory_app

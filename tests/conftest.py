@@ -1,0 +1,296 @@
+"""Fixtures that run the real `forkserve` command and talk to it over real sockets."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+APPS = Path(__file__).parent / "apps"
+READY = re.compile(r"\] ready: \d+ workers")
+LISTENING = re.compile(r"listening at (\S+)")
+
+
+def forkserve_command() -> list[str]:
+    """The installed console script next to this Python, else `python -m forkserve`."""
+    script = Path(sys.executable).parent / "forkserve"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("forkserve")
+    return [found] if found else [sys.executable, "-m", "forkserve"]
+
+
+class Server:
+    """A running `forkserve` process (in its own session) and what it logged."""
+
+    def __init__(self, args: list[str], cwd: Path = APPS, env: dict | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            forkserve_command() + args,
+            cwd=cwd,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec_fn,
+        )
+        self.pid = self.proc.pid
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.url = ""
+        self.port = 0
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with self._cond:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str | re.Pattern, timeout: float = 15.0,
+                 start: int = 0) -> re.Match:
+        """Block until a log line (from index `start`) matches `pattern`; return the match."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        seen = start
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"no log line matched {regex.pattern!r} in {timeout} s; log:\n{self.log}"
+                    )
+                self._cond.wait(remaining)
+
+    def mark(self) -> int:
+        """An index into the log, to wait for lines logged after this point."""
+        with self._cond:
+            return len(self.lines)
+
+    def wait_ready(self) -> Server:
+        match = self.wait_for(LISTENING)
+        self.url = match.group(1)
+        if self.url.startswith("http://"):
+            self.port = int(self.url.rsplit(":", 1)[1])
+        self.wait_for(READY)
+        return self
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def workers(self) -> list[int]:
+        """Pids of the master's live child processes."""
+        return children(self.pid)
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL the whole process group; nothing is left running."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                self.proc.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.proc.stdout:
+            self._reader.join(5)
+            self.proc.stdout.close()
+
+
+def children(pid: int) -> list[int]:
+    """Pids whose parent is `pid`, from /proc (zombies excluded)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return sorted(found)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live pids in process group `pgid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., Server]]:
+    """Start forkserve with the given arguments (on 127.0.0.1:0 unless -b is given)."""
+    servers: list[Server] = []
+
+    def start(*args: str, ready: bool = True, **kwargs) -> Server:
+        argv = list(args)
+        if "-b" not in argv and "--bind" not in argv:
+            argv += ["-b", "127.0.0.1:0"]
+        server = Server(argv, **kwargs)
+        servers.append(server)
+        return server.wait_ready() if ready else server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def wsgi_server(start_server) -> Server:
+    """The validating test app, 2 workers."""
+    return start_server("wsgiapp:app", "-w", "2")
+
+
+# -- a minimal HTTP/1.1 response reader, to check what is on the wire -------------------------
+
+class Response:
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes,
+                 raw_head: bytes, chunked: bool) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.raw_head = raw_head
+        self.chunked = chunked
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        return ", ".join(values) if values else None
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.headers} {self.body[:80]!r}>"
+
+
+class Reader:
+    """Reads HTTP responses off a socket, one at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _more(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buffer += data
+        return bool(data)
+
+    def read_until(self, marker: bytes) -> bytes:
+        while marker not in self.buffer:
+            if not self._more():
+                raise EOFError(f"connection closed before {marker!r}; got {self.buffer!r}")
+        head, self.buffer = self.buffer.split(marker, 1)
+        return head + marker
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            if not self._more():
+                raise EOFError(f"connection closed after {len(self.buffer)} of {n} bytes")
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def read_to_eof(self) -> bytes:
+        while self._more():
+            pass
+        data, self.buffer = self.buffer, b""
+        return data
+
+    def response(self, head_request: bool = False) -> Response:
+        raw_head = self.read_until(b"\r\n\r\n")
+        lines = raw_head[:-4].decode("latin-1").split("\r\n")
+        _, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+        headers = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:]]
+        response = Response(int(status), reason, headers, b"", raw_head, False)
+        code = int(status)
+        if head_request or code in (204, 304) or 100 <= code < 200:
+            return response
+        length = response.header("content-length")
+        if response.header("transfer-encoding") == "chunked":
+            response.chunked = True
+            body = b""
+            while True:
+                size = int(self.read_until(b"\r\n")[:-2].split(b";")[0], 16)
+                if size == 0:
+                    self.read_until(b"\r\n")
+                    break
+                body += self.read_exact(size)
+                self.read_exact(2)
+            response.body = body
+        elif length is not None:
+            response.body = self.read_exact(int(length))
+        else:
+            response.body = self.read_to_eof()
+        return response
+
+
+def exchange(server: Server, raw: bytes, head_request: bool = False) -> Response:
+    """Send raw bytes on a new connection and read one response."""
+    with server.connect() as sock:
+        sock.sendall(raw)
+        return Reader(sock).response(head_request)
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True if the server closes `sock` (EOF or reset) within `timeout`, reading what is left."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True

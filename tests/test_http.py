@@ -1,0 +1,191 @@
+"""HTTP/1.1 on the wire: raw bytes in, raw bytes out, against the real server."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+from conftest import Reader, closed_by_peer, exchange
+
+GET = b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+def get(path: bytes) -> bytes:
+    return GET % path
+
+
+def test_basic_response_has_date_server_and_length(wsgi_server):
+    response = exchange(wsgi_server, get(b"/hello"))
+    assert response.status == 200
+    assert response.body == b"Hello, World!"
+    assert response.header("content-length") == "13"
+    assert response.header("server").startswith("forkserve/")
+    assert re.fullmatch(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT", response.header("date"))
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(wsgi_server):
+    with wsgi_server.connect() as sock:
+        reader = Reader(sock)
+        for _ in range(5):
+            sock.sendall(get(b"/hello"))
+            assert reader.response().body == b"Hello, World!"
+
+
+def test_pipelined_requests_answered_in_order(wsgi_server):
+    with wsgi_server.connect() as sock:
+        sock.sendall(
+            get(b"/hello")
+            + b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nabcde"
+            + get(b"/stream?n=2")
+            + get(b"/pid")
+        )
+        reader = Reader(sock)
+        assert reader.response().body == b"Hello, World!"
+        assert reader.response().body == b"abcde"
+        assert reader.response().body == b"piece 0\npiece 1\n"
+        assert reader.response().body.isdigit()
+
+
+def test_chunked_request_body_is_decoded(wsgi_server):
+    body = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n"
+    response = exchange(
+        wsgi_server,
+        b"POST /echo?size=3 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + body,
+    )
+    assert response.status == 200
+    assert response.body == b"hello, world"
+    assert response.header("x-reads") == "4"  # read(3) never returns more than 3 bytes
+
+
+def test_response_without_length_is_chunked_for_http11(wsgi_server):
+    response = exchange(wsgi_server, get(b"/stream?n=3"))
+    assert response.chunked
+    assert response.header("content-length") is None
+    assert response.body == b"piece 0\npiece 1\npiece 2\n"
+
+
+def test_http10_gets_unchunked_body_and_close(wsgi_server):
+    with wsgi_server.connect() as sock:
+        sock.sendall(b"GET /stream?n=2 HTTP/1.0\r\n\r\n")
+        raw = Reader(sock).read_to_eof()
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b"piece 0\npiece 1\n"
+
+
+def test_http10_with_length_closes_connection(wsgi_server):
+    with wsgi_server.connect() as sock:
+        sock.sendall(b"GET /hello HTTP/1.0\r\n\r\n")
+        response = Reader(sock).response()
+        assert response.body == b"Hello, World!"
+        assert closed_by_peer(sock)
+
+
+def test_head_sends_headers_but_no_body(wsgi_server):
+    with wsgi_server.connect() as sock:
+        sock.sendall(b"HEAD /hello HTTP/1.1\r\nHost: t\r\n\r\n" + get(b"/hello"))
+        reader = Reader(sock)
+        head = reader.response(head_request=True)
+        assert head.status == 200
+        assert head.header("content-length") == "13"
+        # The very next bytes on the wire are the second response: no body was sent.
+        assert reader.response().body == b"Hello, World!"
+
+
+def test_100_continue_sent_only_when_app_reads_body(wsgi_server):
+    with wsgi_server.connect() as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        reader = Reader(sock)
+        interim = reader.response()
+        assert interim.status == 100
+        sock.sendall(b"data")
+        assert reader.response().body == b"data"
+
+
+def test_100_continue_not_sent_when_app_ignores_body(wsgi_server):
+    with wsgi_server.connect() as sock:
+        sock.sendall(b"POST /ignore-body HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        response = Reader(sock).response()
+        assert response.status == 200
+        assert response.body == b"ignored"
+        assert response.header("connection") == "close"
+
+
+def test_unread_body_is_drained_and_connection_reused(wsgi_server):
+    with wsgi_server.connect() as sock:
+        sock.sendall(b"POST /ignore-body HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n"
+                     b"0123456789" + get(b"/hello"))
+        reader = Reader(sock)
+        assert reader.response().body == b"ignored"
+        assert reader.response().body == b"Hello, World!"
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
+        (b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(101))
+         + b"\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"v" * 9000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 8000)
+                                                    for i in range(9)) + b"\r\n", 431),
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n"
+         b"\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: x\r\n\r\n", 400),
+    ],
+    ids=["line-414", "huge-line-414", "count-431", "field-431", "head-431", "garbage",
+         "bad-header", "no-host", "two-hosts", "cl-and-te", "bad-length"],
+)
+def test_bad_requests_get_status_and_close(wsgi_server, raw, status):
+    with wsgi_server.connect() as sock:
+        sock.sendall(raw)
+        response = Reader(sock).response()
+        assert response.status == status
+        assert response.header("connection") == "close"
+        assert closed_by_peer(sock)
+    # The server keeps serving.
+    assert exchange(wsgi_server, get(b"/hello")).status == 200
+
+
+def test_limit_trickled_in_byte_by_byte(wsgi_server):
+    with wsgi_server.connect() as sock:
+        sock.sendall(b"GET /")
+        for _ in range(9000 // 1000):
+            sock.sendall(b"a" * 1000)
+        response = Reader(sock).response()
+        assert response.status == 414
+
+
+def test_limits_are_configurable(start_server):
+    server = start_server("wsgiapp:app", "-w", "1", "--limit-request-line", "100",
+                          "--limit-request-fields", "3", "--limit-request-field-size", "100")
+    assert exchange(server, get(b"/" + b"a" * 120)).status == 414
+    many = b"GET / HTTP/1.1\r\nHost: t\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n"
+    assert exchange(server, many).status == 431
+    big = b"GET / HTTP/1.1\r\nHost: t\r\nA: " + b"1" * 120 + b"\r\n\r\n"
+    assert exchange(server, big).status == 431
+    assert exchange(server, get(b"/hello")).status == 200
+
+
+def test_client_closing_mid_request_does_not_hurt(wsgi_server):
+    with wsgi_server.connect() as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc")
+        sock.shutdown(socket.SHUT_WR)
+        assert closed_by_peer(sock)
+    assert exchange(wsgi_server, get(b"/hello")).status == 200
+
+
+def test_absolute_form_target(wsgi_server):
+    response = exchange(wsgi_server, b"GET http://test/environ?x=1 HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert response.status == 200
+    assert b'"PATH_INFO": "/environ"' in response.body
+    assert b'"QUERY_STRING": "x=1"' in response.body

@@ -1,0 +1,251 @@
+"""The process model: workers forked by the master, replaced, counted, stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import (
+    APPS,
+    READY,
+    Reader,
+    closed_by_peer,
+    exchange,
+    forkserve_command,
+    group_members,
+)
+
+HELLO = b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Wait for processes (not our children, so no waitpid) to disappear."""
+    deadline = time.monotonic() + timeout
+    remaining = list(pids)
+    while remaining and time.monotonic() < deadline:
+        remaining = [p for p in remaining if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+        if remaining:
+            time.sleep(0.05)  # polling /proc: there is no event for another's process exit
+    assert not remaining, f"still running: {remaining}"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def test_forks_the_requested_workers_and_titles_them(start_server):
+    server = start_server("wsgiapp:app", "-w", "3")
+    workers = server.workers()
+    assert len(workers) == 3
+    with open(f"/proc/{server.pid}/cmdline", "rb") as f:
+        assert f.read().startswith(b"forkserve: master [wsgiapp:app] 3 workers")
+    for pid in workers:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert f.read().startswith(b"forkserve: worker ")
+    served_by = {int(exchange(server, b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n").body)
+                 for _ in range(30)}
+    assert served_by <= set(workers)
+
+
+def test_workers_auto_follows_cpu_affinity(start_server):
+    server = start_server("wsgiapp:app", "-w", "auto",
+                          preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    assert len(server.workers()) == 1
+    assert "starting 1 workers" in server.log
+
+
+def test_workers_auto_uses_every_allowed_cpu(start_server):
+    from forkserve.cpus import usable_cpus
+    server = start_server("wsgiapp:app")  # -w defaults to auto
+    assert len(server.workers()) == usable_cpus()
+
+
+def test_killed_worker_is_replaced(start_server):
+    server = start_server("wsgiapp:app", "-w", "2")
+    before = server.workers()
+    mark = server.mark()
+    os.kill(before[0], signal.SIGKILL)
+    server.wait_for(r"killed by SIGKILL \(not by forkserve", start=mark)
+    server.wait_for(r"worker \d booted", start=mark)
+    after = server.workers()
+    assert len(after) == 2
+    assert before[0] not in after and before[1] in after
+    assert exchange(server, HELLO).status == 200
+
+
+def test_crashing_worker_is_replaced(start_server):
+    server = start_server("wsgiapp:app", "-w", "1")
+    (old,) = server.workers()
+    mark = server.mark()
+    os.kill(old, signal.SIGSEGV)
+    server.wait_for(r"killed by SIGSEGV", start=mark)
+    server.wait_for(r"worker 1 booted", start=mark)
+    assert exchange(server, HELLO).status == 200
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
+def test_stop_signals_leave_no_process_behind(start_server, signum):
+    server = start_server("wsgiapp:app", "-w", "2")
+    members = group_members(server.pid)
+    assert len(members) == 3
+    os.kill(server.pid, signum)
+    assert server.wait_exit() == 0
+    wait_gone(members)
+    assert group_members(server.pid) == []
+
+
+def test_graceful_stop_finishes_request_in_flight(start_server):
+    server = start_server("wsgiapp:app", "-w", "1")
+    with server.connect() as sock:
+        sock.sendall(b"GET /sleep?s=1&tag=inflight HTTP/1.1\r\nHost: t\r\n\r\n")
+        server.wait_for("SLEEPING inflight")
+        os.kill(server.pid, signal.SIGTERM)
+        response = Reader(sock).response()
+        assert response.status == 200
+        assert response.body.isdigit()
+        assert closed_by_peer(sock)
+    assert server.wait_exit() == 0
+
+
+def test_workers_exit_when_master_is_killed(start_server):
+    server = start_server("wsgiapp:app", "-w", "2")
+    workers = server.workers()
+    os.kill(server.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    wait_gone(workers)
+
+
+def test_silent_worker_is_killed_and_replaced(start_server):
+    server = start_server("wsgiapp:app", "-w", "1", "--timeout", "1")
+    (old,) = server.workers()
+    mark = server.mark()
+    with server.connect() as sock:
+        sock.sendall(b"GET /sleep?s=30 HTTP/1.1\r\nHost: t\r\n\r\n")
+        server.wait_for(rf"worker 1 \(pid {old}\) silent for", start=mark)
+        server.wait_for(r"worker 1 booted", start=mark)
+    assert old not in server.workers()
+    assert exchange(server, HELLO).status == 200
+
+
+def test_threads_serve_concurrently_and_idle_connections_pin_no_thread(start_server):
+    server = start_server("wsgiapp:app", "-w", "1", "--threads", "2")
+    idle = []
+    for _ in range(6):  # more idle keep-alive connections than threads
+        sock = server.connect()
+        sock.sendall(HELLO)
+        assert Reader(sock).response().status == 200
+        idle.append(sock)
+    try:
+        started = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(
+                lambda _: exchange(server, b"GET /sleep?s=1 HTTP/1.1\r\nHost: t\r\n\r\n").status,
+                range(2)))
+        assert results == [200, 200]
+        assert time.monotonic() - started < 1.9  # two 1 s requests ran side by side
+        # The idle connections still work afterwards.
+        for sock in idle:
+            sock.sendall(HELLO)
+            assert Reader(sock).response().status == 200
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_keep_alive_timeout_closes_idle_connections(start_server):
+    server = start_server("wsgiapp:app", "-w", "1", "--keep-alive", "1")
+    with server.connect() as sock:
+        sock.sendall(HELLO)
+        assert Reader(sock).response().status == 200
+        sock.settimeout(5)
+        started = time.monotonic()
+        assert sock.recv(10) == b""
+        assert 0.5 < time.monotonic() - started < 4
+
+
+def test_unix_socket_and_tcp_together(start_server, tmp_path):
+    path = tmp_path / "fs.sock"
+    server = start_server("wsgiapp:app", "-w", "1", "-b", f"unix:{path}", "-b", "127.0.0.1:0")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(b"GET /environ HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert b'"REMOTE_ADDR": ""' in Reader(sock).response().body
+    tcp_url = server.wait_for(r"listening at (http://\S+)").group(1)
+    server.port = int(tcp_url.rsplit(":", 1)[1])
+    assert exchange(server, HELLO).status == 200
+    os.kill(server.pid, signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert not path.exists()  # the master that created the socket file removed it
+
+
+def test_stale_unix_socket_is_replaced(start_server, tmp_path):
+    path = tmp_path / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    start_server("wsgiapp:app", "-w", "1", "-b", f"unix:{path}")
+
+
+def test_inherited_fd():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+    proc = subprocess.Popen(
+        forkserve_command() + ["wsgiapp:app", "-w", "1", "-b", f"fd://{fd}"],
+        cwd=APPS, pass_fds=(fd,), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    listener.close()  # only the server holds it now
+    try:
+        for line in proc.stdout:
+            if READY.search(line.decode()):
+                break
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(HELLO)
+            assert Reader(sock).response().status == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+
+
+def test_flask_app_end_to_end(start_server):
+    pytest.importorskip("flask")
+    server = start_server("flaskapp:app", "-w", "2")
+    assert exchange(server, HELLO.replace(b"/hello", b"/")).body == b"Hello from Flask"
+    body = b'{"n": 41}'
+    response = exchange(server, b"POST /json HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+                                b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert response.status == 200 and response.body.strip() == b'{"n":42}'
+    chunked = (b"POST /json HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n4\r\n{\"n\"\r\n5\r\n: 99}\r\n0\r\n\r\n")
+    assert exchange(server, chunked).body.strip() == b'{"n":100}'
+    form = b"name=forkserve&kind=server"
+    response = exchange(server, b"POST /form HTTP/1.1\r\nHost: t\r\nContent-Type: "
+                                b"application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
+                        % (len(form), form))
+    assert response.body == b"forkserve is a server"
+    response = exchange(server, b"GET /boom HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert response.status == 500
+    server.wait_for("ZeroDivisionError")
+
+
+def test_python_dash_m_works(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "forkserve", "--version"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout.startswith("forkserve ")

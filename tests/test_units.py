@@ -1,0 +1,211 @@
+"""Pure pieces tested directly: no I/O in them, so no process is needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from forkserve import channel
+from forkserve.cpus import cgroup_cpu_quota, usable_cpus
+from forkserve.errors import ConfigError
+from forkserve.http import Limits, new_connection
+from forkserve.http.base import END_OF_MESSAGE, NEED_DATA, Data, ProtocolError, Request
+from forkserve.logs import check_access_log_format, format_access_line
+from forkserve.sockets import Address, parse_bind
+from forkserve.wsgi import InputStream
+
+# -- cpus ---------------------------------------------------------------------------------------
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota_rounds_up(tmp_path):
+    write(tmp_path / "proc", "0::/app.slice/web\n")
+    write(tmp_path / "fs/app.slice/web/cpu.max", "150000 100000\n")
+    assert cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "proc")) == 1.5
+    assert usable_cpus(str(tmp_path / "fs"), str(tmp_path / "proc")) in (1, 2)
+
+
+def test_cgroup_v2_parent_limit_binds(tmp_path):
+    write(tmp_path / "proc", "0::/a/b\n")
+    write(tmp_path / "fs/a/cpu.max", "100000 100000\n")
+    write(tmp_path / "fs/a/b/cpu.max", "max 100000\n")
+    assert cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "proc")) == 1.0
+    assert usable_cpus(str(tmp_path / "fs"), str(tmp_path / "proc")) == 1
+
+
+def test_cgroup_v2_unlimited(tmp_path):
+    write(tmp_path / "proc", "0::/\n")
+    write(tmp_path / "fs/cpu.max", "max 100000\n")
+    assert cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "proc")) is None
+
+
+def test_cgroup_v1_quota(tmp_path):
+    write(tmp_path / "proc", "4:memory:/x\n2:cpu,cpuacct:/docker/abc\n")
+    write(tmp_path / "fs/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "50000\n")
+    write(tmp_path / "fs/cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n")
+    assert cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "proc")) == 0.5
+    assert usable_cpus(str(tmp_path / "fs"), str(tmp_path / "proc")) == 1
+
+
+def test_cgroup_v1_no_quota(tmp_path):
+    write(tmp_path / "proc", "2:cpu,cpuacct:/\n")
+    write(tmp_path / "fs/cpu,cpuacct/cpu.cfs_quota_us", "-1\n")
+    write(tmp_path / "fs/cpu,cpuacct/cpu.cfs_period_us", "100000\n")
+    assert cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "proc")) is None
+
+
+# -- bind specs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("spec", "address"), [
+    ("127.0.0.1:8000", Address("tcp", host="127.0.0.1", port=8000)),
+    ("localhost", Address("tcp", host="localhost", port=8000)),
+    (":9000", Address("tcp", host="", port=9000)),
+    ("[::1]:8080", Address("tcp", host="::1", port=8080)),
+    ("[::]", Address("tcp", host="::", port=8000)),
+    ("unix:/run/app.sock", Address("unix", path="/run/app.sock")),
+    ("fd://3", Address("fd", fd=3)),
+])
+def test_parse_bind(spec, address):
+    assert parse_bind(spec) == address
+
+
+@pytest.mark.parametrize("spec", ["h:70000", "h:-1", "h:x", "::1:80", "[::1", "[::1]x",
+                                  "unix:", "fd://", "fd://-1"])
+def test_parse_bind_refuses(spec):
+    with pytest.raises(ConfigError):
+        parse_bind(spec)
+
+
+# -- wsgi.input ---------------------------------------------------------------------------------
+
+def stream_of(*chunks: bytes) -> InputStream:
+    pieces = list(chunks)
+    return InputStream(lambda: pieces.pop(0) if pieces else b"")
+
+
+def test_input_read_sizes_span_chunks():
+    stream = stream_of(b"ab", b"cde", b"f")
+    assert stream.read(4) == b"abcd"
+    assert stream.read(0) == b""
+    assert stream.read(10) == b"ef"
+    assert stream.read(1) == b""
+    assert stream.read() == b""
+
+
+def test_input_read_all_and_none():
+    assert stream_of(b"ab", b"c").read() == b"abc"
+    assert stream_of(b"ab", b"c").read(None) == b"abc"
+
+
+def test_input_readline_variants():
+    stream = stream_of(b"li", b"ne1\nline2\n", b"tail")
+    assert stream.readline(2) == b"li"
+    assert stream.readline() == b"ne1\n"
+    assert stream.readline(100) == b"line2\n"
+    assert stream.readline() == b"tail"
+    assert stream.readline() == b""
+
+
+def test_input_readlines_hint_and_iteration():
+    # As io.IOBase.readlines: stop once the lines read reach the hint.
+    assert stream_of(b"a\nb\nc\n").readlines(2) == [b"a\n"]
+    assert stream_of(b"a\nb\nc\n").readlines(3) == [b"a\n", b"b\n"]
+    assert list(stream_of(b"a\n", b"b")) == [b"a\n", b"b"]
+
+
+def test_input_never_asks_again_after_the_end():
+    calls = []
+
+    def read_chunk():
+        calls.append(1)
+        return b""
+
+    stream = InputStream(read_chunk)
+    assert stream.read() == b"" and stream.read(5) == b"" and stream.readline() == b""
+    assert len(calls) == 1
+
+
+# -- channel ------------------------------------------------------------------------------------
+
+def test_frames_reassemble_across_reads():
+    data = channel.encode(channel.BOOTED) + channel.heartbeat(7, 2) + channel.boot_failed(3, "x")
+    reader = channel.FrameReader()
+    frames = []
+    for i in range(len(data)):
+        frames += reader.feed(data[i:i + 1])
+    assert [kind for kind, _ in frames] == [channel.BOOTED, channel.HEARTBEAT, channel.BOOT_FAILED]
+    assert channel.read_counters(frames[1][1]) == (7, 2)
+    assert frames[2][1] == b"\x03x"
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\x00\x00\x00\x00", b"\x02\xff\xff\xff\xff"])
+def test_garbage_frames_raise(garbage):
+    with pytest.raises(channel.ChannelError):
+        channel.FrameReader().feed(garbage)
+
+
+# -- the sans-I/O HTTP connection ---------------------------------------------------------------
+
+def test_connection_events_and_pipelining():
+    conn = new_connection(Limits())
+    conn.receive_data(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabcGET /b HTT")
+    request = conn.next_event()
+    assert isinstance(request, Request)
+    assert request.headers == [(b"host", b"h"), (b"content-length", b"3")]
+    assert conn.next_event() == Data(b"abc")
+    assert conn.next_event() is END_OF_MESSAGE
+    out = conn.send_response(200, b"OK", [(b"Content-Length", b"2")]) + conn.send_data(b"hi")
+    out += conn.send_end()
+    assert out == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+    assert conn.start_next_cycle()
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"P/1.1\r\nHost: h\r\n\r\n")
+    assert conn.next_event().target == b"/b"
+
+
+def test_connection_head_swallows_body():
+    conn = new_connection(Limits())
+    conn.receive_data(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n")
+    conn.next_event()
+    conn.next_event()
+    head = conn.send_response(200, b"OK", [(b"Content-Length", b"5")])
+    assert conn.send_data(b"hello") == b""
+    assert conn.send_end() == b""
+    assert head.endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize(("chunks", "status"), [
+    ([b"GET /" + b"x" * 200], 414),
+    ([b"GET / HTTP/1.1\r\nHost: h\r\nA: " + b"x" * 300], 431),
+    ([b"GET / HTTP/1.1\r\n", b"Host: h\r\n" * 5 + b"\r\n"], 400),
+])
+def test_connection_limits(chunks, status):
+    conn = new_connection(Limits(request_line=100, header_field_size=200, head_size=250))
+    with pytest.raises(ProtocolError) as info:
+        for chunk in chunks:
+            conn.receive_data(chunk)
+            conn.next_event()
+    assert info.value.status == status
+
+
+# -- access log ---------------------------------------------------------------------------------
+
+def test_access_line_atoms():
+    line = format_access_line(
+        '%(h)s %(l)s %(u)s "%(r)s" %(s)s %(b)s %(B)s "%(f)s" "%(a)s" %(m)s %(U)s %(q)s %(H)s '
+        '%({x-id}i)s %({content-type}o)s %(M)s',
+        remote="10.0.0.1", method="GET", target="/p?q=1", version="1.1", status=204, sent=0,
+        started=0.0, duration=0.25,
+        request_headers=[(b"referer", b"http://r/"), (b"user-agent", b"ua"), (b"x-id", b"7")],
+        response_headers=[(b"Content-Type", b"text/plain")],
+    )
+    assert line == ('10.0.0.1 - - "GET /p?q=1 HTTP/1.1" 204 - 0 "http://r/" "ua" GET /p q=1 '
+                    'HTTP/1.1 7 text/plain 250')
+
+
+def test_bad_access_log_format():
+    with pytest.raises(ValueError):
+        check_access_log_format("%(h")
