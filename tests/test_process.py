@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -242,6 +244,24 @@ def test_flask_app_end_to_end(start_server):
     response = exchange(server, b"GET /boom HTTP/1.1\r\nHost: t\r\n\r\n")
     assert response.status == 500
     server.wait_for("ZeroDivisionError")
+
+
+def test_django_app_end_to_end(start_server):
+    pytest.importorskip("django")
+    server = start_server("djangoapp", "-w", "1")  # MODULE alone: finds `application`
+    assert exchange(server, HELLO.replace(b"/hello", b"/")).body == b"Hello from Django"
+    response = exchange(server, b"POST /echo/a%2Fb HTTP/1.1\r\nHost: example.org\r\n"
+                                b"Content-Length: 5\r\n\r\nhello")
+    assert response.status == 200
+    assert json.loads(response.body) == {
+        "length": 5, "path": "/echo/a/b", "raw_uri": "/echo/a%2Fb", "host": "example.org"}
+
+
+def test_master_never_imports_the_app(start_server):
+    server = start_server("importmark:app", "-w", "2")
+    importers = {int(m) for m in re.findall(r"importmark imported by pid (\d+)", server.log)}
+    assert importers == set(server.workers())
+    assert server.pid not in importers
 
 
 def test_python_dash_m_works(tmp_path):
