@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import warnings
 from urllib.parse import parse_qs
@@ -174,6 +175,19 @@ def sleep(environ, start_response):
     return _reply(start_response, str(os.getpid()).encode())
 
 
+_barrier = threading.Barrier(2, timeout=10)
+
+
+def barrier(environ, start_response):
+    """Returns only when a second request reaches it too: proves two run at once."""
+    try:
+        _barrier.wait()
+    except threading.BrokenBarrierError:
+        _barrier.reset()
+        return _reply(start_response, b"alone", "503 Service Unavailable")
+    return _reply(start_response, b"together")
+
+
 ROUTES = {
     "/": hello,
     "/hello": hello,
@@ -191,6 +205,7 @@ ROUTES = {
     "/twice": twice,
     "/marked": marked,
     "/sleep": sleep,
+    "/barrier": barrier,
 }
 
 
