@@ -20,13 +20,17 @@ reused afterwards. The load generator is ``wrk`` (``apt-get install wrk``), run 
 (its default) as ``wrk -t1 -c32 -d5s --latency`` after a 1 s warm-up, against one server at a
 time, each on a fresh port on 127.0.0.1.
 
-The table is printed and written to ``loadtests/out/bench_wsgi.md``; server logs go to
-``loadtests/out/bench_wsgi-logs/``. The exit status is 0 when every server answered every request
-with a 2xx/3xx and no socket error, 1 otherwise, 2 when a prerequisite is missing.
+The table is printed and written to ``loadtests/out/bench_wsgi.md``; each server's log and
+wrk's full output go to ``loadtests/out/bench_wsgi-logs/``. The exit status is 0 when every
+server answered every request with a 2xx/3xx and no socket error, 1 otherwise, 2 when a
+prerequisite is missing.
 
 Only the ratios between servers measured in the same run are meaningful. Absolute requests/s
 depend on the machine, its load at the time, and on wrk sharing the CPUs with the server under
-test; comparing numbers across runs or machines tells you nothing.
+test; comparing numbers across runs or machines tells you nothing. Even within a run, with
+keep-alive the connections stay with the worker that accepted them, so on a small machine one
+worker may end up with all of them: the notes give each worker's CPU time and flag such a run
+as IMBALANCED; rerun before reading much into its ratio.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import functools
 import http.client
 import os
 import re
@@ -63,6 +68,7 @@ READY_TIMEOUT = 15.0  # seconds for a server to answer 200 and report all worker
 STOP_TIMEOUT = 10.0  # seconds for the master to exit after SIGTERM before the group is killed
 WARMUP_SECONDS = 1
 PIP_TIMEOUT = 300.0
+IMBALANCE_SHARE = 0.75  # flag a run where one worker used more than this share of worker CPU
 
 EXIT_OK, EXIT_ERRORS, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -108,7 +114,7 @@ def server_command(server: Server, apps_dir: Path, workers: int, port: int) -> l
     if server.kind == "forkserve":
         base = forkserve_command()
     else:
-        base = [str(PEERS_VENV / "bin" / "gunicorn")]
+        base = [str(PEERS_VENV / "bin" / "gunicorn"), *gunicorn_quiet_flags()]
     return [*base, APP, "--chdir", str(apps_dir), "-w", str(workers), *server.extra,
             "-b", f"{HOST}:{port}"]
 
@@ -161,6 +167,14 @@ def gunicorn_version(python: Path) -> str | None:
     probe = subprocess.run([str(python), "-c", "import gunicorn; print(gunicorn.__version__)"],
                            capture_output=True, text=True, timeout=60)
     return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+@functools.cache
+def gunicorn_quiet_flags() -> tuple[str, ...]:
+    """gunicorn >= 24 opens a control socket under ~/.gunicorn; the benchmark does not need it."""
+    probe = subprocess.run([str(PEERS_VENV / "bin" / "gunicorn"), "--help"], capture_output=True,
+                           text=True, timeout=60)
+    return ("--no-control-socket",) if "--no-control-socket" in probe.stdout else ()
 
 
 def forkserve_version() -> str:
@@ -440,6 +454,7 @@ def measure(server: Server, apps_dir: Path, workers: int, wrk: str, connections:
             before = session_processes(running.proc.pid)
             row.result, row.wrk_output = run_wrk(wrk, port, connections, seconds)
             after = session_processes(running.proc.pid)
+            log_path.with_suffix(".wrk.txt").write_text(row.wrk_output)
             if row.result.failure:
                 row.failure = row.result.failure
             if running.proc.poll() is not None:
@@ -463,6 +478,10 @@ def cpu_split(master: int, before: dict[int, float], after: dict[int, float]) ->
     workers = sorted((pid for pid in used if pid != master), key=lambda pid: -used[pid])
     parts = [f"{used[pid]:.2f}" for pid in workers]
     text = f"worker CPU s during run: {' / '.join(parts) or 'none'}"
+    total = sum(used[pid] for pid in workers)
+    if len(workers) > 1 and total > 0 and used[workers[0]] / total > IMBALANCE_SHARE:
+        text += (f" (IMBALANCED: one worker did {used[workers[0]] / total:.0%} of the work, so"
+                 " req/s here reflects how keep-alive connections landed, not only speed)")
     if master in used:
         text += f"; master {used[master]:.2f}"
     new = [pid for pid in after if pid not in before]
