@@ -31,6 +31,7 @@ from forkserve import channel, logs
 from forkserve.config import Config
 from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from forkserve.logs import error_log
+from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
 from forkserve.workers.sync import SyncWorker
 
@@ -72,6 +73,7 @@ class Master:
         self.workers: dict[int, WorkerProcess] = {}  # by pid
         self.signals: deque[int] = deque()
         self.selector = selectors.DefaultSelector()
+        self.scoreboard = Scoreboard()
         self.stop_deadline: float | None = None
         self.exit_status = EXIT_OK
         self.ready = False
@@ -171,6 +173,7 @@ class Master:
 
     def _spawn(self, number: int) -> None:
         read_fd, write_fd = os.pipe()
+        self.scoreboard.join(number)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             pid = os.fork()
@@ -178,6 +181,7 @@ class Master:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(read_fd)
             os.close(write_fd)
+            self.scoreboard.leave(number)
             error_log.error("cannot fork worker %d: %s", number, exc.strerror)
             return
         if pid == 0:
@@ -205,7 +209,8 @@ class Master:
                     os.close(worker.fd)
             self.selector.close()
             os.set_blocking(write_fd, False)
-            worker = SyncWorker(self.cfg, self.listeners, write_fd, number, self.pid)
+            worker = SyncWorker(self.cfg, self.listeners, write_fd, number, self.pid,
+                                self.scoreboard)
             status = worker.run()
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else EXIT_OK
@@ -280,6 +285,7 @@ class Master:
             while worker.fd >= 0 and self._read_channel(worker):
                 pass  # what a dead worker wrote last (a boot failure) is still in its pipe
             self._unwatch(worker)
+            self.scoreboard.leave(worker.number)
             self._report_exit(worker, wait_status)
 
     def _report_exit(self, worker: WorkerProcess, wait_status: int) -> None:

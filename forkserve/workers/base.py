@@ -23,6 +23,7 @@ from forkserve.app import load_app
 from forkserve.config import Config
 from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_OK, ConfigError
 from forkserve.logs import error_log
+from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
 
 
@@ -34,8 +35,9 @@ class Worker:
     """Base class of worker kinds; subclasses implement `serve()`."""
 
     def __init__(self, cfg: Config, listeners: list[Listener], channel_fd: int, number: int,
-                 master_pid: int) -> None:
+                 master_pid: int, scoreboard: Scoreboard) -> None:
         self.cfg = cfg
+        self.scoreboard = scoreboard
         self.listeners = listeners
         self.channel_fd = channel_fd
         self.number = number
@@ -63,14 +65,18 @@ class Worker:
         except BaseException:  # the app's own import or factory raised (even SystemExit)
             return self._boot_failed(EXIT_BOOT, traceback.format_exc().rstrip())
         try:
-            channel.send(self.channel_fd, channel.encode(channel.BOOTED))
             self.serve()
         except (MasterGone, BrokenPipeError):
             error_log.info("worker %d: master is gone, exiting", os.getpid())
         return EXIT_OK
 
     def serve(self) -> None:
+        """Accept and serve until told to stop; call `report_booted()` once accepting."""
         raise NotImplementedError
+
+    def report_booted(self) -> None:
+        """Tell the master this worker has loaded the app and is accepting connections."""
+        channel.send(self.channel_fd, channel.encode(channel.BOOTED))
 
     def tick(self) -> None:
         """Periodic duties: heartbeat with counters, title update, check the master lives."""

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from forkserve.http import Limits, new_connection
 from forkserve.http.base import NEED_DATA, ProtocolError, Request
 from forkserve.logs import error_log
+from forkserve.scoreboard import UNAVAILABLE
 from forkserve.workers.base import Worker
 from forkserve.workers.connection import (
     DONE,
@@ -30,8 +31,12 @@ from forkserve.workers.connection import (
     ServerContext,
 )
 
-# Connections accepted per readiness event, so that one worker does not take a whole burst.
+# Connections accepted per readiness event at most.
 ACCEPT_BATCH = 16
+# A worker holding this many connections more than an available peer leaves new ones to the
+# peer for ACCEPT_DEFER seconds, then accepts one anyway (the peer may be slow to wake).
+BALANCE_MARGIN = 2
+ACCEPT_DEFER = 0.005
 # How long a lingering close waits for the client to stop sending.
 LINGER_SECONDS = 2.0
 # The I/O stall bound while serving a request when --timeout is 0.
@@ -64,10 +69,13 @@ class SyncWorker(Worker):
         self.waiting: dict[ClientConnection, float] = {}  # connection -> when it expires
         self.lingering: dict[ClientConnection, float] = {}
         self.accepting = False
+        self.accept_resume_at = 0.0  # when a deferral of accepting ends (0: none)
+        self.accept_forced = False  # accept the next one without deferring
         for listener in self.listeners:
             listener.sock.setblocking(False)
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, _WAKEUP)
         self._set_accepting(True)
+        self.report_booted()
         try:
             self._loop()
         finally:
@@ -84,7 +92,14 @@ class SyncWorker(Worker):
                 next_tick = now + self.tick_interval
             if not self.alive:
                 self._begin_stop()
-            for key, _ in select(max(0.0, next_tick - now)):
+            wake_at = next_tick
+            if self.accept_resume_at:
+                if now >= self.accept_resume_at:
+                    self._resume_accepting()
+                else:
+                    wake_at = min(wake_at, self.accept_resume_at)
+            self._publish()
+            for key, _ in select(max(0.0, wake_at - now)):
                 data = key.data
                 if type(data) is ClientConnection:
                     self._readable(data)
@@ -105,8 +120,28 @@ class SyncWorker(Worker):
             else:
                 self.selector.unregister(listener.sock)
 
+    def _publish(self) -> None:
+        """Tell peers, through the scoreboard, how many connections this worker holds."""
+        if self.in_flight >= self.cfg.threads:
+            load = UNAVAILABLE
+        else:
+            load = len(self.waiting) + len(self.lingering) + self.in_flight
+        self.scoreboard.set(self.number, load)
+
+    def _resume_accepting(self) -> None:
+        self.accept_resume_at = 0.0
+        self.accept_forced = True
+        if self.alive and self.in_flight < self.cfg.threads:
+            self._set_accepting(True)
+
     def _accept(self, listening: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
+            if self.accept_forced:
+                self.accept_forced = False
+            elif self.scoreboard.has_lighter_peer(self.number, BALANCE_MARGIN):
+                self._set_accepting(False)
+                self.accept_resume_at = time.monotonic() + ACCEPT_DEFER
+                return
             try:
                 sock, peer = listening.accept()
             except BlockingIOError:
@@ -121,6 +156,7 @@ class SyncWorker(Worker):
             conn = ClientConnection(sock, peer, new_connection(self.limits), self.ctx)
             self.selector.register(sock, selectors.EVENT_READ, conn)
             self._wait_for_request(conn)
+            self._publish()
 
     # -- reading request heads --------------------------------------------------------------
 
@@ -155,6 +191,7 @@ class SyncWorker(Worker):
         del self.waiting[conn]
         self.in_flight += 1
         if self.pool is None:
+            self.scoreboard.set(self.number, UNAVAILABLE)  # the loop is blocked in the app
             outcome = conn.serve(request)
             self.in_flight -= 1
             self._after(conn, outcome, registered=True)
@@ -233,6 +270,7 @@ class SyncWorker(Worker):
         if self.ctx.stopping:
             return
         self.ctx.stopping = True
+        self.accept_resume_at = 0.0
         self._set_accepting(False)
         for listener in self.listeners:
             listener.sock.close()
