@@ -10,7 +10,6 @@ from forkserve.app import check_app_module
 from forkserve.config import parse_args
 from forkserve.errors import EXIT_CONFIG, ConfigError
 from forkserve.master import Master
-from forkserve.sockets import listen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,8 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     Anything wrong with what was asked for (flags, addresses, files) is one line on stderr
     and exit status 2, before any worker starts.
     """
+    args = sys.argv[1:] if argv is None else argv
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = parse_args(args)
         if cfg.chdir:
             os.chdir(cfg.chdir)
         try:
@@ -28,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             raise ConfigError(f"cannot open log file {exc.filename}: {exc.strerror}") from None
         check_app_module(cfg.app, cfg.chdir)
-        listeners = listen(cfg.bind, cfg.backlog)
+        return Master(cfg, args).run()
     except ConfigError as exc:
         print(f"forkserve: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return Master(cfg, listeners).run()

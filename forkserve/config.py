@@ -1,14 +1,33 @@
-"""From the command line to a `Config`: the parser is generated from `settings.SETTINGS`."""
+"""From the command line (and a Python config file) to a `Config`.
+
+The parser is generated from `settings.SETTINGS`. A config file given with `-c FILE` is a
+Python module, as gunicorn users know it: module-level names that are settings set them
+(the command line wins), and functions named after a hook in `HOOKS` become server hooks.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import runpy
+import types
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from forkserve import __version__
 from forkserve.cpus import usable_cpus
 from forkserve.errors import ConfigError
-from forkserve.settings import DEFAULT_APP, SETTINGS, Setting
+from forkserve.settings import BY_NAME, DEFAULT_APP, SETTINGS, Setting
+
+# Server hooks a config file may define, called as in gunicorn:
+#   on_starting(server)          master, before binding; an exception stops the start
+#   on_reload(server)            master, on HUP, after the configuration is re-read
+#   when_ready(server)           master, once every first worker has booted
+#   pre_fork(server, worker)     master, just before forking `worker` (its record)
+#   post_fork(server, worker)    the new worker, right after fork (the Worker object)
+#   worker_exit(server, worker)  the worker, after it stopped serving
+# Any other hook exception is logged and the server carries on.
+HOOKS = ("on_starting", "on_reload", "when_ready", "pre_fork", "post_fork", "worker_exit")
 
 
 class Config:
@@ -23,6 +42,12 @@ class Config:
     workers: int
     threads: int
     timeout: float
+    boot_timeout: float
+    max_requests: int
+    max_requests_jitter: int
+    max_worker_memory: int
+    pidfile: str | None
+    preload: bool
     graceful_timeout: float
     keep_alive: float
     limit_request_line: int
@@ -33,12 +58,16 @@ class Config:
     error_logfile: str
     access_logfile: str | None
     access_log_format: str
+    hooks: dict[str, Callable[..., Any]]
+    config: str | None
 
     def __init__(self, **values: Any) -> None:
         for setting in SETTINGS:
             default = setting.default
             setattr(self, setting.name, list(default) if setting.repeat else default)
         self.app = DEFAULT_APP
+        self.hooks = {}
+        self.config = None
         for name, value in values.items():
             if not hasattr(self, name):
                 raise ConfigError(f"unknown setting {name!r}")
@@ -79,11 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
         f"Default: the built-in demo app ({DEFAULT_APP}).",
     )
     parser.add_argument("--version", action="version", version=f"forkserve {__version__}")
+    parser.add_argument(
+        "-c", "--config", metavar="FILE",
+        help="A Python config file: settings by name (bind = ['unix:/run/app.sock'], "
+        "workers = 4, ...) and server hooks (on_starting, on_reload, when_ready, pre_fork, "
+        "post_fork, worker_exit). The command line overrides it.",
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for setting in SETTINGS:
         group = groups.get(setting.section)
         if group is None:
             group = groups[setting.section] = parser.add_argument_group(setting.section)
+        help_text = setting.help.replace("%", "%%")  # argparse formats help with %
+        if setting.flag:
+            group.add_argument(*setting.flags, dest=setting.name, action="store_const",
+                               const=True, default=None, help=help_text)
+            continue
         group.add_argument(
             *setting.flags,
             dest=setting.name,
@@ -91,13 +131,70 @@ def build_parser() -> argparse.ArgumentParser:
             action="append" if setting.repeat else "store",
             default=None,
             metavar=setting.metavar,
-            help=setting.help.replace("%", "%%"),  # argparse formats help with %
+            help=help_text,
         )
     return parser
 
 
 def parse_args(argv: list[str]) -> Config:
-    """Build a Config from command-line arguments; raises ConfigError with a one-line message."""
+    """Build a Config from command-line arguments (and the config file they name); raises
+    ConfigError with a one-line message."""
     namespace = build_parser().parse_args(argv)
-    values = {k: v for k, v in vars(namespace).items() if v is not None}
+    given = {k: v for k, v in vars(namespace).items() if v is not None}
+    path = given.pop("config", None)
+    values: dict[str, Any] = {}
+    if path is not None:
+        values, hooks = load_config_file(path)
+        values["hooks"] = hooks
+        values["config"] = os.path.abspath(path)
+    values.update(given)
     return Config(**values)
+
+
+def load_config_file(path: str) -> tuple[dict[str, Any], dict[str, Callable[..., Any]]]:
+    """Run a Python config file; return its settings (checked) and its hooks."""
+    try:
+        namespace = runpy.run_path(path, run_name="forkserve_config")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except Exception as exc:
+        raise ConfigError(f"config file {path}: {type(exc).__name__}: {exc}") from None
+    values: dict[str, Any] = {}
+    hooks: dict[str, Callable[..., Any]] = {}
+    for name, value in namespace.items():
+        if name.startswith("_") or isinstance(value, types.ModuleType | type):
+            continue
+        if name in HOOKS:
+            if not callable(value):
+                raise ConfigError(f"config file {path}: hook {name} must be a function")
+            hooks[name] = value
+        elif name in BY_NAME:
+            values[name] = _checked(BY_NAME[name], value, path)
+        elif name == "app":
+            if not isinstance(value, str):
+                raise ConfigError(f"config file {path}: app must be a string")
+            values[name] = value
+        elif not callable(value):
+            raise ConfigError(f"config file {path}: unknown setting {name!r}")
+    return values, hooks
+
+
+def _checked(setting: Setting, value: Any, path: str) -> Any:
+    """A config-file value for `setting`, validated as its command-line text would be."""
+    where = f"config file {path}: {setting.name}"
+    if setting.flag:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected True or False, got {value!r}")
+        return value
+    if value is None and setting.default is None:
+        return None
+    items = value if setting.repeat and isinstance(value, list | tuple) else [value]
+    parsed = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise ConfigError(f"{where}: expected a string or number, got {item!r}")
+        try:
+            parsed.append(setting.parse(str(item)))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return parsed if setting.repeat else parsed[0]

@@ -53,6 +53,15 @@ def _handler(target: str, stream, fmt: str) -> logging.Handler:
     return handler
 
 
+def error_stream():
+    """The open stream the error log writes to (for faulthandler), or None."""
+    for handler in error_log.handlers:
+        stream = getattr(handler, "stream", None)
+        if stream is not None:
+            return stream
+    return None
+
+
 def reopen() -> None:
     """Reopen log files (after logrotate moved them away); streams are left as they are."""
     for logger in (error_log, access_log):

@@ -2,117 +2,193 @@
 
 The whole supervision story is one loop (`Master.run`):
 
+    start missing workers (not before a crash-loop backoff ends)
     wait on one selector: the signal wakeup pipe and one pipe per worker
-    reap exited workers          (a worker that dies before booting is a boot failure)
+    reap exited workers
     act on queued signals, in order
-    kill workers silent past --timeout
-    stopping? wait for workers, SIGKILL at the deadline : start missing workers
+    dump and kill hung workers; stop workers whose replacements have booted
+    when stopping: wait for workers, SIGKILL them at the deadline
 
 Signal handlers only record: `signal.set_wakeup_fd` writes each signal number into a pipe
 that the loop reads, so no signal is lost or handled re-entrantly.
 
-Signals: TERM graceful stop; INT and QUIT quick stop; TTIN one more worker; TTOU one fewer
-(never below 1); USR1 reopen log files; CHLD reap. HUP, USR2 and WINCH are logged and
-otherwise ignored in this version.
+Replacing a worker always starts the replacement first: the old worker is marked `retiring`
+with `stop_when_replaced`, the loop starts a new one, and only when enough workers have
+booted is the old one sent TERM. Reload (HUP), recycling (--max-requests, memory) and a
+failed reload all follow from that one rule.
 """
 
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import selectors
 import signal
+import sys
 import time
+import traceback
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 from setproctitle import setproctitle
 
 from forkserve import channel, logs
-from forkserve.config import Config
-from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+from forkserve.app import load_app
+from forkserve.config import Config, parse_args
+from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError
 from forkserve.logs import error_log
+from forkserve.pidfile import Pidfile
 from forkserve.scoreboard import Scoreboard
-from forkserve.sockets import Listener
+from forkserve.sockets import INHERIT_ENV, Listener, listen
 from forkserve.workers.sync import SyncWorker
 
 HANDLED_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
     signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH,
 )
+# Sent to a hung worker so that faulthandler writes every thread's traceback to the log.
+DUMP_SIGNAL = signal.SIGUSR2
+# How long a hung worker gets to write its tracebacks before SIGKILL.
+DUMP_GRACE = 1.0
+# A worker whose pipe closed and that has not exited after this long is killed.
+PIPE_CLOSED_GRACE = 1.0
 # How long a quick stop (INT/QUIT) waits for workers before SIGKILL.
 QUICK_STOP_SECONDS = 5.0
+# A worker that lived this long after booting was not crash-looping.
+STABLE_SECONDS = 5.0
+# Respawn delays after consecutive failures: 0, then 0.5 s doubling up to 30 s.
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+# With no worker left serving, stop after this many boot failures in a row.
+MAX_BOOT_FAILURES = 5
 
 
 class WorkerProcess:
     """What the master knows of one worker."""
 
-    __slots__ = ("number", "pid", "fd", "reader", "booted", "last_seen", "served",
-                 "in_flight", "retiring", "killed")
+    __slots__ = ("number", "pid", "fd", "reader", "booted", "started", "booted_at",
+                 "last_seen", "served", "in_flight", "retiring", "stop_when_replaced",
+                 "dump_sent_at", "pipe_closed_at", "killed", "kill_reason")
 
-    def __init__(self, number: int, pid: int, fd: int) -> None:
+    def __init__(self, number: int) -> None:
         self.number = number
-        self.pid = pid
-        self.fd = fd
+        self.pid = 0
+        self.fd = -1
         self.reader = channel.FrameReader()
         self.booted = False
-        self.last_seen = time.monotonic()
+        self.started = self.last_seen = time.monotonic()
+        self.booted_at = 0.0
         self.served = 0
         self.in_flight = 0
-        self.retiring = False  # told to stop: its exit is expected
+        self.retiring = False  # its exit is expected; it does not count as active
+        self.stop_when_replaced = False  # send TERM once enough active workers booted
+        self.dump_sent_at = 0.0  # when it was asked for its tracebacks (hung)
+        self.pipe_closed_at = 0.0  # when EOF was read on its pipe
         self.killed = False  # SIGKILLed by the master
+        self.kill_reason = ""
 
 
 class Master:
-    """Supervises `cfg.workers` workers serving on `listeners` until stopped."""
+    """Supervises `cfg.workers` workers until stopped. `argv` is what started it (for HUP
+    and USR2)."""
 
-    def __init__(self, cfg: Config, listeners: list[Listener]) -> None:
+    def __init__(self, cfg: Config, argv: list[str]) -> None:
         self.cfg = cfg
-        self.listeners = listeners
+        self.argv = argv
         self.pid = os.getpid()
         self.size = cfg.workers
+        self.saved_size = 0  # the size before WINCH, restored by HUP
+        self.listeners: list[Listener] = []
         self.workers: dict[int, WorkerProcess] = {}  # by pid
         self.signals: deque[int] = deque()
         self.selector = selectors.DefaultSelector()
         self.scoreboard = Scoreboard()
+        self.pidfile: Pidfile | None = None
+        self.app: Callable[..., Any] | None = None  # set with --preload
         self.stop_deadline: float | None = None
         self.exit_status = EXIT_OK
         self.ready = False
         self.started = time.monotonic()
+        self.failures = 0  # consecutive worker failures (crash soon after boot, boot failure)
+        self.spawn_not_before = 0.0
+        self.boot_errors_seen: set[str] = set()
+        self.upgrade_pid = 0  # the new master started by USR2
+        self.inherited_from = 0  # the old master that handed us its sockets (USR2)
+        self._wakeup_fds = (-1, -1)
 
-    # -- the loop -----------------------------------------------------------------------------
+    # -- start and the loop -------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until stopped; return the exit status for the command."""
+        """Bind, start workers, supervise until stopped; return the exit status.
+
+        Raises ConfigError for what the user asked for that cannot work (before any fork).
+        """
         self._install_signals()
-        for listener in self.listeners:
-            error_log.info("listening at %s", listener.url)
-        error_log.info("master pid %d starting %d workers of %s", self.pid, self.size,
-                       self.cfg.app)
         try:
-            while True:
-                if self.stop_deadline is None:
-                    self._spawn_missing()
-                self._wait()
-                self._reap()
-                self._act_on_signals()
-                if self.stop_deadline is None:
-                    self._kill_silent()
-                elif not self.workers:
-                    break
-                elif time.monotonic() >= self.stop_deadline:
-                    self._kill_all()
+            self.call_hook("on_starting", self)
+        except Exception:
+            return EXIT_FAILURE
+        self.inherited_from = os.getppid() if INHERIT_ENV in os.environ else 0
+        self.listeners = listen(self.cfg.bind, self.cfg.backlog)
+        try:
+            return self._serve()
         finally:
             self._cleanup()
+
+    def _serve(self) -> int:
+        for listener in self.listeners:
+            error_log.info("listening at %s", listener.url)
+        if self.cfg.pidfile:
+            self.pidfile = Pidfile(self.cfg.pidfile)
+            self.pidfile.write()
+        if self.cfg.preload and not self._preload():
+            return self.exit_status
+        error_log.info("master pid %d starting %d workers of %s", self.pid, self.size,
+                       self.cfg.app)
+        while True:
+            if self.stop_deadline is None:
+                self._spawn_missing()
+            self._wait()
+            self._reap()
+            self._act_on_signals()
+            now = time.monotonic()
+            if self.stop_deadline is None:
+                self._check_hung(now)
+                self._stop_replaced()
+            elif not self.workers:
+                break
+            elif now >= self.stop_deadline:
+                self._kill_all()
         error_log.info("master pid %d exiting with status %d", self.pid, self.exit_status)
         return self.exit_status
 
     def _wait(self) -> None:
         timeout = 0.2 if self.stop_deadline is not None else 1.0
+        if self.spawn_not_before:
+            timeout = max(0.0, min(timeout, self.spawn_not_before - time.monotonic()))
         for key, _ in self.selector.select(timeout):
             if key.data is None:
                 self._read_signals(key.fd)
             else:
                 self._read_channel(key.data)
+
+    def _preload(self) -> bool:
+        """Load the app here so workers inherit it; False (with exit_status set) if it fails."""
+        try:
+            self.app = load_app(self.cfg.app, self.cfg.chdir)
+        except ConfigError as exc:
+            error_log.error("%s", exc)
+            self.exit_status = EXIT_CONFIG
+            return False
+        except BaseException:
+            error_log.error("cannot preload %s:\n%s", self.cfg.app, traceback.format_exc().rstrip())
+            self.exit_status = EXIT_BOOT
+            return False
+        gc.freeze()  # keep the collector from touching (and so copying) the shared pages
+        error_log.info("preloaded %s", self.cfg.app)
+        return True
 
     # -- signals ------------------------------------------------------------------------------
 
@@ -142,6 +218,10 @@ class Master:
                 self.stop(graceful=True, reason=name)
             elif signum in (signal.SIGINT, signal.SIGQUIT):
                 self.stop(graceful=False, reason=name)
+            elif self.stop_deadline is not None:
+                error_log.info("%s ignored: stopping", name)
+            elif signum == signal.SIGHUP:
+                self.reload()
             elif signum == signal.SIGTTIN:
                 self.size += 1
                 error_log.info("%s: now %d workers", name, self.size)
@@ -151,29 +231,137 @@ class Master:
                 logs.reopen()
                 self._signal_workers(signal.SIGUSR1)
                 error_log.info("%s: log files reopened", name)
-            else:
-                error_log.warning("%s is not supported by this version; ignored", name)
+            elif signum == signal.SIGUSR2:
+                self.upgrade()
+            elif signum == signal.SIGWINCH:
+                self._stop_workers_keep_master(name)
 
     def _signal_workers(self, signum: int) -> None:
         for worker in self.workers.values():
             _kill(worker.pid, signum)
 
+    # -- reload, upgrade, resize --------------------------------------------------------------
+
+    def reload(self) -> None:
+        """HUP: re-read the configuration and replace every worker, new ones first."""
+        try:
+            cfg = parse_args(self.argv)
+        except ConfigError as exc:
+            error_log.error("HUP: configuration not reloaded: %s", exc)
+            return
+        if cfg.bind != self.cfg.bind:
+            error_log.warning("HUP: --bind changes need a restart or a USR2 upgrade; "
+                              "keeping %s", ", ".join(self.cfg.bind))
+            cfg.bind = self.cfg.bind
+        try:
+            logs.setup(cfg.log_level, cfg.error_logfile, cfg.access_logfile)
+        except OSError as exc:
+            error_log.error("HUP: cannot open log file %s: %s", exc.filename, exc.strerror)
+            return
+        self.cfg = cfg
+        self.size = cfg.workers
+        self.saved_size = 0
+        self.call_hook("on_reload", self)
+        old = [w for w in self.workers.values() if not w.retiring]
+        for worker in old:
+            worker.retiring = True
+            worker.stop_when_replaced = True
+        self.failures = 0
+        self.spawn_not_before = 0.0
+        error_log.info("HUP: reloading: starting %d new workers before stopping %d",
+                       self.size, len(old))
+
+    def upgrade(self) -> None:
+        """USR2: start a new master from the same executable and arguments that inherits
+        the listening sockets. This master and its workers keep running."""
+        if self.upgrade_pid:
+            error_log.warning("USR2 ignored: an upgrade (pid %d) is already running",
+                              self.upgrade_pid)
+            return
+        if self.pidfile is not None:
+            self.pidfile.rename_to_oldbin()
+        fds = [listener.sock.fileno() for listener in self.listeners]
+        env = dict(os.environ)
+        env[INHERIT_ENV] = ",".join(map(str, fds))
+        args = [sys.executable, "-m", "forkserve", *self.argv]
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                for signum in HANDLED_SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, ())
+                for fd in fds:
+                    os.set_inheritable(fd, True)
+                os.execve(sys.executable, args, env)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(EXIT_FAILURE)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self.upgrade_pid = pid
+        for listener in self.listeners:
+            listener.owns_path = False  # the new master serves on them now
+        error_log.info("USR2: started new master pid %d; stop this one (pid %d) with TERM, or "
+                       "its workers with WINCH", pid, self.pid)
+
+    def _upgrade_ended(self, wait_status: int) -> None:
+        error_log.warning("new master pid %d exited (%s); this master carries on",
+                          self.upgrade_pid, _describe_wait(wait_status))
+        self.upgrade_pid = 0
+        if self.pidfile is not None:
+            self.pidfile.restore_from_oldbin()
+        for listener in self.listeners:
+            listener.owns_path = listener.address.kind == "unix"
+
+    def _stop_workers_keep_master(self, name: str) -> None:
+        """WINCH: stop every worker gracefully but keep the master (HUP brings them back)."""
+        if _in_terminal_foreground():
+            error_log.info("%s ignored: running in a terminal's foreground (a window resize)",
+                           name)
+            return
+        self.saved_size = self.saved_size or self.size
+        self.size = 0
+        for worker in self.workers.values():
+            self._retire(worker, "WINCH")
+        error_log.info("%s: stopping all workers; the master stays (HUP restarts them)", name)
+        self._set_title()
+
+    def _shrink(self, reason: str) -> None:
+        if self.size <= 1:
+            error_log.info("%s: already at 1 worker", reason)
+            return
+        self.size -= 1
+        active = self._active()
+        if len(active) > self.size:
+            self._retire(max(active, key=lambda w: w.number), reason)
+        error_log.info("%s: now %d workers", reason, self.size)
+        self._set_title()
+
     # -- workers ------------------------------------------------------------------------------
 
+    def _active(self) -> list[WorkerProcess]:
+        return [w for w in self.workers.values() if not w.retiring]
+
     def _spawn_missing(self) -> None:
-        active = [w for w in self.workers.values() if not w.retiring]
-        taken = {w.number for w in active}
+        missing = self.size - len(self._active())
+        if missing <= 0 or time.monotonic() < self.spawn_not_before:
+            return
+        self.spawn_not_before = 0.0
+        taken = {w.number for w in self.workers.values()}
         number = 1
-        for _ in range(self.size - len(active)):
+        for _ in range(missing):
             while number in taken:
                 number += 1
             taken.add(number)
-            self._spawn(number)
+            self._spawn(WorkerProcess(number))
         self._set_title()
 
-    def _spawn(self, number: int) -> None:
+    def _spawn(self, worker: WorkerProcess) -> None:
+        self.call_hook("pre_fork", self, worker)
         read_fd, write_fd = os.pipe()
-        self.scoreboard.join(number)
+        self.scoreboard.join(worker.number)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             pid = os.fork()
@@ -181,18 +369,21 @@ class Master:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(read_fd)
             os.close(write_fd)
-            self.scoreboard.leave(number)
-            error_log.error("cannot fork worker %d: %s", number, exc.strerror)
+            self.scoreboard.leave(worker.number)
+            error_log.error("cannot fork worker %d: %s", worker.number, exc.strerror)
+            self._backoff()
             return
         if pid == 0:
-            self._become_worker(number, read_fd, write_fd)
+            self._become_worker(worker.number, read_fd, write_fd)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
-        worker = WorkerProcess(number, pid, read_fd)
+        worker.pid = pid
+        worker.fd = read_fd
+        worker.started = worker.last_seen = time.monotonic()
         self.workers[pid] = worker
         self.selector.register(read_fd, selectors.EVENT_READ, worker)
-        error_log.debug("started worker %d (pid %d)", number, pid)
+        error_log.debug("started worker %d (pid %d)", worker.number, pid)
 
     def _become_worker(self, number: int, read_fd: int, write_fd: int) -> None:
         """In the forked child: drop the master's state, run a worker, never return."""
@@ -204,14 +395,16 @@ class Master:
             os.close(read_fd)
             for fd in self._wakeup_fds:
                 os.close(fd)
-            for worker in self.workers.values():
-                if worker.fd >= 0:
-                    os.close(worker.fd)
+            for other in self.workers.values():
+                if other.fd >= 0:
+                    os.close(other.fd)
             self.selector.close()
             os.set_blocking(write_fd, False)
             worker = SyncWorker(self.cfg, self.listeners, write_fd, number, self.pid,
-                                self.scoreboard)
+                                self.scoreboard, self.app)
+            self.call_hook("post_fork", self, worker)
             status = worker.run()
+            self.call_hook("worker_exit", self, worker)
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else EXIT_OK
         except BaseException:
@@ -229,18 +422,18 @@ class Master:
         except OSError:
             data = b""
         if not data:
+            # Normal when the worker is exiting; if it is not reaped soon, _check_hung kills
+            # it, since a worker without its pipe can no longer be supervised.
             self._unwatch(worker)
+            worker.pipe_closed_at = time.monotonic()
             return False
         worker.last_seen = time.monotonic()
         try:
-            frames = worker.reader.feed(data)
-            for kind, payload in frames:
+            for kind, payload in worker.reader.feed(data):
                 self._on_message(worker, kind, payload)
         except channel.ChannelError as exc:
-            error_log.error("worker %d (pid %d) sent garbage on its pipe (%s); killing it",
-                            worker.number, worker.pid, exc)
             self._unwatch(worker)
-            self._kill_worker(worker)
+            self._kill_worker(worker, f"sent garbage on its pipe ({exc})")
             return False
         return True
 
@@ -249,27 +442,66 @@ class Master:
             worker.served, worker.in_flight = channel.read_counters(payload)
         elif kind == channel.BOOTED:
             worker.booted = True
+            worker.booted_at = time.monotonic()
             error_log.info("worker %d booted (pid %d)", worker.number, worker.pid)
-            if not self.ready and sum(w.booted for w in self.workers.values()) >= self.size:
+            if not self.ready and sum(w.booted for w in self._active()) >= self.size:
                 self.ready = True
                 error_log.info("ready: %d workers in %.2f s", self.size,
                                time.monotonic() - self.started)
+                self.call_hook("when_ready", self)
         elif kind == channel.BOOT_FAILED:
-            self._boot_failed(worker, payload[0] if payload else EXIT_BOOT,
-                              payload[1:].decode("utf-8", "replace"))
+            status = payload[0] if payload else EXIT_BOOT
+            self._boot_failed(worker, status, payload[1:].decode("utf-8", "replace"))
+        elif kind == channel.RECYCLE and not worker.retiring:
+            error_log.info("worker %d (pid %d) recycling: %s", worker.number, worker.pid,
+                           payload.decode("utf-8", "replace"))
+            worker.retiring = True
+            worker.stop_when_replaced = True
 
     def _boot_failed(self, worker: WorkerProcess, status: int, text: str) -> None:
-        """A worker could not load the app: report it once and stop the whole server."""
+        """A worker could not load the app.
+
+        Before the server was ever ready this stops it (status 2 or 3). Later (a reload with
+        broken code, a replacement) the error is logged once and the boot retried with
+        backoff while the other workers serve, until none is left serving.
+        """
+        expected = worker.retiring
         worker.retiring = True
-        if self.stop_deadline is not None:
+        if self.stop_deadline is not None or expected:
             return
+        first_time = text not in self.boot_errors_seen
+        self.boot_errors_seen.add(text)
         if status == EXIT_CONFIG:
-            error_log.error("%s", text)
+            message = text
         else:
-            error_log.error("worker %d (pid %d) failed to boot:\n%s", worker.number, worker.pid,
-                            text)
-        self.exit_status = status
-        self.stop(graceful=False, reason="boot failure")
+            message = f"worker {worker.number} (pid {worker.pid}) failed to boot:\n{text}"
+        if not self.ready:
+            error_log.error("%s", message)
+            self.exit_status = status
+            self.stop(graceful=False, reason="boot failure")
+            return
+        self.failures += 1
+        serving = [w for w in self.workers.values() if w.booted and not w.killed]
+        if not serving and self.failures >= MAX_BOOT_FAILURES:
+            error_log.error("%s\nworkers keep failing to boot and none is serving: stopping",
+                            message)
+            self.exit_status = status
+            self.stop(graceful=False, reason="boot failures")
+            return
+        if first_time:
+            error_log.error("%s", message)
+        else:
+            error_log.error("worker %d (pid %d) failed to boot again (same error)",
+                            worker.number, worker.pid)
+        self._backoff()
+
+    def _backoff(self) -> None:
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 2)) if self.failures > 1 \
+            else 0.0
+        if delay:
+            error_log.warning("%d failures in a row: next worker starts in %.1f s",
+                              self.failures, delay)
+        self.spawn_not_before = time.monotonic() + delay
 
     def _reap(self) -> None:
         while True:
@@ -279,6 +511,9 @@ class Master:
                 return
             if pid == 0:
                 return
+            if pid == self.upgrade_pid:
+                self._upgrade_ended(wait_status)
+                continue
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
@@ -289,19 +524,24 @@ class Master:
             self._report_exit(worker, wait_status)
 
     def _report_exit(self, worker: WorkerProcess, wait_status: int) -> None:
-        if os.WIFSIGNALED(wait_status):
-            signum = os.WTERMSIG(wait_status)
-            how = f"killed by {signal.Signals(signum).name}"
-            if signum == signal.SIGKILL and not worker.killed:
-                how += " (not by forkserve: out of memory?)"
-        else:
-            how = f"exited with status {os.WEXITSTATUS(wait_status)}"
-        expected = worker.retiring or self.stop_deadline is not None
-        if not worker.booted and not expected:
+        how = _describe_wait(wait_status)
+        if os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) == signal.SIGKILL \
+                and not worker.killed:
+            how += " (not by forkserve: out of memory?)"
+        if worker.killed:
+            how += f" ({worker.kill_reason})"
+        if worker.retiring or self.stop_deadline is not None:
+            error_log.info("worker %d (pid %d) %s", worker.number, worker.pid, how)
+            return
+        if not worker.booted:
             self._boot_failed(worker, EXIT_BOOT, f"it {how} before loading the app")
             return
-        log = error_log.info if expected else error_log.error
-        log("worker %d (pid %d) %s", worker.number, worker.pid, how)
+        error_log.error("worker %d (pid %d) %s", worker.number, worker.pid, how)
+        if time.monotonic() - worker.booted_at >= STABLE_SECONDS:
+            self.failures = 1
+        else:
+            self.failures += 1
+        self._backoff()
 
     def _unwatch(self, worker: WorkerProcess) -> None:
         if worker.fd < 0:
@@ -310,34 +550,68 @@ class Master:
         os.close(worker.fd)
         worker.fd = -1
 
-    def _shrink(self, reason: str) -> None:
-        if self.size <= 1:
-            error_log.info("%s: already at 1 worker", reason)
-            return
-        self.size -= 1
-        active = [w for w in self.workers.values() if not w.retiring]
-        if len(active) > self.size:
-            newest = max(active, key=lambda w: w.number)
-            newest.retiring = True
-            _kill(newest.pid, signal.SIGTERM)
-        error_log.info("%s: now %d workers", reason, self.size)
-        self._set_title()
-
-    def _kill_silent(self) -> None:
-        timeout = self.cfg.timeout
-        if timeout <= 0:
-            return
-        now = time.monotonic()
-        for worker in list(self.workers.values()):
-            silent = now - worker.last_seen
-            if worker.booted and not worker.killed and silent > timeout:
-                error_log.error("worker %d (pid %d) silent for %.1f s (timeout %g s); killing it",
-                                worker.number, worker.pid, silent, timeout)
-                self._kill_worker(worker)
-
-    def _kill_worker(self, worker: WorkerProcess) -> None:
-        worker.killed = True
+    def _retire(self, worker: WorkerProcess, reason: str) -> None:
+        """Stop a worker gracefully now, without a replacement."""
         worker.retiring = True
+        worker.stop_when_replaced = False
+        error_log.debug("%s: stopping worker %d (pid %d)", reason, worker.number, worker.pid)
+        _kill(worker.pid, signal.SIGTERM)
+
+    def _stop_replaced(self) -> None:
+        """TERM the workers waiting for replacements once enough new ones have booted."""
+        waiting = [w for w in self.workers.values() if w.stop_when_replaced]
+        if not waiting:
+            return
+        booted = sum(1 for w in self._active() if w.booted)
+        if booted < self.size:
+            return
+        for worker in waiting:
+            self._retire(worker, "replaced")
+        error_log.info("replaced %d workers (%s) by booted new ones", len(waiting),
+                       ", ".join(f"pid {w.pid}" for w in waiting))
+
+    def _check_hung(self, now: float) -> None:
+        """Dump the tracebacks of workers silent past --timeout (or not booted past
+        --boot-timeout), then SIGKILL them."""
+        for worker in list(self.workers.values()):
+            if worker.killed:
+                continue
+            if worker.pipe_closed_at:
+                if now - worker.pipe_closed_at >= PIPE_CLOSED_GRACE:
+                    self._kill_worker(worker, "closed its pipe")
+                continue
+            if worker.dump_sent_at:
+                if worker.last_seen > worker.dump_sent_at:
+                    worker.dump_sent_at = 0.0  # it woke up after all
+                elif now - worker.dump_sent_at >= DUMP_GRACE:
+                    self._kill_worker(worker, "hung")
+                continue
+            silent = now - worker.last_seen
+            if worker.booted:
+                limit = self.cfg.timeout
+                what = "silent"
+            else:
+                limit = self.cfg.boot_timeout
+                what = "still booting"
+                silent = now - worker.started
+            if limit <= 0 or silent <= limit:
+                continue
+            doing = ""
+            current = self.scoreboard.current_request(worker.number)
+            if current is not None:
+                doing = f", stuck in {current[0]!r} for {current[1]:.1f} s"
+            error_log.error(
+                "worker %d (pid %d) %s for %.1f s (limit %g s)%s; its tracebacks follow, "
+                "then it is killed", worker.number, worker.pid, what, silent, limit, doing)
+            logs.flush()
+            worker.dump_sent_at = now
+            _kill(worker.pid, DUMP_SIGNAL)
+
+    def _kill_worker(self, worker: WorkerProcess, reason: str) -> None:
+        if not worker.killed:
+            error_log.error("killing worker %d (pid %d): %s", worker.number, worker.pid, reason)
+        worker.killed = True
+        worker.kill_reason = reason
         _kill(worker.pid, signal.SIGKILL)
 
     # -- stopping -----------------------------------------------------------------------------
@@ -359,9 +633,7 @@ class Master:
     def _kill_all(self) -> None:
         for worker in self.workers.values():
             if not worker.killed:
-                error_log.warning("worker %d (pid %d) still running at the deadline; killing it",
-                                  worker.number, worker.pid)
-                self._kill_worker(worker)
+                self._kill_worker(worker, "still running at the stop deadline")
 
     def _cleanup(self) -> None:
         """Leave nothing behind: kill and reap every worker, close sockets and pipes."""
@@ -373,10 +645,29 @@ class Master:
             except ChildProcessError:
                 pass
             self._unwatch(self.workers.pop(pid))
+        handed_over = self.inherited_from and os.getppid() == self.inherited_from
         for listener in self.listeners:
+            if handed_over:
+                listener.owns_path = False  # the old master we came from still serves it
             listener.close()
+        if self.pidfile is not None:
+            self.pidfile.remove()
         signal.set_wakeup_fd(-1)
         self.selector.close()
+
+    # -- hooks and titles ---------------------------------------------------------------------
+
+    def call_hook(self, name: str, *args: Any) -> None:
+        """Run the configured hook `name`; log its exception (and re-raise at on_starting)."""
+        hook = self.cfg.hooks.get(name)
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except Exception:
+            error_log.exception("hook %s raised", name)
+            if name == "on_starting":
+                raise
 
     def _set_title(self) -> None:
         setproctitle(f"forkserve: master [{self.cfg.app}] {self.size} workers")
@@ -392,3 +683,21 @@ def _kill(pid: int, signum: int) -> None:
     except OSError as exc:
         if exc.errno != errno.ESRCH:
             raise
+
+
+def _describe_wait(wait_status: int) -> str:
+    if os.WIFSIGNALED(wait_status):
+        return f"killed by {signal.Signals(os.WTERMSIG(wait_status)).name}"
+    return f"exited with status {os.WEXITSTATUS(wait_status)}"
+
+
+def _in_terminal_foreground() -> bool:
+    """Is this process in the foreground of a terminal (where WINCH means a resize)?"""
+    for fd in (0, 1, 2):
+        try:
+            foreground = os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError:
+            continue
+        if foreground:
+            return True
+    return False

@@ -1,10 +1,13 @@
-"""A shared-memory scoreboard: how many connections each worker holds.
+"""A shared-memory scoreboard: how many connections each worker holds, and what it serves.
 
 Workers share one listening socket, and the kernel hands a burst of new connections to
 whichever worker reaches accept() first; with keep-alive they then stay there, so one worker
 can end up with every client while another idles. The scoreboard lets a worker see that it
 holds clearly more connections than an idle peer and leave the next connection to that peer
 for a moment (see `SyncWorker._accept`).
+
+A worker that calls the app from its loop also records the request it is serving, so that
+when it hangs the master can say which request it was stuck on, and for how long.
 
 The master creates it before forking (an anonymous shared mapping, inherited by every worker),
 marks a slot live when it starts a worker and absent when the worker is gone. Each worker
@@ -14,9 +17,14 @@ writes only its own slot. Slot 0 holds the highest worker number in use.
 from __future__ import annotations
 
 import mmap
+import struct
+import time
 
 SLOTS = 1024
 UNAVAILABLE = 0xFFFFFFFF  # absent, or busy in the app and not accepting
+_REQUEST = struct.Struct("dH")  # when it started (time.monotonic()), length of the text
+_REQUEST_SLOT = 256
+_REQUEST_TEXT = _REQUEST_SLOT - _REQUEST.size
 
 
 class Scoreboard:
@@ -26,8 +34,8 @@ class Scoreboard:
     """
 
     def __init__(self) -> None:
-        self._map = mmap.mmap(-1, 4 * SLOTS)
-        self._counts = memoryview(self._map).cast("I")
+        self._map = mmap.mmap(-1, 4 * SLOTS + _REQUEST_SLOT * SLOTS)
+        self._counts = memoryview(self._map)[:4 * SLOTS].cast("I")
         for slot in range(1, SLOTS):
             self._counts[slot] = UNAVAILABLE
         self._counts[0] = 0
@@ -36,6 +44,7 @@ class Scoreboard:
         """Master: worker `number` is starting with no connections."""
         if number < SLOTS:
             self._counts[number] = 0
+            self.served(number)
             self._counts[0] = max(self._counts[0], number)
 
     def leave(self, number: int) -> None:
@@ -47,6 +56,31 @@ class Scoreboard:
         """Worker: it holds `connections` connections (UNAVAILABLE while it cannot accept)."""
         if number < SLOTS:
             self._counts[number] = connections
+
+    def serving(self, number: int, request_line: bytes) -> None:
+        """Worker: its loop is now calling the app for `request_line` (not accepting)."""
+        if number < SLOTS:
+            self._counts[number] = UNAVAILABLE
+            text = request_line[:_REQUEST_TEXT]
+            offset = 4 * SLOTS + _REQUEST_SLOT * number
+            _REQUEST.pack_into(self._map, offset, time.monotonic(), len(text))
+            self._map[offset + _REQUEST.size:offset + _REQUEST.size + len(text)] = text
+
+    def served(self, number: int) -> None:
+        """Worker: its loop is back from the app."""
+        if number < SLOTS:
+            _REQUEST.pack_into(self._map, 4 * SLOTS + _REQUEST_SLOT * number, 0.0, 0)
+
+    def current_request(self, number: int) -> tuple[str, float] | None:
+        """Master: the request worker `number`'s loop is in, and for how many seconds."""
+        if number >= SLOTS:
+            return None
+        offset = 4 * SLOTS + _REQUEST_SLOT * number
+        started, length = _REQUEST.unpack_from(self._map, offset)
+        if not length:
+            return None
+        text = self._map[offset + _REQUEST.size:offset + _REQUEST.size + length]
+        return text.decode("latin-1"), time.monotonic() - started
 
     def has_lighter_peer(self, number: int, margin: int) -> bool:
         """Worker: does another available worker hold at least `margin` fewer connections?"""

@@ -78,12 +78,22 @@ def _text(text: str) -> str:
     return text
 
 
+def _flag(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting: how it is spelled, what it defaults to and how a string is checked.
 
     `parse` turns one command-line string into a value or raises ValueError whose message
-    says what was expected. `repeat` settings collect every occurrence into a list.
+    says what was expected. `repeat` settings collect every occurrence into a list; `flag`
+    settings take no argument on the command line (their presence means true).
     """
 
     name: str
@@ -93,6 +103,7 @@ class Setting:
     help: str
     metavar: str | None = None
     repeat: bool = False
+    flag: bool = False
     section: str = "server"
 
 
@@ -134,6 +145,32 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SECONDS",
     ),
     Setting(
+        "boot_timeout", ("--boot-timeout",), 120.0, _seconds,
+        "A worker that has not loaded the app after this many seconds is killed (kept apart "
+        "from --timeout so that a slow import is not mistaken for a hang). 0 disables.",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "max_requests", ("--max-requests",), 0, _int_at_least(0),
+        "Recycle a worker after it served this many requests (its replacement starts "
+        "first). 0 disables.", metavar="N",
+    ),
+    Setting(
+        "max_requests_jitter", ("--max-requests-jitter",), 0, _int_at_least(0),
+        "Add a random 0..J to each worker's --max-requests so workers do not all recycle at "
+        "once.", metavar="J",
+    ),
+    Setting(
+        "max_worker_memory", ("--max-worker-memory",), 0, _int_at_least(0),
+        "Recycle a worker whose resident memory exceeds this many MiB, checked between "
+        "requests. 0 disables.", metavar="MB",
+    ),
+    Setting(
+        "pidfile", ("-p", "--pid"), None, _text,
+        "Write the master's pid to this file once the sockets are bound; it is removed at "
+        "exit, and renamed FILE.oldbin during a USR2 upgrade.", metavar="FILE",
+    ),
+    Setting(
         "limit_request_line", ("--limit-request-line",), 8190, _int_at_least(64),
         "Maximum size in bytes of the request line; longer gets 414.", metavar="BYTES",
     ),
@@ -146,6 +183,12 @@ SETTINGS: tuple[Setting, ...] = (
         ("--limit-request-field-size", "--limit-request-field_size"), 8190, _int_at_least(64),
         "Maximum size in bytes of one request header field; larger gets 431.",
         metavar="BYTES",
+    ),
+    Setting(
+        "preload", ("--preload",), False, _flag,
+        "Load the app in the master before forking, and gc.freeze() it, so workers share "
+        "its memory copy-on-write. HUP then cannot reload the app's code; USR2 can.",
+        flag=True, section="app",
     ),
     Setting(
         "chdir", ("--chdir",), None, _directory,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from forkserve.errors import ConfigError
 
 DEFAULT_PORT = 8000
+# Set by a master starting its replacement (USR2): the fds of its listeners, in --bind order.
+INHERIT_ENV = "FORKSERVE_INHERIT_FDS"
 
 
 @dataclass(frozen=True)
@@ -94,16 +96,34 @@ class Listener:
 
 
 def listen(specs: list[str], backlog: int) -> list[Listener]:
-    """Bind and listen on every spec; on any failure close what was bound and raise ConfigError."""
+    """Bind and listen on every spec; on any failure close what was bound and raise ConfigError.
+
+    Sockets handed over by a previous master (the INHERIT_ENV variable, removed here so that
+    nothing started later misreads it) are adopted in --bind order instead of being bound.
+    """
+    inherited = _inherited_fds()
     listeners: list[Listener] = []
     try:
         for spec in specs:
-            listeners.append(_listen_one(parse_bind(spec), backlog))
+            address = parse_bind(spec)
+            if inherited:
+                sock = _adopt_fd(inherited.pop(0))
+                listeners.append(Listener(sock, address, owns_path=address.kind == "unix"))
+            else:
+                listeners.append(_listen_one(address, backlog))
     except BaseException:
         for listener in listeners:
             listener.close()
         raise
     return listeners
+
+
+def _inherited_fds() -> list[int]:
+    text = os.environ.pop(INHERIT_ENV, "")
+    try:
+        return [int(fd) for fd in text.split(",") if fd]
+    except ValueError:
+        raise ConfigError(f"bad {INHERIT_ENV}={text!r}") from None
 
 
 def _listen_one(address: Address, backlog: int) -> Listener:

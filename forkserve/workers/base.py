@@ -4,14 +4,21 @@ A worker is created in the child right after `os.fork()` and `run()` returns the
 status the child ends with. It never returns into the master's code.
 
 Signals: TERM stops gracefully (stop accepting, finish what is in flight, exit); INT and
-QUIT exit at once. Every `tick_interval` the worker sends the master a heartbeat with its
-counters on its pipe; a worker whose master is gone exits.
+QUIT exit at once; USR1 reopens log files; USR2 makes faulthandler write the traceback of
+every thread to the error log (the master sends it to a hung worker before killing it).
+
+Every `tick_interval` (at most --timeout/4) the worker's loop sends the master a heartbeat
+with its counters; a loop blocked in the app sends none, which is how the master sees a hang.
+The tick also checks that the master lives and whether the worker should be recycled.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import random
 import signal
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -26,28 +33,40 @@ from forkserve.logs import error_log
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
 
+DUMP_SIGNAL = signal.SIGUSR2
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
 
 class MasterGone(Exception):
     """The master process exited: the worker must stop too."""
 
 
 class Worker:
-    """Base class of worker kinds; subclasses implement `serve()`."""
+    """Base class of worker kinds; subclasses implement `serve()`.
+
+    `app` is the preloaded app (--preload), or None to load it here.
+    """
 
     def __init__(self, cfg: Config, listeners: list[Listener], channel_fd: int, number: int,
-                 master_pid: int, scoreboard: Scoreboard) -> None:
+                 master_pid: int, scoreboard: Scoreboard,
+                 app: Callable[..., Any] | None = None) -> None:
         self.cfg = cfg
         self.scoreboard = scoreboard
         self.listeners = listeners
         self.channel_fd = channel_fd
         self.number = number
         self.master_pid = master_pid
-        self.app: Callable[..., Any] | None = None
+        self.app = app
         self.alive = True
         self.served = 0
         self.in_flight = 0
         self._title_served = -1
         self.logs_to_reopen = False
+        self.recycling = False
+        self.max_requests = (
+            cfg.max_requests + random.randint(0, cfg.max_requests_jitter)
+            if cfg.max_requests else 0
+        )
         timeout = cfg.timeout
         self.tick_interval = min(1.0, timeout / 4) if timeout > 0 else 1.0
         self.wakeup_r, self.wakeup_w = os.pipe()
@@ -58,12 +77,13 @@ class Worker:
         """Load the app, report "booted", serve until told to stop; return the exit status."""
         self._install_signals()
         self.set_title()
-        try:
-            self.app = load_app(self.cfg.app, self.cfg.chdir)
-        except ConfigError as exc:
-            return self._boot_failed(EXIT_CONFIG, str(exc))
-        except BaseException:  # the app's own import or factory raised (even SystemExit)
-            return self._boot_failed(EXIT_BOOT, traceback.format_exc().rstrip())
+        if self.app is None:
+            try:
+                self.app = load_app(self.cfg.app, self.cfg.chdir)
+            except ConfigError as exc:
+                return self._boot_failed(EXIT_CONFIG, str(exc))
+            except BaseException:  # the app's own import or factory raised (even SystemExit)
+                return self._boot_failed(EXIT_BOOT, traceback.format_exc().rstrip())
         try:
             self.serve()
         except (MasterGone, BrokenPipeError):
@@ -79,15 +99,31 @@ class Worker:
         channel.send(self.channel_fd, channel.encode(channel.BOOTED))
 
     def tick(self) -> None:
-        """Periodic duties: heartbeat with counters, title update, check the master lives."""
+        """Periodic duties: heartbeat with counters, title, logs, recycling, master alive."""
         if os.getppid() != self.master_pid:
             raise MasterGone
         channel.send(self.channel_fd, channel.heartbeat(self.served, self.in_flight))
+        if self.served != self._title_served:
+            self.set_title()
         if self.logs_to_reopen:
             self.logs_to_reopen = False
             logs.reopen()
-        if self.served != self._title_served:
-            self.set_title()
+            self._register_dump()
+        if not self.recycling:
+            reason = self._recycle_reason()
+            if reason:
+                self.recycling = True
+                channel.send(self.channel_fd, channel.encode(channel.RECYCLE, reason.encode()))
+
+    def _recycle_reason(self) -> str:
+        if self.max_requests and self.served >= self.max_requests:
+            return f"served {self.served} requests (--max-requests {self.cfg.max_requests})"
+        limit = self.cfg.max_worker_memory
+        if limit:
+            rss = _rss_mib()
+            if rss > limit:
+                return f"resident memory {rss:.0f} MiB > --max-worker-memory {limit}"
+        return ""
 
     def set_title(self) -> None:
         self._title_served = self.served
@@ -108,10 +144,17 @@ class Worker:
         signal.signal(signal.SIGINT, self._quick_stop)
         signal.signal(signal.SIGQUIT, self._quick_stop)
         signal.signal(signal.SIGUSR1, self._reopen_logs)
-        for name in ("SIGHUP", "SIGTTIN", "SIGTTOU", "SIGUSR2", "SIGWINCH"):
+        for name in ("SIGHUP", "SIGTTIN", "SIGTTOU", "SIGWINCH"):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self._register_dump()
         signal.pthread_sigmask(signal.SIG_SETMASK, ())  # the master blocked them around fork
+
+    def _register_dump(self) -> None:
+        """USR2 → every thread's traceback, written by faulthandler straight to the error
+        log's file descriptor, so it works even when the main thread is stuck in C code."""
+        faulthandler.register(DUMP_SIGNAL, file=logs.error_stream() or sys.stderr,
+                              all_threads=True, chain=False)
 
     def _reopen_logs(self, signum: int, frame: Any) -> None:
         self.logs_to_reopen = True
@@ -121,3 +164,12 @@ class Worker:
 
     def _quick_stop(self, signum: int, frame: Any) -> None:
         raise SystemExit(EXIT_OK)
+
+
+def _rss_mib() -> float:
+    """This process's resident set size in MiB, from /proc/self/statm."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE / (1024 * 1024)
+    except (OSError, ValueError, IndexError):
+        return 0.0

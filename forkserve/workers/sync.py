@@ -41,6 +41,9 @@ ACCEPT_DEFER = 0.005
 LINGER_SECONDS = 2.0
 # The I/O stall bound while serving a request when --timeout is 0.
 DEFAULT_IO_TIMEOUT = 60.0
+# On a graceful stop, how long open connections may still bring a request (answered with
+# Connection: close). A client that sent one just as we stopped is served, not reset.
+STOP_GRACE = 1.0
 
 _ACCEPT = "accept"
 _WAKEUP = "wakeup"
@@ -71,6 +74,7 @@ class SyncWorker(Worker):
         self.accepting = False
         self.accept_resume_at = 0.0  # when a deferral of accepting ends (0: none)
         self.accept_forced = False  # accept the next one without deferring
+        self.stop_deadline = 0.0  # set by a graceful stop: open connections close by then
         for listener in self.listeners:
             listener.sock.setblocking(False)
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, _WAKEUP)
@@ -84,7 +88,7 @@ class SyncWorker(Worker):
     def _loop(self) -> None:
         select = self.selector.select
         next_tick = 0.0
-        while self.alive or self.in_flight:
+        while self.alive or self.in_flight or self.waiting or self.lingering:
             now = time.monotonic()
             if now >= next_tick:
                 self.tick()
@@ -161,7 +165,8 @@ class SyncWorker(Worker):
     # -- reading request heads --------------------------------------------------------------
 
     def _wait_for_request(self, conn: ClientConnection) -> None:
-        self.waiting[conn] = time.monotonic() + (self.cfg.keep_alive or 1.0)
+        expires = time.monotonic() + (self.cfg.keep_alive or 1.0)
+        self.waiting[conn] = min(expires, self.stop_deadline) if self.stop_deadline else expires
 
     def _readable(self, conn: ClientConnection) -> None:
         try:
@@ -191,8 +196,11 @@ class SyncWorker(Worker):
         del self.waiting[conn]
         self.in_flight += 1
         if self.pool is None:
-            self.scoreboard.set(self.number, UNAVAILABLE)  # the loop is blocked in the app
+            # The loop is blocked in the app: peers must not wait for it to accept, and if it
+            # hangs the master can tell which request it was serving.
+            self.scoreboard.serving(self.number, request.method + b" " + request.target)
             outcome = conn.serve(request)
+            self.scoreboard.served(self.number)
             self.in_flight -= 1
             self._after(conn, outcome, registered=True)
             return
@@ -234,7 +242,7 @@ class SyncWorker(Worker):
             return
         if not registered:
             self.selector.register(conn.sock, selectors.EVENT_READ, conn)
-        if outcome == READ and self.alive:
+        if outcome == READ:
             self._wait_for_request(conn)
         elif outcome == LINGER:
             self.waiting.pop(conn, None)
@@ -266,7 +274,8 @@ class SyncWorker(Worker):
                 conn.close()
 
     def _begin_stop(self) -> None:
-        """Graceful stop: no new connections; idle ones are closed, busy ones finish."""
+        """Graceful stop: accept nothing new; requests in flight finish, and open connections
+        get STOP_GRACE seconds to bring one more request, answered with Connection: close."""
         if self.ctx.stopping:
             return
         self.ctx.stopping = True
@@ -274,9 +283,9 @@ class SyncWorker(Worker):
         self._set_accepting(False)
         for listener in self.listeners:
             listener.sock.close()
-        for conn in list(self.waiting) + list(self.lingering):
-            self._forget(conn)
-            conn.close()
+        self.stop_deadline = time.monotonic() + STOP_GRACE
+        for conn, expires in self.waiting.items():
+            self.waiting[conn] = min(expires, self.stop_deadline)
 
     def _shutdown(self) -> None:
         if self.pool is not None:
