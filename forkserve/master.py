@@ -608,6 +608,8 @@ class Master:
             _kill(worker.pid, DUMP_SIGNAL)
 
     def _kill_worker(self, worker: WorkerProcess, reason: str) -> None:
+        if self.workers.get(worker.pid) is not worker:
+            return  # already reaped: its pid may belong to another process now
         if not worker.killed:
             error_log.error("killing worker %d (pid %d): %s", worker.number, worker.pid, reason)
         worker.killed = True
@@ -625,6 +627,10 @@ class Master:
             return
         error_log.info("%s: %s stop of %d workers", reason, "graceful" if graceful else "quick",
                        len(self.workers))
+        if self.stop_deadline is None:
+            # New clients are refused at once instead of queueing for workers that are
+            # leaving. (A new master from USR2 keeps its own copies of these sockets.)
+            self._close_listeners()
         self.stop_deadline = deadline
         for worker in self.workers.values():
             worker.retiring = True
@@ -645,11 +651,7 @@ class Master:
             except ChildProcessError:
                 pass
             self._unwatch(self.workers.pop(pid))
-        handed_over = self.inherited_from and os.getppid() == self.inherited_from
-        for listener in self.listeners:
-            if handed_over:
-                listener.owns_path = False  # the old master we came from still serves it
-            listener.close()
+        self._close_listeners()
         if self.pidfile is not None:
             self.pidfile.remove()
         signal.set_wakeup_fd(-1)
@@ -668,6 +670,14 @@ class Master:
             error_log.exception("hook %s raised", name)
             if name == "on_starting":
                 raise
+
+    def _close_listeners(self) -> None:
+        handed_over = self.inherited_from and os.getppid() == self.inherited_from
+        for listener in self.listeners:
+            if handed_over:
+                listener.owns_path = False  # the old master we came from still serves it
+            listener.close()
+        self.listeners = []
 
     def _set_title(self) -> None:
         setproctitle(f"forkserve: master [{self.cfg.app}] {self.size} workers")

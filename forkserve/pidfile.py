@@ -22,7 +22,7 @@ class Pidfile:
     def write(self) -> None:
         """Write our pid atomically. A file naming another live process is refused."""
         other = _read_pid(self.path)
-        if other and other not in (os.getpid(), os.getppid()) and process_alive(other):
+        if other and other != os.getpid() and process_alive(other):
             raise ConfigError(f"pid file {self.path} names running process {other}")
         directory = os.path.dirname(self.path)
         temporary = os.path.join(directory, f".{os.path.basename(self.path)}.{os.getpid()}")

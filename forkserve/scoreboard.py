@@ -41,9 +41,9 @@ class Scoreboard:
         self._counts[0] = 0
 
     def join(self, number: int) -> None:
-        """Master: worker `number` is starting with no connections."""
+        """Master: worker `number` is starting; it counts once it publishes (accepting)."""
         if number < SLOTS:
-            self._counts[number] = 0
+            self._counts[number] = UNAVAILABLE
             self.served(number)
             self._counts[0] = max(self._counts[0], number)
 

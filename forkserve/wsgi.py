@@ -125,7 +125,8 @@ class InputStream:
 
 
 class ErrorStream:
-    """`wsgi.errors`: text written here goes to the error log, one record per line."""
+    """`wsgi.errors` of one request: text written here goes to the error log, one record per
+    line; the server flushes a last partial line when the request ends."""
 
     def __init__(self) -> None:
         self._partial = ""
@@ -145,9 +146,6 @@ class ErrorStream:
         if self._partial:
             error_log.error("%s", self._partial)
             self._partial = ""
-
-
-_ERRORS = ErrorStream()
 
 
 class FileWrapper:
@@ -266,7 +264,6 @@ class EnvironFactory:
             "REMOTE_PORT": remote_port,
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": url_scheme,
-            "wsgi.errors": _ERRORS,
             "wsgi.multithread": multithread,
             "wsgi.multiprocess": True,
             "wsgi.run_once": False,
@@ -274,11 +271,12 @@ class EnvironFactory:
             "wsgi.input_terminated": True,
         }
 
-    def build(self, request: Request, body: InputStream) -> dict[str, Any]:
-        """The environ of `request`, with `body` as wsgi.input."""
+    def build(self, request: Request, body: InputStream, errors: ErrorStream) -> dict[str, Any]:
+        """The environ of `request`, with `body` as wsgi.input and `errors` as wsgi.errors."""
         environ = self._template.copy()
         target = request.target.decode("latin-1")
         path, _, query = _path_of(target).partition("?")
+        absolute = target[:1] != "/" and "://" in target
         environ["REQUEST_METHOD"] = request.method.decode("ascii")
         environ["PATH_INFO"] = (
             unquote_to_bytes(path).decode("latin-1") if "%" in path else path
@@ -287,6 +285,7 @@ class EnvironFactory:
         environ["RAW_URI"] = environ["REQUEST_URI"] = target
         environ["SERVER_PROTOCOL"] = "HTTP/" + request.http_version.decode("ascii")
         environ["wsgi.input"] = body
+        environ["wsgi.errors"] = errors
         for name, value in request.headers:
             key = _ENVIRON_KEYS.get(name)
             if key is None:
@@ -297,6 +296,9 @@ class EnvironFactory:
             if key in environ:
                 text = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + text
             environ[key] = text
+        if absolute:
+            # RFC 9112 §3.2.2: with an absolute-form target, its authority is the host.
+            environ["HTTP_HOST"] = target.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
         return environ
 
 
@@ -353,10 +355,13 @@ def call_app(app: Callable[..., Any], environ: dict[str, Any], writer: ResponseW
                 writer.send_file(fd, offset, count)
                 writer.finish()
                 return
+        head_only = environ["REQUEST_METHOD"] == "HEAD"
         for chunk in result:
             if chunk:
                 _require_started(start_response)
                 writer.write(_check_bytes(chunk))
+                if head_only:
+                    break  # the body is not sent: do not make the app produce all of it
         _require_started(start_response)
         writer.finish()
     finally:

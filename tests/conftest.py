@@ -90,6 +90,19 @@ class Server:
                     )
                 self._cond.wait(remaining)
 
+    def wait_for_count(self, pattern: str, count: int, start: int = 0,
+                       timeout: float = 15.0) -> None:
+        """Block until `count` log lines from index `start` match `pattern`."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while sum(1 for line in self.lines[start:] if regex.search(line)) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._reader.is_alive():
+                    raise AssertionError(f"fewer than {count} lines matched {pattern!r}; "
+                                         f"log:\n{self.log}")
+                self._cond.wait(remaining)
+
     def mark(self) -> int:
         """An index into the log, to wait for lines logged after this point."""
         with self._cond:
@@ -294,3 +307,90 @@ def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+class LoadClient:
+    """Concurrent clients sending requests until stopped, counting every failure.
+
+    Half the threads open a new connection per request; the other half keep connections
+    alive, reconnecting when the server said Connection: close or closed an idle connection
+    (checked before reuse, as urllib3 does). Bounded by `max_seconds`.
+    """
+
+    def __init__(self, server: Server, threads: int = 4, path: bytes = b"/pid",
+                 max_seconds: float = 30.0) -> None:
+        self.server = server
+        self.path = path
+        self.max_seconds = max_seconds
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.ok = 0
+        self.errors: list[str] = []
+        self.pids: set[int] = set()
+        self.threads = [threading.Thread(target=self._run, args=(i % 2 == 1,), daemon=True)
+                        for i in range(threads)]
+
+    def __enter__(self) -> LoadClient:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(15)
+
+    def wait_for_requests(self, count: int, timeout: float = 15.0) -> None:
+        """Block until `count` more requests succeeded."""
+        with self.lock:
+            target = self.ok + count
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                if self.ok >= target:
+                    return
+            assert time.monotonic() < deadline, f"load stalled; errors: {self.errors[:5]}"
+            time.sleep(0.01)  # progress of other threads: nothing to block on here
+
+    def _run(self, keep_alive: bool) -> None:
+        request = b"GET %s HTTP/1.1\r\nHost: t\r\n%s\r\n" % (
+            self.path, b"" if keep_alive else b"Connection: close\r\n")
+        deadline = time.monotonic() + self.max_seconds
+        sock = None
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            try:
+                if sock is None or _dropped(sock):
+                    if sock is not None:
+                        sock.close()
+                    sock = self.server.connect()
+                sock.sendall(request)
+                response = Reader(sock).response()
+                if response.status != 200:
+                    raise AssertionError(f"status {response.status}")
+                with self.lock:
+                    self.ok += 1
+                    self.pids.add(int(response.body))
+                if not keep_alive or response.header("connection") == "close":
+                    sock.close()
+                    sock = None
+            except Exception as exc:  # every failure is recorded, none is retried
+                with self.lock:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                if sock is not None:
+                    sock.close()
+                sock = None
+        if sock is not None:
+            sock.close()
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """Has the server closed this idle connection? (EOF waiting to be read.)"""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True

@@ -136,6 +136,8 @@ def check_partial_head(buffered: bytes, limits: Limits) -> None:
 
 def check_request(request: Request, limits: Limits) -> None:
     """Refuse a parsed request head that breaks a limit or is ambiguous to frame."""
+    if request.http_version not in (b"1.1", b"1.0"):
+        raise ProtocolError(505, "HTTP version not supported")
     # method SP target SP HTTP/x.y
     if len(request.method) + len(request.target) + 10 > limits.request_line:
         raise ProtocolError(414, "request line too long")

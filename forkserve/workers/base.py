@@ -34,11 +34,13 @@ from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
 
 DUMP_SIGNAL = signal.SIGUSR2
+# Boot error texts longer than this (a huge traceback) are cut in the middle.
+MAX_ERROR_TEXT = 65536
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class MasterGone(Exception):
-    """The master process exited: the worker must stop too."""
+    """The master exited or the pipe to it broke: the worker must stop."""
 
 
 class Worker:
@@ -86,8 +88,8 @@ class Worker:
                 return self._boot_failed(EXIT_BOOT, traceback.format_exc().rstrip())
         try:
             self.serve()
-        except (MasterGone, BrokenPipeError):
-            error_log.info("worker %d: master is gone, exiting", os.getpid())
+        except MasterGone as exc:
+            error_log.info("worker %d (pid %d): %s; exiting", self.number, os.getpid(), exc)
         return EXIT_OK
 
     def serve(self) -> None:
@@ -96,24 +98,31 @@ class Worker:
 
     def report_booted(self) -> None:
         """Tell the master this worker has loaded the app and is accepting connections."""
-        channel.send(self.channel_fd, channel.encode(channel.BOOTED))
+        self._send(channel.encode(channel.BOOTED))
+
+    def _send(self, frame: bytes) -> None:
+        try:
+            channel.send(self.channel_fd, frame)
+        except OSError as exc:
+            raise MasterGone(f"lost its pipe to the master ({exc.strerror})") from None
 
     def tick(self) -> None:
         """Periodic duties: heartbeat with counters, title, logs, recycling, master alive."""
         if os.getppid() != self.master_pid:
-            raise MasterGone
-        channel.send(self.channel_fd, channel.heartbeat(self.served, self.in_flight))
+            raise MasterGone("the master is gone")
+        self._send(channel.heartbeat(self.served, self.in_flight))
         if self.served != self._title_served:
             self.set_title()
         if self.logs_to_reopen:
             self.logs_to_reopen = False
             logs.reopen()
             self._register_dump()
+            error_log.info("worker %d reopened its log files", self.number)
         if not self.recycling:
             reason = self._recycle_reason()
             if reason:
                 self.recycling = True
-                channel.send(self.channel_fd, channel.encode(channel.RECYCLE, reason.encode()))
+                self._send(channel.encode(channel.RECYCLE, reason.encode()))
 
     def _recycle_reason(self) -> str:
         if self.max_requests and self.served >= self.max_requests:
@@ -132,9 +141,11 @@ class Worker:
         )
 
     def _boot_failed(self, status: int, text: str) -> int:
+        if len(text) > MAX_ERROR_TEXT:
+            text = text[:MAX_ERROR_TEXT // 2] + "\n[...]\n" + text[-MAX_ERROR_TEXT // 2:]
         try:
             channel.send(self.channel_fd, channel.boot_failed(status, text))
-        except BrokenPipeError:
+        except OSError:
             pass
         return status
 

@@ -28,12 +28,14 @@ from forkserve.http.base import (
     http_date,
 )
 from forkserve.logs import access_log, error_log, format_access_line
-from forkserve.wsgi import SERVER_SOFTWARE, EnvironFactory, InputStream, call_app
+from forkserve.wsgi import SERVER_SOFTWARE, EnvironFactory, ErrorStream, InputStream, call_app
 
 SERVER = SERVER_SOFTWARE.encode("ascii")
 RECV_SIZE = 65536
 # Bytes of an unread request body we read and discard to keep a connection alive.
 MAX_DRAIN = 1 << 20
+# While waiting on a slow client, the inline worker heartbeats this often (seconds).
+WAIT_SLICE = 0.25
 
 # What serve() leaves the connection in.
 READ = "read"  # waiting for the next request: watch it for reading
@@ -57,9 +59,12 @@ class ServerContext:
     """What every connection of a worker shares: the app, settings and log switches."""
 
     def __init__(self, app: Callable[..., Any], io_timeout: float, multithread: bool,
-                 access_log_format: str | None) -> None:
+                 access_log_format: str | None, keep_alive: bool = True,
+                 on_wait: Callable[[], None] | None = None) -> None:
         self.app = app
         self.io_timeout = io_timeout
+        self.keep_alive = keep_alive
+        self.on_wait = on_wait  # called while a request waits on its client
         self.multithread = multithread
         self.access_log_format = access_log_format
         self.stopping = False
@@ -126,28 +131,31 @@ class ClientConnection:
         self.ctx.served += 1
         self.method = request.method
         started = time.time() if self.ctx.access_log_format else 0.0
-        environ = self.environ_factory.build(request, InputStream(self.read_chunk))
+        errors = ErrorStream()
+        environ = self.environ_factory.build(request, InputStream(self.read_chunk), errors)
+        go_on = True
         try:
             call_app(self.ctx.app, environ, self)
         except ClientGone:
-            return False
+            go_on = False
         except ClientError as exc:
             error_log.info("bad request body from %s: %s", _peer_text(self.peer), exc)
             if not self.headers_sent:
                 self._send_error(exc.status)
-            return False
+            go_on = False
         except Exception:
             error_log.exception(
                 "error handling %s %s", environ["REQUEST_METHOD"], environ["RAW_URI"]
             )
             if not self.headers_sent:
                 self._send_error(500)
-            return False
+            go_on = False
+        errors.flush()
         if started:
             self._log_access(request, environ, started)
-        if not self.body_done:
+        if go_on and not self.body_done:
             return self._drain()
-        return True
+        return go_on
 
     def _send_error(self, status: int) -> None:
         self.status = status
@@ -193,6 +201,7 @@ class ClientConnection:
         error_log.debug("refused request from %s: %s %s", _peer_text(self.peer), exc.status,
                         exc.detail)
         self._send_error(exc.status)
+        self.body_done = False  # what follows a refused head is unread: linger
         return self.close_after_error()
 
     # -- request body (wsgi.input reads through this) ----------------------------------------
@@ -230,7 +239,8 @@ class ClientConnection:
 
     def _head(self, body_length: int | None) -> bytes:
         """The response head; adds Date, Server, and Content-Length when `body_length` is
-        known and the app gave no framing."""
+        known and the app gave no framing. Callers set `headers_sent` once the bytes that go
+        with it are composed: a framing error raised before then still gets a 500."""
         headers = self.headers
         has_date = has_server = has_framing = False
         for name, _ in headers:
@@ -249,9 +259,9 @@ class ClientConnection:
         if body_length is not None and not has_framing and self.status >= 200 \
                 and self.status not in (204, 304):
             extra.append((b"Content-Length", b"%d" % body_length))
-        if self.ctx.stopping or (self.proto.client_waiting_for_continue and not self.body_done):
+        if self.ctx.stopping or not self.ctx.keep_alive or (
+                self.proto.client_waiting_for_continue and not self.body_done):
             extra.append((b"Connection", b"close"))
-        self.headers_sent = True
         return self.proto.send_response(self.status, self.reason, headers + extra)
 
     def write(self, data: bytes) -> None:
@@ -261,7 +271,9 @@ class ClientConnection:
         if self.headers_sent:
             self.sendall(proto.send_data(data))
         else:
-            self.sendall(self._head(None) + proto.send_data(data))
+            out = self._head(None) + proto.send_data(data)
+            self.headers_sent = True
+            self.sendall(out)
         self.sent += len(data)
 
     def finish(self, last: bytes | None = None) -> None:
@@ -273,6 +285,7 @@ class ClientConnection:
             out = self._head(None if self.method == b"HEAD" else 0) + proto.send_end()
         else:
             out = self._head(len(last)) + proto.send_data(last) + proto.send_end()
+        self.headers_sent = True
         if last:
             self.sent += len(last)
         if out:
@@ -280,7 +293,9 @@ class ClientConnection:
 
     def send_file(self, fd: int, offset: int, count: int) -> None:
         if not self.headers_sent:
-            self.sendall(self._head(count))
+            head = self._head(count)
+            self.headers_sent = True
+            self.sendall(head)
         for piece in self.proto.send_file(FilePart(fd, offset, count)):
             if type(piece) is FilePart:
                 self._sendfile(piece)
@@ -297,8 +312,18 @@ class ClientConnection:
             poll.register(self.fd, events)
         else:
             poll.modify(self.fd, events)
-        if not poll.poll(self.ctx.io_timeout * 1000):
-            raise ClientGone(f"client stalled for {self.ctx.io_timeout:g} s")
+        ctx = self.ctx
+        if ctx.on_wait is None:
+            ready = poll.poll(ctx.io_timeout * 1000)
+        else:
+            # Wait in slices so the worker's heartbeat goes on while the client is slow.
+            deadline = time.monotonic() + ctx.io_timeout
+            while not (ready := poll.poll(min(WAIT_SLICE, ctx.io_timeout) * 1000)):
+                ctx.on_wait()
+                if time.monotonic() >= deadline:
+                    break
+        if not ready:
+            raise ClientGone(f"client stalled for {ctx.io_timeout:g} s")
 
     def recv(self) -> bytes:
         """Bytes from the client (b"" at its EOF), waiting at most io_timeout."""

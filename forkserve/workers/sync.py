@@ -37,6 +37,8 @@ ACCEPT_BATCH = 16
 # peer for ACCEPT_DEFER seconds, then accepts one anyway (the peer may be slow to wake).
 BALANCE_MARGIN = 2
 ACCEPT_DEFER = 0.005
+# How long accepting pauses when the process is out of file descriptors or memory.
+RESOURCE_PAUSE = 0.5
 # How long a lingering close waits for the client to stop sending.
 LINGER_SECONDS = 2.0
 # The I/O stall bound while serving a request when --timeout is 0.
@@ -65,6 +67,9 @@ class SyncWorker(Worker):
             io_timeout=cfg.timeout / 2 if cfg.timeout > 0 else DEFAULT_IO_TIMEOUT,
             multithread=threads > 1,
             access_log_format=cfg.access_log_format if cfg.access_logfile else None,
+            keep_alive=cfg.keep_alive > 0,
+            # Inline, a request waiting on a slow client is not a hung app: keep heartbeating.
+            on_wait=self._heartbeat_if_due if threads == 1 else None,
         )
         self.selector = selectors.DefaultSelector()
         self.pool = ThreadPoolExecutor(threads, "forkserve") if threads > 1 else None
@@ -87,16 +92,15 @@ class SyncWorker(Worker):
 
     def _loop(self) -> None:
         select = self.selector.select
-        next_tick = 0.0
+        self.next_tick = 0.0
         while self.alive or self.in_flight or self.waiting or self.lingering:
             now = time.monotonic()
-            if now >= next_tick:
+            if now >= self.next_tick:
                 self.tick()
                 self._expire(now)
-                next_tick = now + self.tick_interval
             if not self.alive:
                 self._begin_stop()
-            wake_at = next_tick
+            wake_at = self.next_tick
             if self.accept_resume_at:
                 if now >= self.accept_resume_at:
                     self._resume_accepting()
@@ -134,7 +138,7 @@ class SyncWorker(Worker):
 
     def _resume_accepting(self) -> None:
         self.accept_resume_at = 0.0
-        self.accept_forced = True
+        self.accept_forced = True  # after a deferral, take one even if a peer is lighter
         if self.alive and self.in_flight < self.cfg.threads:
             self._set_accepting(True)
 
@@ -152,7 +156,12 @@ class SyncWorker(Worker):
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    error_log.error("cannot accept connections: %s", exc.strerror)
+                    # The connection stays queued and the socket readable: pause instead of
+                    # spinning, and say so once per pause.
+                    error_log.error("cannot accept connections: %s; pausing %g s",
+                                    exc.strerror, RESOURCE_PAUSE)
+                    self._set_accepting(False)
+                    self.accept_resume_at = time.monotonic() + RESOURCE_PAUSE
                 return
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
@@ -264,6 +273,11 @@ class SyncWorker(Worker):
     def tick(self) -> None:
         self.served = self.ctx.served
         super().tick()
+        self.next_tick = time.monotonic() + self.tick_interval
+
+    def _heartbeat_if_due(self) -> None:
+        if time.monotonic() >= self.next_tick:
+            self.tick()
 
     def _expire(self, now: float) -> None:
         """Close connections idle past --keep-alive and lingering closes past their time."""

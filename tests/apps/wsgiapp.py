@@ -3,6 +3,7 @@ warnings turned into errors, so a server that breaks PEP 3333 fails the request 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -188,6 +189,49 @@ def barrier(environ, start_response):
     return _reply(start_response, b"together")
 
 
+def _channel_fd() -> int:
+    """The worker's pipe to the master: the write end of a pipe whose read end is elsewhere
+    (the worker's own wakeup pipe has both ends here; fds 0-2 belong to the test harness)."""
+    ends: dict[str, list[tuple[int, int]]] = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        except OSError:
+            continue
+        if fd > 2 and target.startswith("pipe:"):
+            ends.setdefault(target, []).append((fd, mode))
+    (fd,) = [e[0][0] for e in ends.values() if len(e) == 1 and e[0][1] == os.O_WRONLY]
+    return fd
+
+
+def garbage(environ, start_response):
+    os.write(_channel_fd(), b"\xff" * 16)
+    return _reply(start_response, b"sent garbage")
+
+
+def close_pipe(environ, start_response):
+    """Close the pipe's write end but keep writing into the void: the master sees EOF from
+    a worker that goes on running."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, _channel_fd())
+    os.close(devnull)
+    return _reply(start_response, b"closed")
+
+
+def crash(environ, start_response):
+    os._exit(3)
+
+
+_hoard: list[bytearray] = []
+
+
+def grow(environ, start_response):
+    _hoard.append(bytearray(int(_query(environ).get("mb", "10")) * 1024 * 1024))
+    return _reply(start_response, str(sum(map(len, _hoard))).encode())
+
+
 ROUTES = {
     "/": hello,
     "/hello": hello,
@@ -206,6 +250,10 @@ ROUTES = {
     "/marked": marked,
     "/sleep": sleep,
     "/barrier": barrier,
+    "/garbage": garbage,
+    "/close-pipe": close_pipe,
+    "/crash": crash,
+    "/grow": grow,
 }
 
 
