@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import resource
 import socket
+import time
 
 import pytest
 from conftest import Reader, closed_by_peer, exchange
@@ -141,9 +143,10 @@ def test_unread_body_is_drained_and_connection_reused(wsgi_server):
         (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n"
          b"\r\n0\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: x\r\n\r\n", 400),
+        (b"GET / HTTP/2.0\r\nHost: t\r\n\r\n", 505),
     ],
     ids=["line-414", "huge-line-414", "count-431", "field-431", "head-431", "garbage",
-         "bad-header", "no-host", "two-hosts", "cl-and-te", "bad-length"],
+         "bad-header", "no-host", "two-hosts", "cl-and-te", "bad-length", "version-505"],
 )
 def test_bad_requests_get_status_and_close(wsgi_server, raw, status):
     with wsgi_server.connect() as sock:
@@ -185,7 +188,64 @@ def test_client_closing_mid_request_does_not_hurt(wsgi_server):
 
 
 def test_absolute_form_target(wsgi_server):
-    response = exchange(wsgi_server, b"GET http://test/environ?x=1 HTTP/1.1\r\nHost: test\r\n\r\n")
+    response = exchange(wsgi_server, b"GET http://example.org:8080/environ?x=1 HTTP/1.1\r\n"
+                                     b"Host: other\r\n\r\n")
     assert response.status == 200
     assert b'"PATH_INFO": "/environ"' in response.body
     assert b'"QUERY_STRING": "x=1"' in response.body
+    # RFC 9112 §3.2.2: the target's authority replaces the Host header.
+    assert b'"HTTP_HOST": "example.org:8080"' in response.body
+
+
+def test_refused_pipelined_request_gets_its_answer_before_close(wsgi_server):
+    with wsgi_server.connect() as sock:
+        sock.sendall(get(b"/hello") + b"GET / HTTP/1.1\r\nHost: t\r\nX: " + b"v" * 9000
+                     + b"\r\n\r\n" + b"more bytes the server never reads" * 100)
+        reader = Reader(sock)
+        assert reader.response().status == 200
+        assert reader.response().status == 431
+        assert closed_by_peer(sock)
+
+
+def test_keep_alive_zero_closes_after_each_response(start_server):
+    server = start_server("wsgiapp:app", "-w", "1", "--keep-alive", "0")
+    with server.connect() as sock:
+        sock.sendall(get(b"/hello"))
+        assert Reader(sock).response().header("connection") == "close"
+        assert closed_by_peer(sock)
+
+
+def test_slow_client_does_not_get_an_inline_worker_killed(start_server):
+    server = start_server("wsgiapp:app", "-w", "1", "--timeout", "1")
+    (worker,) = server.workers()
+    with server.connect() as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n\r\n")
+        for byte in b"sloth!":
+            # Each pause is shorter than the I/O stall bound (timeout / 2) but together they
+            # outlast --timeout: the worker must keep heartbeating while it waits.
+            time.sleep(0.3)
+            sock.sendall(bytes([byte]))
+        assert Reader(sock).response().body == b"sloth!"
+    assert server.workers() == [worker]
+    assert "silent for" not in server.log
+
+
+def test_out_of_file_descriptors_pauses_accepting_instead_of_spinning(start_server):
+    def low_fd_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    server = start_server("wsgiapp:app", "-w", "1", preexec_fn=low_fd_limit)
+    socks = []
+    try:
+        for _ in range(60):
+            socks.append(server.connect())  # the kernel queues what the worker cannot take
+        server.wait_for(r"cannot accept connections: Too many open files; pausing")
+        for sock in socks:
+            sock.close()
+        socks = []
+        assert exchange(server, get(b"/hello")).status == 200
+    finally:
+        for sock in socks:
+            sock.close()
+    pauses = server.log.count("cannot accept connections")
+    assert pauses < 20, f"{pauses} log lines: the worker spun on accept()"

@@ -177,6 +177,28 @@ def test_close_is_called_when_client_disconnects(wsgi_server):
     assert exchange(wsgi_server, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n").status == 200
 
 
+def test_head_of_an_endless_body_stops_iterating_and_closes_it(wsgi_server):
+    response = exchange(wsgi_server, b"HEAD /marked?tag=head&endless=1 HTTP/1.1\r\nHost: t\r\n\r\n",
+                        head_request=True)
+    assert response.status == 200
+    wsgi_server.wait_for("CLOSED head")
+    assert exchange(wsgi_server, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n").status == 200
+
+
+@pytest.mark.parametrize("path", [b"/short-body", b"/body-on-204"])
+def test_framing_errors_from_the_app_give_500(wsgi_server, path):
+    response = exchange(wsgi_server, b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path)
+    assert response.status == 500
+    wsgi_server.wait_for("error handling GET " + path.decode())
+
+
+def test_failed_requests_reach_the_access_log(start_server):
+    server = start_server("wsgiapp:app", "-w", "1", "--access-logfile", "-",
+                          "--access-log-format", "ACCESS %(r)s %(s)s")
+    assert exchange(server, b"GET /fail HTTP/1.1\r\nHost: t\r\n\r\n").status == 500
+    server.wait_for(r"^ACCESS GET /fail HTTP/1\.1 500$")
+
+
 def test_file_wrapper_sends_file(wsgi_server, tmp_path):
     data = os.urandom(1_000_000)
     path = tmp_path / "blob.bin"

@@ -275,8 +275,19 @@ _validated = {path: validator(route) for path, route in ROUTES.items()}
 _not_found = validator(not_found)
 
 
+def short_body(environ, start_response):
+    start_response("200 OK", TEXT + [("Content-Length", "10")])
+    return [b"abc"]
+
+
+def body_on_204(environ, start_response):
+    start_response("204 No Content", [])
+    return [b"a body where none may be"]
+
+
 # Routes the validator would refuse before the server gets to: they test the server's checks.
-UNVALIDATED = {"/file": file_app, "/bad-header": bad_header, "/non-latin1": non_latin1}
+UNVALIDATED = {"/file": file_app, "/bad-header": bad_header, "/non-latin1": non_latin1,
+               "/short-body": short_body, "/body-on-204": body_on_204}
 
 
 def app(environ, start_response):
