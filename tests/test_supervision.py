@@ -64,6 +64,37 @@ def test_signals_during_startup_are_not_lost(start_server):
     assert len(server.workers()) == 3
 
 
+def test_signals_during_shutdown_do_not_derail_it(start_server):
+    server = start_server("wsgiapp:app", "-w", "2", "--threads", "2")
+    with server.connect() as sock:
+        sock.sendall(b"GET /sleep?s=1&tag=busy HTTP/1.1\r\nHost: t\r\n\r\n")
+        server.wait_for("SLEEPING busy")
+        os.kill(server.pid, signal.SIGTERM)
+        server.wait_for("SIGTERM: graceful stop")
+        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGUSR2, signal.SIGWINCH):
+            os.kill(server.pid, signum)
+        assert Reader(sock).response().status == 200
+    assert server.wait_exit() == 0
+    assert "SIGHUP ignored: stopping" in server.log
+    assert "started new master" not in server.log
+
+
+def test_worker_titles_count_requests(start_server):
+    server = start_server("wsgiapp:app", "-w", "1")
+    (worker,) = server.workers()
+    for _ in range(3):
+        exchange(server, HELLO)
+    deadline = time.monotonic() + 10
+    title = b""
+    while time.monotonic() < deadline:  # the title is refreshed on the worker's next tick
+        with open(f"/proc/{worker}/cmdline", "rb") as f:
+            title = f.read().rstrip(b"\0")
+        if title.endswith(b" 3 requests"):
+            break
+        time.sleep(0.05)
+    assert title == b"forkserve: worker 1 [wsgiapp:app] 3 requests"
+
+
 def test_hung_worker_dumps_traceback_then_is_replaced(start_server):
     server = start_server("wsgiapp:app", "-w", "1", "--timeout", "1")
     (old,) = server.workers()
