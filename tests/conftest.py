@@ -151,9 +151,8 @@ class Server:
             self.proc.stdout.close()
 
 
-def children(pid: int) -> list[int]:
-    """Pids whose parent is `pid`, from /proc (zombies excluded)."""
-    found = []
+def _processes() -> Iterator[tuple[int, str, int, int]]:
+    """(pid, state, ppid, pgid) of every process, from /proc/PID/stat."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -162,27 +161,18 @@ def children(pid: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
+        state, ppid, pgid = stat[stat.rindex(")") + 2:].split()[:3]
+        yield int(entry), state, int(ppid), int(pgid)
+
+
+def children(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (zombies excluded)."""
+    return sorted(p for p, state, ppid, _ in _processes() if ppid == pid and state != "Z")
 
 
 def group_members(pgid: int) -> list[int]:
     """Live pids in process group `pgid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
+    return [p for p, state, _, group in _processes() if group == pgid and state != "Z"]
 
 
 @pytest.fixture

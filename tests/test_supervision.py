@@ -215,6 +215,19 @@ def test_hup_with_broken_app_keeps_old_workers_serving(start_server, tmp_path):
     assert get(server, b"/") == b"v3"
 
 
+def test_master_stops_when_no_worker_can_boot_any_more(start_server, tmp_path):
+    module = tmp_path / "doomed.py"
+    module.write_text("def app(environ, start_response):\n"
+                      "    start_response('200 OK', [('Content-Length', '2')])\n"
+                      "    return [b'ok']\n")
+    server = start_server("doomed:app", "-w", "1", "--chdir", str(tmp_path))
+    module.write_text("raise RuntimeError('cannot boot any more')\n")
+    os.kill(server.workers()[0], signal.SIGKILL)
+    assert server.wait_exit(60) == 3
+    assert "workers keep failing to boot and none is serving: stopping" in server.log
+    assert server.log.count("RuntimeError: cannot boot any more") == 2  # first and last
+
+
 def test_usr2_upgrade_under_load_with_zero_errors(start_server, tmp_path):
     pidfile = tmp_path / "fs.pid"
     sock_path = tmp_path / "fs.sock"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from forkserve import channel
@@ -21,40 +23,27 @@ def write(path, text):
     path.write_text(text)
 
 
-def test_cgroup_v2_quota_rounds_up(tmp_path):
-    write(tmp_path / "proc", "0::/app.slice/web\n")
-    write(tmp_path / "fs/app.slice/web/cpu.max", "150000 100000\n")
-    assert cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "proc")) == 1.5
-    assert usable_cpus(str(tmp_path / "fs"), str(tmp_path / "proc")) in (1, 2)
-
-
-def test_cgroup_v2_parent_limit_binds(tmp_path):
-    write(tmp_path / "proc", "0::/a/b\n")
-    write(tmp_path / "fs/a/cpu.max", "100000 100000\n")
-    write(tmp_path / "fs/a/b/cpu.max", "max 100000\n")
-    assert cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "proc")) == 1.0
-    assert usable_cpus(str(tmp_path / "fs"), str(tmp_path / "proc")) == 1
-
-
-def test_cgroup_v2_unlimited(tmp_path):
-    write(tmp_path / "proc", "0::/\n")
-    write(tmp_path / "fs/cpu.max", "max 100000\n")
-    assert cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "proc")) is None
-
-
-def test_cgroup_v1_quota(tmp_path):
-    write(tmp_path / "proc", "4:memory:/x\n2:cpu,cpuacct:/docker/abc\n")
-    write(tmp_path / "fs/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "50000\n")
-    write(tmp_path / "fs/cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n")
-    assert cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "proc")) == 0.5
-    assert usable_cpus(str(tmp_path / "fs"), str(tmp_path / "proc")) == 1
-
-
-def test_cgroup_v1_no_quota(tmp_path):
-    write(tmp_path / "proc", "2:cpu,cpuacct:/\n")
-    write(tmp_path / "fs/cpu,cpuacct/cpu.cfs_quota_us", "-1\n")
-    write(tmp_path / "fs/cpu,cpuacct/cpu.cfs_period_us", "100000\n")
-    assert cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "proc")) is None
+@pytest.mark.parametrize(("proc", "files", "quota"), [
+    ("0::/app.slice/web\n", {"app.slice/web/cpu.max": "150000 100000\n"}, 1.5),
+    # A parent's limit binds its children, even when the child's own is "max".
+    ("0::/a/b\n", {"a/cpu.max": "100000 100000\n", "a/b/cpu.max": "max 100000\n"}, 1.0),
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    ("4:memory:/x\n2:cpu,cpuacct:/docker/abc\n",
+     {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n",
+      "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}, 0.5),
+    ("2:cpu,cpuacct:/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+                           "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+], ids=["v2-quota", "v2-parent-binds", "v2-unlimited", "v1-quota", "v1-unlimited"])
+def test_cgroup_quota(tmp_path, proc, files, quota):
+    write(tmp_path / "proc", proc)
+    for name, text in files.items():
+        write(tmp_path / "fs" / name, text)
+    root, proc_file = str(tmp_path / "fs"), str(tmp_path / "proc")
+    assert cgroup_cpu_quota(root, proc_file) == quota
+    cpus = usable_cpus(root, proc_file)
+    assert cpus >= 1
+    if quota is not None:
+        assert cpus <= math.ceil(quota)
 
 
 # -- bind specs ---------------------------------------------------------------------------------
