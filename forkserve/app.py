@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -75,11 +76,38 @@ def load_app(spec: str, chdir: str | None = None) -> Callable[..., Any]:
         app = app(*args, **kwargs)
     if not callable(app):
         raise ConfigError(f"cannot serve {spec!r}: {type(app).__name__} object is not callable")
-    if _is_asgi(app):
-        raise ConfigError(
-            f"cannot serve {spec!r}: it is an ASGI app and this version serves WSGI apps only"
-        )
     return app
+
+
+INTERFACES = ("auto", "wsgi", "asgi", "asgi2")
+
+
+def detect_interface(app: Callable[..., Any], wanted: str = "auto") -> str:
+    """'wsgi', 'asgi3' or 'asgi2' for `app`; `wanted` ('wsgi', 'asgi', 'asgi2') overrides.
+
+    ASGI 3 apps are coroutine functions, or objects (partials, callable instances) whose call
+    is one. ASGI 2 apps are classes instantiated with the scope whose instances have an
+    async __call__(receive, send). Anything else is WSGI.
+    """
+    if wanted == "wsgi":
+        return "wsgi"
+    if wanted == "asgi":
+        return "asgi3"
+    if wanted == "asgi2":
+        return "asgi2"
+    if inspect.isclass(app):
+        # Instances are called with (receive, send): look at the call they will have.
+        call = next((vars(k)["__call__"] for k in app.__mro__ if "__call__" in vars(k)), None)
+        return "asgi2" if inspect.iscoroutinefunction(call) else "wsgi"
+    return "asgi3" if _is_coroutine(app) else "wsgi"
+
+
+def _is_coroutine(obj: Any) -> bool:
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    if inspect.isroutine(obj):
+        return inspect.iscoroutinefunction(obj)
+    return inspect.iscoroutinefunction(type(obj).__call__)
 
 
 def _parse_expression(spec: str, expression: str) -> tuple[str, list, dict, bool]:
@@ -100,8 +128,3 @@ def _parse_expression(spec: str, expression: str) -> tuple[str, list, dict, bool
             raise ConfigError(f"bad app {spec!r}: factory arguments must be literals") from None
         return node.func.id, args, kwargs, True
     raise ConfigError(f"bad app {spec!r}: expected MODULE:VARIABLE or MODULE:FACTORY()")
-
-
-def _is_asgi(app: Callable[..., Any]) -> bool:
-    call = app if inspect.isroutine(app) or inspect.isclass(app) else type(app).__call__
-    return inspect.iscoroutinefunction(call)

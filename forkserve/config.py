@@ -48,6 +48,11 @@ class Config:
     max_worker_memory: int
     pidfile: str | None
     preload: bool
+    worker_class: str
+    interface: str
+    loop: str
+    lifespan: str
+    root_path: str
     graceful_timeout: float
     keep_alive: float
     limit_request_line: int

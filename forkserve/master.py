@@ -42,7 +42,7 @@ from forkserve.logs import error_log
 from forkserve.pidfile import Pidfile
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import INHERIT_ENV, Listener, listen
-from forkserve.workers.sync import SyncWorker
+from forkserve.workers import run_worker
 
 HANDLED_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
@@ -400,11 +400,9 @@ class Master:
                     os.close(other.fd)
             self.selector.close()
             os.set_blocking(write_fd, False)
-            worker = SyncWorker(self.cfg, self.listeners, write_fd, number, self.pid,
-                                self.scoreboard, self.app)
-            self.call_hook("post_fork", self, worker)
-            status = worker.run()
-            self.call_hook("worker_exit", self, worker)
+            status = run_worker(self.cfg, self.listeners, write_fd, number, self.pid,
+                                self.scoreboard, self.app,
+                                lambda name, worker: self.call_hook(name, self, worker))
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else EXIT_OK
         except BaseException:
@@ -534,7 +532,7 @@ class Master:
             error_log.info("worker %d (pid %d) %s", worker.number, worker.pid, how)
             return
         if not worker.booted:
-            self._boot_failed(worker, EXIT_BOOT, f"it {how} before loading the app")
+            self._boot_failed(worker, EXIT_BOOT, f"the worker {how} before loading the app")
             return
         error_log.error("worker %d (pid %d) %s", worker.number, worker.pid, how)
         if time.monotonic() - worker.booted_at >= STABLE_SECONDS:

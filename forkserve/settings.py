@@ -67,6 +67,15 @@ def _directory(text: str) -> str:
     return os.path.abspath(text)
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
 def _access_log_format(text: str) -> str:
     from forkserve.logs import check_access_log_format
 
@@ -189,6 +198,33 @@ SETTINGS: tuple[Setting, ...] = (
         "Load the app in the master before forking, and gc.freeze() it, so workers share "
         "its memory copy-on-write. HUP then cannot reload the app's code; USR2 can.",
         flag=True, section="app",
+    ),
+    Setting(
+        "worker_class", ("-k", "--worker-class"), "auto", _choice("auto", "sync", "asgi"),
+        "Worker kind: 'sync' (WSGI: a selector loop, the app inline or in --threads), "
+        "'asgi' (ASGI: an asyncio event loop), or 'auto' to follow the app's interface.",
+        metavar="KIND", section="app",
+    ),
+    Setting(
+        "interface", ("--interface",), "auto", _choice("auto", "wsgi", "asgi", "asgi2"),
+        "The app's interface, when auto-detection guesses wrong: wsgi, asgi (ASGI 3) or "
+        "asgi2 (a class instantiated with the scope).", metavar="NAME", section="app",
+    ),
+    Setting(
+        "loop", ("--loop",), "auto", _choice("auto", "asyncio", "uvloop"),
+        "Event loop of ASGI workers: uvloop (the 'fast' extra), asyncio, or auto (uvloop if "
+        "installed).", metavar="LOOP", section="app",
+    ),
+    Setting(
+        "lifespan", ("--lifespan",), "auto", _choice("auto", "on", "off"),
+        "ASGI lifespan protocol: 'on' requires it (a failed startup fails the worker's "
+        "boot), 'auto' uses it when the app supports it, 'off' never sends it.",
+        metavar="MODE", section="app",
+    ),
+    Setting(
+        "root_path", ("--root-path",), "", _text,
+        "The path the app is mounted at behind a proxy: SCRIPT_NAME for WSGI, root_path "
+        "for ASGI.", metavar="PATH", section="app",
     ),
     Setting(
         "chdir", ("--chdir",), None, _directory,

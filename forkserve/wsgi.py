@@ -14,11 +14,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
-from forkserve import __version__
-from forkserve.http.base import Request
+from forkserve.http.base import SERVER, Request
 from forkserve.logs import error_log
 
-SERVER_SOFTWARE = f"forkserve/{__version__}"
+SERVER_SOFTWARE = SERVER.decode("ascii")
 
 # RFC 9110 §5.6.2 token characters.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -244,9 +243,10 @@ def _check_status(status: str) -> tuple[int, bytes]:
 class EnvironFactory:
     """Builds request environs for one connection from a per-connection template."""
 
-    __slots__ = ("_template",)
+    __slots__ = ("_template", "_root_path")
 
-    def __init__(self, sockname: Any, peername: Any, multithread: bool, url_scheme: str = "http"):
+    def __init__(self, sockname: Any, peername: Any, multithread: bool, root_path: str = "",
+                 url_scheme: str = "http"):
         if isinstance(sockname, tuple):
             server_name, server_port = sockname[0], str(sockname[1])
         else:  # unix socket
@@ -255,9 +255,10 @@ class EnvironFactory:
             remote_addr, remote_port = peername[0], str(peername[1])
         else:
             remote_addr, remote_port = "", ""
+        self._root_path = root_path
         self._template = {
             "SERVER_SOFTWARE": SERVER_SOFTWARE,
-            "SCRIPT_NAME": "",
+            "SCRIPT_NAME": root_path,
             "SERVER_NAME": server_name,
             "SERVER_PORT": server_port,
             "REMOTE_ADDR": remote_addr,
@@ -278,9 +279,11 @@ class EnvironFactory:
         path, _, query = _path_of(target).partition("?")
         absolute = target[:1] != "/" and "://" in target
         environ["REQUEST_METHOD"] = request.method.decode("ascii")
-        environ["PATH_INFO"] = (
-            unquote_to_bytes(path).decode("latin-1") if "%" in path else path
-        )
+        path_info = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
+        root = self._root_path
+        if root and (path_info == root or path_info.startswith(root + "/")):
+            path_info = path_info[len(root):]  # SCRIPT_NAME + PATH_INFO is the whole path
+        environ["PATH_INFO"] = path_info
         environ["QUERY_STRING"] = query
         environ["RAW_URI"] = environ["REQUEST_URI"] = target
         environ["SERVER_PROTOCOL"] = "HTTP/" + request.http_version.decode("ascii")

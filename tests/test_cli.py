@@ -76,10 +76,10 @@ def test_app_raising_at_import_stops_master_with_exit_3_and_one_traceback():
     assert "failed to boot" in result.stderr
 
 
-def test_asgi_app_is_refused_clearly():
-    result = run("asgiapp:app", "-b", "127.0.0.1:0", "-w", "1")
+def test_worker_class_that_cannot_serve_the_app_is_refused():
+    result = run("asgiapp:app", "-k", "sync", "-b", "127.0.0.1:0", "-w", "1")
     assert result.returncode == 2
-    assert "is an ASGI app" in result.stderr
+    assert "-k sync cannot serve an ASGI 3 app (use -k asgi or --interface)" in result.stderr
 
 
 def test_help_lists_every_setting():

@@ -15,6 +15,8 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Protocol
 
+from forkserve import __version__
+
 
 class ProtocolError(Exception):
     """The client broke HTTP/1.1: answer `status` (400, 413, 414, 431, ...) and close."""
@@ -120,7 +122,7 @@ class HTTPConnection(Protocol):
 
     def send_file(self, part: FilePart) -> list[bytes | FilePart]: ...
 
-    def send_end(self) -> bytes: ...
+    def send_end(self, trailers: list[tuple[bytes, bytes]] = ()) -> bytes: ...
 
     def start_next_cycle(self) -> bool: ...
 
@@ -177,7 +179,37 @@ def http_date() -> bytes:
     return _date_cache[1]
 
 
-def error_response(status: int, server: bytes) -> bytes:
+SERVER = f"forkserve/{__version__}".encode("ascii")
+
+
+def complete_headers(headers: list[tuple[bytes, bytes]], status: int, body_length: int | None,
+                     close: bool) -> list[tuple[bytes, bytes]]:
+    """The app's response headers plus what the server adds: Date and Server unless the app
+    set them, Content-Length when `body_length` is known and the app gave no framing (and
+    the status may have a body), Connection: close when `close`."""
+    has_date = has_server = has_framing = False
+    for name, _ in headers:
+        lowered = name.lower()
+        if lowered == b"date":
+            has_date = True
+        elif lowered == b"server":
+            has_server = True
+        elif lowered == b"content-length" or lowered == b"transfer-encoding":
+            has_framing = True
+    extra = []
+    if not has_date:
+        extra.append((b"Date", http_date()))
+    if not has_server:
+        extra.append((b"Server", SERVER))
+    if body_length is not None and not has_framing and status >= 200 \
+            and status not in (204, 304):
+        extra.append((b"Content-Length", b"%d" % body_length))
+    if close:
+        extra.append((b"Connection", b"close"))
+    return headers + extra if extra else headers
+
+
+def error_response(status: int) -> bytes:
     """A complete `status` response that closes the connection, for refused requests."""
     phrase = HTTPStatus(status).phrase.encode("ascii")
     body = phrase + b"\n"
@@ -187,6 +219,6 @@ def error_response(status: int, server: bytes) -> bytes:
         b"Content-Length: %d\r\n" % len(body),
         b"Connection: close\r\n",
         b"Date: " + http_date() + b"\r\n",
-        b"Server: " + server + b"\r\n\r\n",
+        b"Server: " + SERVER + b"\r\n\r\n",
         body,
     ))

@@ -100,9 +100,9 @@ class H11Connection:
         except h11.LocalProtocolError as exc:
             raise ValueError(str(exc)) from None
 
-    def send_end(self) -> bytes:
+    def send_end(self, trailers: list[tuple[bytes, bytes]] = ()) -> bytes:
         try:
-            return self._h11.send(h11.EndOfMessage())
+            return self._h11.send(h11.EndOfMessage(headers=trailers))
         except h11.LocalProtocolError as exc:
             raise ValueError(str(exc)) from None
 

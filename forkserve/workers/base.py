@@ -19,16 +19,14 @@ import os
 import random
 import signal
 import sys
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 from setproctitle import setproctitle
 
 from forkserve import channel, logs
-from forkserve.app import load_app
 from forkserve.config import Config
-from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_OK, ConfigError
+from forkserve.errors import EXIT_OK
 from forkserve.logs import error_log
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
@@ -39,6 +37,16 @@ MAX_ERROR_TEXT = 65536
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
+class BootFailed(Exception):
+    """The worker cannot serve (e.g. the app's lifespan startup failed): report `text` to
+    the master and exit with `status`."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
 class MasterGone(Exception):
     """The master exited or the pipe to it broke: the worker must stop."""
 
@@ -46,12 +54,12 @@ class MasterGone(Exception):
 class Worker:
     """Base class of worker kinds; subclasses implement `serve()`.
 
-    `app` is the preloaded app (--preload), or None to load it here.
+    `app` is the loaded app and `interface` its kind ('wsgi', 'asgi3' or 'asgi2').
     """
 
     def __init__(self, cfg: Config, listeners: list[Listener], channel_fd: int, number: int,
-                 master_pid: int, scoreboard: Scoreboard,
-                 app: Callable[..., Any] | None = None) -> None:
+                 master_pid: int, scoreboard: Scoreboard, app: Callable[..., Any],
+                 interface: str) -> None:
         self.cfg = cfg
         self.scoreboard = scoreboard
         self.listeners = listeners
@@ -59,6 +67,7 @@ class Worker:
         self.number = number
         self.master_pid = master_pid
         self.app = app
+        self.interface = interface
         self.alive = True
         self.served = 0
         self.in_flight = 0
@@ -76,20 +85,16 @@ class Worker:
         os.set_blocking(self.wakeup_w, False)
 
     def run(self) -> int:
-        """Load the app, report "booted", serve until told to stop; return the exit status."""
+        """Serve until told to stop (reporting "booted" once accepting); return the exit
+        status."""
         self._install_signals()
         self.set_title()
-        if self.app is None:
-            try:
-                self.app = load_app(self.cfg.app, self.cfg.chdir)
-            except ConfigError as exc:
-                return self._boot_failed(EXIT_CONFIG, str(exc))
-            except BaseException:  # the app's own import or factory raised (even SystemExit)
-                return self._boot_failed(EXIT_BOOT, traceback.format_exc().rstrip())
         try:
             self.serve()
         except MasterGone as exc:
             error_log.info("worker %d (pid %d): %s; exiting", self.number, os.getpid(), exc)
+        except BootFailed as exc:
+            return report_boot_failure(self.channel_fd, exc.status, exc.text)
         return EXIT_OK
 
     def serve(self) -> None:
@@ -140,15 +145,6 @@ class Worker:
             f"forkserve: worker {self.number} [{self.cfg.app}] {self.served} requests"
         )
 
-    def _boot_failed(self, status: int, text: str) -> int:
-        if len(text) > MAX_ERROR_TEXT:
-            text = text[:MAX_ERROR_TEXT // 2] + "\n[...]\n" + text[-MAX_ERROR_TEXT // 2:]
-        try:
-            channel.send(self.channel_fd, channel.boot_failed(status, text))
-        except OSError:
-            pass
-        return status
-
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._graceful_stop)
@@ -159,7 +155,6 @@ class Worker:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self._register_dump()
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())  # the master blocked them around fork
 
     def _register_dump(self) -> None:
         """USR2 → every thread's traceback, written by faulthandler straight to the error
@@ -175,6 +170,17 @@ class Worker:
 
     def _quick_stop(self, signum: int, frame: Any) -> None:
         raise SystemExit(EXIT_OK)
+
+
+def report_boot_failure(channel_fd: int, status: int, text: str) -> int:
+    """Tell the master why this worker cannot serve; return `status` to exit with."""
+    if len(text) > MAX_ERROR_TEXT:
+        text = text[:MAX_ERROR_TEXT // 2] + "\n[...]\n" + text[-MAX_ERROR_TEXT // 2:]
+    try:
+        channel.send(channel_fd, channel.boot_failed(status, text))
+    except OSError:
+        pass
+    return status
 
 
 def _rss_mib() -> float:

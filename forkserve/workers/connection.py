@@ -24,13 +24,12 @@ from forkserve.http.base import (
     HTTPConnection,
     ProtocolError,
     Request,
+    complete_headers,
     error_response,
-    http_date,
 )
 from forkserve.logs import access_log, error_log, format_access_line
-from forkserve.wsgi import SERVER_SOFTWARE, EnvironFactory, ErrorStream, InputStream, call_app
+from forkserve.wsgi import EnvironFactory, ErrorStream, InputStream, call_app
 
-SERVER = SERVER_SOFTWARE.encode("ascii")
 RECV_SIZE = 65536
 # Bytes of an unread request body we read and discard to keep a connection alive.
 MAX_DRAIN = 1 << 20
@@ -60,11 +59,12 @@ class ServerContext:
 
     def __init__(self, app: Callable[..., Any], io_timeout: float, multithread: bool,
                  access_log_format: str | None, keep_alive: bool = True,
-                 on_wait: Callable[[], None] | None = None) -> None:
+                 on_wait: Callable[[], None] | None = None, root_path: str = "") -> None:
         self.app = app
         self.io_timeout = io_timeout
         self.keep_alive = keep_alive
         self.on_wait = on_wait  # called while a request waits on its client
+        self.root_path = root_path
         self.multithread = multithread
         self.access_log_format = access_log_format
         self.stopping = False
@@ -86,7 +86,8 @@ class ClientConnection:
         self.peer = peer
         self.proto = proto
         self.ctx = ctx
-        self.environ_factory = EnvironFactory(sock.getsockname(), peer, ctx.multithread)
+        self.environ_factory = EnvironFactory(sock.getsockname(), peer, ctx.multithread,
+                                              ctx.root_path)
         self.deadline = 0.0
         self.method = b""
         self._poll: select.poll | None = None
@@ -161,7 +162,7 @@ class ClientConnection:
         self.status = status
         self.headers_sent = True
         try:
-            self.sendall(error_response(status, SERVER))
+            self.sendall(error_response(status))
         except ClientGone:
             pass
 
@@ -241,28 +242,10 @@ class ClientConnection:
         """The response head; adds Date, Server, and Content-Length when `body_length` is
         known and the app gave no framing. Callers set `headers_sent` once the bytes that go
         with it are composed: a framing error raised before then still gets a 500."""
-        headers = self.headers
-        has_date = has_server = has_framing = False
-        for name, _ in headers:
-            lowered = name.lower()
-            if lowered == b"date":
-                has_date = True
-            elif lowered == b"server":
-                has_server = True
-            elif lowered == b"content-length" or lowered == b"transfer-encoding":
-                has_framing = True
-        extra = []
-        if not has_date:
-            extra.append((b"Date", http_date()))
-        if not has_server:
-            extra.append((b"Server", SERVER))
-        if body_length is not None and not has_framing and self.status >= 200 \
-                and self.status not in (204, 304):
-            extra.append((b"Content-Length", b"%d" % body_length))
-        if self.ctx.stopping or not self.ctx.keep_alive or (
-                self.proto.client_waiting_for_continue and not self.body_done):
-            extra.append((b"Connection", b"close"))
-        return self.proto.send_response(self.status, self.reason, headers + extra)
+        close = self.ctx.stopping or not self.ctx.keep_alive or (
+            self.proto.client_waiting_for_continue and not self.body_done)
+        headers = complete_headers(self.headers, self.status, body_length, close)
+        return self.proto.send_response(self.status, self.reason, headers)
 
     def write(self, data: bytes) -> None:
         if not data:

@@ -70,6 +70,7 @@ class SyncWorker(Worker):
             keep_alive=cfg.keep_alive > 0,
             # Inline, a request waiting on a slow client is not a hung app: keep heartbeating.
             on_wait=self._heartbeat_if_due if threads == 1 else None,
+            root_path=cfg.root_path,
         )
         self.selector = selectors.DefaultSelector()
         self.pool = ThreadPoolExecutor(threads, "forkserve") if threads > 1 else None

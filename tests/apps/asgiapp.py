@@ -1,5 +1,233 @@
-"""An ASGI app, which the WSGI-only server must refuse with a clear message."""
+"""Test ASGI apps: the routes of wsgiapp.py that make sense for ASGI, plus ASGI's own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from urllib.parse import parse_qs
+
+TEXT = [(b"content-type", b"text/plain")]
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _query(scope) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
+
+
+async def _reply(send, body: bytes, status: int = 200, headers=()) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": TEXT + [(b"content-length", b"%d" % len(body))] + list(headers)})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive) -> tuple[bytes, int]:
+    parts, messages = [], 0
+    while True:
+        message = await receive()
+        assert message["type"] == "http.request", message
+        messages += 1
+        parts.append(message["body"])
+        if not message.get("more_body"):
+            return b"".join(parts), messages
+
+
+async def hello(scope, receive, send):
+    await _reply(send, b"Hello, World!")
+
+
+async def pid(scope, receive, send):
+    await _reply(send, str(os.getpid()).encode())
+
+
+async def echo(scope, receive, send):
+    body, messages = await _read_body(receive)
+    await _reply(send, body, headers=[(b"x-messages", str(messages).encode())])
+
+
+async def stream(scope, receive, send):
+    n = int(_query(scope).get("n", "3"))
+    await send({"type": "http.response.start", "status": 200, "headers": TEXT})
+    for i in range(n):
+        await send({"type": "http.response.body", "body": b"piece %d\n" % i, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def ignore_body(scope, receive, send):
+    await _reply(send, b"ignored")
+
+
+async def fail(scope, receive, send):
+    raise RuntimeError("deliberate failure before start_response")
+
+
+async def fail_midway(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": TEXT})
+    await send({"type": "http.response.body", "body": b"first part\n", "more_body": True})
+    raise RuntimeError("deliberate failure after the headers")
+
+
+async def marked(scope, receive, send):
+    """Streams (endlessly with ?endless=1) until the client leaves; logs CLOSED tag."""
+    query = _query(scope)
+    await send({"type": "http.response.start", "status": 200, "headers": TEXT})
+    try:
+        await send({"type": "http.response.body", "body": b"start\n",
+                    "more_body": query.get("endless") == "1"})
+        while query.get("endless") == "1":
+            await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+    except OSError:
+        pass
+    finally:
+        say(f"CLOSED {query.get('tag', '')}")
+
+
+async def sleep(scope, receive, send):
+    query = _query(scope)
+    if "tag" in query:
+        say(f"SLEEPING {query['tag']}")
+    await asyncio.sleep(float(query.get("s", "0.5")))
+    await _reply(send, str(os.getpid()).encode())
+
+
+async def block(scope, receive, send):
+    """Blocks the event loop: a hung app, as the master must see it."""
+    query = _query(scope)
+    say(f"SLEEPING {query.get('tag', '')}")
+    time.sleep(float(query.get("s", "30")))
+    await _reply(send, b"woke up")
+
+
+_waiting: list[asyncio.Event] = []
+
+
+async def barrier(scope, receive, send):
+    """Answers only when a second request reaches it too: proves two run at once."""
+    event = asyncio.Event()
+    _waiting.append(event)
+    if len(_waiting) >= 2:
+        for waiting in _waiting:
+            waiting.set()
+        _waiting.clear()
+    try:
+        await asyncio.wait_for(event.wait(), 10)
+    except TimeoutError:
+        await _reply(send, b"alone", 503)
+        return
+    await _reply(send, b"together")
+
+
+async def scope_dump(scope, receive, send):
+    data = {k: v for k, v in scope.items() if k not in ("headers", "state", "raw_path",
+                                                          "query_string")}
+    data["headers"] = [[k.decode(), v.decode()] for k, v in scope["headers"]]
+    data["raw_path"] = scope["raw_path"].decode("latin-1")
+    data["query_string"] = scope["query_string"].decode("latin-1")
+    data["state"] = dict(scope.get("state", {}))
+    await _reply(send, json.dumps(data).encode())
+
+
+async def wait_disconnect(scope, receive, send):
+    """Reads the body, then waits for http.disconnect and logs it."""
+    await _read_body(receive)
+    message = await receive()
+    say(f"DISCONNECT {message['type']}")
+
+
+async def trailers(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "trailers": True,
+                "headers": TEXT + [(b"trailer", b"x-checksum")]})
+    await send({"type": "http.response.body", "body": b"with trailers"})
+    await send({"type": "http.response.trailers", "headers": [(b"x-checksum", b"abc")]})
+
+
+async def body_before_start(scope, receive, send):
+    await send({"type": "http.response.body", "body": b"too early"})
+
+
+async def start_twice(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": TEXT})
+    await send({"type": "http.response.start", "status": 200, "headers": TEXT})
+
+
+async def returns_early(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": TEXT})
+
+
+async def big_download(scope, receive, send):
+    """?mb= MiB in 64 KiB pieces: a client that never reads must not make us buffer it all."""
+    total = int(_query(scope).get("mb", "64")) * 1024 * 1024
+    await send({"type": "http.response.start", "status": 200,
+                "headers": TEXT + [(b"content-length", str(total).encode())]})
+    piece = b"d" * 65536
+    for sent in range(0, total, len(piece)):
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
+        if sent % (8 * 1024 * 1024) == 0:
+            say(f"DOWNLOAD {sent} rss={_rss_mib():.0f}")
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+ROUTES = {
+    "/": hello, "/hello": hello, "/pid": pid, "/echo": echo, "/stream": stream,
+    "/ignore-body": ignore_body, "/fail": fail, "/fail-midway": fail_midway,
+    "/marked": marked, "/sleep": sleep, "/block": block, "/barrier": barrier,
+    "/scope": scope_dump, "/wait-disconnect": wait_disconnect, "/trailers": trailers,
+    "/body-before-start": body_before_start, "/start-twice": start_twice,
+    "/returns-early": returns_early, "/big-download": big_download,
+}
 
 
 async def app(scope, receive, send):
-    pass
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                scope["state"]["started_by"] = os.getpid()
+                say(f"LIFESPAN startup {os.getpid()}")
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                say(f"LIFESPAN shutdown {os.getpid()}")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    route = ROUTES.get(scope["path"])
+    if route is None:
+        await _reply(send, b"not found", 404)
+        return
+    await route(scope, receive, send)
+
+
+async def failing_startup(scope, receive, send):
+    """Lifespan startup fails: the worker must not boot."""
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "database unreachable"})
+        return
+    await app(scope, receive, send)
+
+
+async def no_lifespan(scope, receive, send):
+    """Does not do lifespan (raises), like many simple apps."""
+    if scope["type"] != "http":
+        raise ValueError(f"unsupported scope {scope['type']}")
+    await app(scope, receive, send)
+
+
+class ClassicApp:
+    """An ASGI 2 (double-callable) app."""
+
+    def __init__(self, scope):
+        self.scope = scope
+
+    async def __call__(self, receive, send):
+        if self.scope["type"] == "http":
+            await _reply(send, b"asgi2")

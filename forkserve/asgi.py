@@ -1,0 +1,353 @@
+"""The ASGI interface (ASGI 3, HTTP spec 2.4, lifespan spec 2.0): scope, receive/send, lifespan.
+
+No socket I/O happens here. The worker's protocol feeds an `HTTPCycle` what the parser
+read (`feed_body`, `feed_end`, `disconnect`) and gives it an `Output` to write to; the
+cycle turns the app's `send` messages into bytes through the same sans-I/O HTTP connection
+the WSGI worker uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import traceback
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any, Protocol
+from urllib.parse import unquote_to_bytes
+
+from forkserve.http.base import HTTPConnection, Request, complete_headers, error_response
+from forkserve.logs import error_log
+
+ASGI = {"version": "3.0", "spec_version": "2.4"}
+Message = dict[str, Any]
+ASGIApp = Callable[[dict, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
+                   Awaitable[None]]
+
+
+class ClientDisconnected(OSError):
+    """Raised by `send` once the client is gone (ASGI: an OSError subclass)."""
+
+
+def wrap_asgi2(app: Callable[[dict], Any]) -> ASGIApp:
+    """An ASGI 3 app calling an ASGI 2 (double-callable) one."""
+
+    async def asgi3(scope: dict, receive: Any, send: Any) -> None:
+        await app(scope)(receive, send)
+
+    return asgi3
+
+
+class Output(Protocol):
+    """What a cycle writes through: the worker's connection."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None:
+        """Wait while the client is slow to take what was written (backpressure)."""
+
+    def resume_reading(self) -> None:
+        """The app consumed the buffered body: read more of it."""
+
+    def close(self) -> None: ...
+
+
+def http_scope(request: Request, client: Any, server: Any, root_path: str,
+               state: dict[str, Any] | None) -> dict[str, Any]:
+    """The scope of an HTTP request (ASGI HTTP spec 2.4)."""
+    target = request.target
+    raw_path, _, query = target.partition(b"?")
+    if b"://" in raw_path and not raw_path.startswith(b"/"):  # absolute form
+        raw_path = b"/" + raw_path.split(b"://", 1)[1].partition(b"/")[2]
+    path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode(
+        "utf-8", "replace")
+    scope = {
+        "type": "http",
+        "asgi": ASGI,
+        "http_version": request.http_version.decode("ascii"),
+        "method": request.method.decode("ascii"),
+        "scheme": "http",
+        "path": path,
+        "raw_path": raw_path,
+        "query_string": query,
+        "root_path": root_path,
+        "headers": request.headers,
+        "client": client,
+        "server": server,
+        "extensions": {"http.response.trailers": {}},
+    }
+    if state is not None:
+        scope["state"] = state.copy()
+    return scope
+
+
+class HTTPCycle:
+    """One request and its response between an HTTP connection and an ASGI app.
+
+    The request body arrives through `feed_body`/`feed_end`; `receive()` hands it to the
+    app, and `wants_body` tells the protocol whether to keep reading (flow control).
+    `send()` writes the response; `on_complete` is called once it is complete (the app may
+    go on running). `close` means the response must end the connection.
+    """
+
+    def __init__(self, scope: dict[str, Any], conn: HTTPConnection, out: Output, close: bool,
+                 on_complete: Callable[[HTTPCycle], None]) -> None:
+        self.scope = scope
+        self.conn = conn
+        self.out = out
+        self.close = close
+        self.on_complete = on_complete
+        self.body: list[bytes] = []
+        self.buffered = 0
+        self.body_complete = False
+        self.body_delivered = False
+        self.disconnected = False
+        self.event = asyncio.Event()
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.trailers = False
+        self.response_started = False
+        self.head_sent = False
+        self.response_complete = False
+        self.failed = False
+        self.sent = 0
+
+    # -- fed by the protocol -------------------------------------------------------------------
+
+    def feed_body(self, data: bytes) -> None:
+        self.body.append(data)
+        self.buffered += len(data)
+        self.event.set()
+
+    def feed_end(self) -> None:
+        self.body_complete = True
+        self.event.set()
+
+    def disconnect(self) -> None:
+        self.disconnected = True
+        self.event.set()
+
+    # -- the app's receive and send ------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        if self.disconnected or self.response_complete or self.body_delivered:
+            if not self.disconnected and not self.response_complete:
+                await self._wait()  # nothing more to receive until the client goes away
+            return {"type": "http.disconnect"}
+        if not self.body and not self.body_complete:
+            if self.conn.client_waiting_for_continue and not self.head_sent:
+                self.out.write(self.conn.send_continue())
+            while not self.body and not self.body_complete and not self.disconnected:
+                self.out.resume_reading()
+                await self._wait()
+            if self.disconnected and not self.body:
+                return {"type": "http.disconnect"}
+        data = b"".join(self.body) if len(self.body) != 1 else self.body[0]
+        self.body.clear()
+        self.buffered = 0
+        self.out.resume_reading()
+        self.body_delivered = self.body_complete
+        return {"type": "http.request", "body": data, "more_body": not self.body_complete}
+
+    async def _wait(self) -> None:
+        self.event.clear()
+        await self.event.wait()
+
+    @property
+    def wants_body(self) -> bool:
+        """Should the protocol read more of the body now? (Bounded buffering.)"""
+        return self.buffered < BODY_HIGH_WATER
+
+    async def send(self, message: Message) -> None:
+        if self.disconnected:
+            raise ClientDisconnected("the client closed the connection")
+        kind = message["type"]
+        if not self.response_started:
+            if kind != "http.response.start":
+                raise RuntimeError(f"expected 'http.response.start', got {kind!r}")
+            self.status = _status(message["status"])
+            self.headers = _headers(message.get("headers", ()))
+            self.trailers = bool(message.get("trailers", False))
+            self.response_started = True
+            return
+        if self.response_complete:
+            raise RuntimeError(f"{kind!r} sent after the response was complete")
+        if kind == "http.response.body":
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            self._send_body(bytes(body) if type(body) is not bytes else body, more)
+            await self.out.drain()
+        elif kind == "http.response.trailers" and self.trailers and self.head_sent:
+            trailers = _headers(message.get("headers", ()))
+            if not message.get("more_trailers", False):
+                self.out.write(self.conn.send_end(trailers))
+                self._completed()
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+
+    def _send_body(self, body: bytes, more: bool) -> None:
+        conn = self.conn
+        if self.head_sent:
+            out = conn.send_data(body) if body else b""
+        else:
+            length = None if more or self.trailers else len(body)
+            out = conn.send_response(self.status, _reason(self.status), complete_headers(
+                self.headers, self.status, length, self.close)) + conn.send_data(body)
+            self.head_sent = True
+        self.sent += len(body)
+        if not more and not self.trailers:
+            out += conn.send_end()
+            self.out.write(out)
+            self._completed()
+        elif out:
+            self.out.write(out)
+
+    def _completed(self) -> None:
+        self.response_complete = True
+        self.event.set()
+        self.on_complete(self)
+
+    # -- running the app -----------------------------------------------------------------------
+
+    async def run(self, app: ASGIApp) -> None:
+        """Call the app; answer 500 (or drop the connection) if it fails to respond."""
+        scope = self.scope
+        try:
+            await app(scope, self.receive, self.send)
+        except ClientDisconnected:
+            return
+        except Exception:
+            error_log.error("error handling %s %s\n%s", scope["method"], _target(scope),
+                            traceback.format_exc().rstrip())
+            self._fail()
+            return
+        if not self.response_complete and not self.disconnected:
+            error_log.error("error handling %s %s: the app returned without %s",
+                            scope["method"], _target(scope),
+                            "completing the response" if self.response_started
+                            else "starting a response")
+            self._fail()
+
+    def _fail(self) -> None:
+        """A 500 if nothing went out yet; else the response is cut by closing."""
+        if self.disconnected or self.response_complete:
+            return
+        if not self.head_sent:
+            self.status = 500
+            self.head_sent = True
+            self.out.write(error_response(500))
+        self.failed = True
+        self.out.close()
+        self._completed()
+
+
+# Bytes of request body buffered for an app that does not read it before reading pauses.
+BODY_HIGH_WATER = 65536
+
+
+_REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+
+
+def _reason(status: int) -> bytes:
+    return _REASONS.get(status, b"")
+
+
+def _status(status: Any) -> int:
+    if type(status) is not int or not 200 <= status <= 999:
+        raise RuntimeError(f"invalid response status {status!r}")
+    return status
+
+
+def _headers(headers: Any) -> list[tuple[bytes, bytes]]:
+    out = []
+    for header in headers:
+        name, value = header
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            raise RuntimeError(f"response header name and value must be bytes: {header!r}")
+        out.append((name, value))
+    return out
+
+
+def _target(scope: dict[str, Any]) -> str:
+    raw = scope["raw_path"].decode("latin-1")
+    query = scope["query_string"]
+    return raw + "?" + query.decode("latin-1") if query else raw
+
+
+class LifespanFailed(Exception):
+    """The app's lifespan startup failed: the worker must not serve."""
+
+
+class Lifespan:
+    """Runs the app's lifespan protocol: startup before serving, shutdown after.
+
+    mode 'on' requires the app to support it; 'auto' carries on when the app raises at once
+    (it does not do lifespan); 'off' never calls it. `state` is shared into every scope.
+    """
+
+    def __init__(self, app: ASGIApp, mode: str) -> None:
+        self.app = app
+        self.mode = mode
+        self.state: dict[str, Any] = {}
+        self.supported = mode != "off"
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._started = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._failure = ""
+        self._task: asyncio.Task | None = None
+
+    async def startup(self) -> None:
+        """Raise LifespanFailed with the app's message or traceback if startup fails."""
+        if not self.supported:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        await self._queue.put({"type": "lifespan.startup"})
+        await self._started.wait()
+        if self._failure:
+            raise LifespanFailed(self._failure)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Send lifespan.shutdown and wait for the app, at most `timeout` seconds."""
+        if not self.supported or self._task is None or self._task.done():
+            return
+        await self._queue.put({"type": "lifespan.shutdown"})
+        try:
+            await asyncio.wait_for(self._stopped.wait(), timeout)
+        except TimeoutError:
+            error_log.warning("lifespan shutdown did not finish in %g s", timeout)
+
+    async def _run(self) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
+                 "state": self.state}
+        try:
+            await self.app(scope, self._queue.get, self._send)
+        except BaseException as exc:
+            if self._started.is_set():
+                error_log.error("lifespan of the app raised:\n%s", traceback.format_exc())
+            elif self.mode == "auto":
+                self.supported = False
+                error_log.info("the app does not support lifespan (%s: %s); carrying on",
+                               type(exc).__name__, exc)
+            else:
+                self._failure = traceback.format_exc().rstrip()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if not self._started.is_set() and self.mode == "on" and not self._failure:
+                self._failure = "the app returned before lifespan startup completed"
+            self._started.set()
+            self._stopped.set()
+
+    async def _send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "lifespan.startup.complete":
+            self._started.set()
+        elif kind == "lifespan.startup.failed":
+            self._failure = "lifespan startup failed: " + message.get("message", "")
+            self._started.set()
+        elif kind == "lifespan.shutdown.complete":
+            self._stopped.set()
+        elif kind == "lifespan.shutdown.failed":
+            error_log.error("lifespan shutdown failed: %s", message.get("message", ""))
+            self._stopped.set()
+        else:
+            raise RuntimeError(f"unexpected lifespan message {kind!r}")

@@ -1,0 +1,89 @@
+"""Worker processes: boot (load the app, pick the worker kind for its interface), then serve.
+
+`run_worker` is what a forked child runs. The kinds:
+
+    sync   workers/sync.py  WSGI apps: a selector loop, the app called inline or in threads
+    asgi   workers/aio.py   ASGI apps: an asyncio (or uvloop) event loop
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from forkserve import logs
+from forkserve.app import detect_interface, load_app
+from forkserve.config import Config
+from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, ConfigError
+from forkserve.scoreboard import Scoreboard
+from forkserve.sockets import Listener
+from forkserve.workers.base import DUMP_SIGNAL, Worker, report_boot_failure
+
+
+def run_worker(cfg: Config, listeners: list[Listener], channel_fd: int, number: int,
+               master_pid: int, scoreboard: Scoreboard, app: Callable[..., Any] | None,
+               hook: Callable[[str, Worker], None]) -> int:
+    """Boot and run one worker in a freshly forked child; return its exit status.
+
+    `app` is the preloaded app, or None to load it here. A failure to load it is reported to
+    the master as BOOT_FAILED (status 2 for an app that does not exist, 3 for one that
+    raised). `hook(name, worker)` runs the post_fork hook once the app is loaded and the
+    worker_exit hook after it stopped serving.
+    """
+    _boot_signals()
+    try:
+        if app is None:
+            app = load_app(cfg.app, cfg.chdir)
+        interface = detect_interface(app, cfg.interface)
+        kind = worker_kind(cfg.worker_class, interface)
+    except ConfigError as exc:
+        return report_boot_failure(channel_fd, EXIT_CONFIG, str(exc))
+    except BaseException:  # the app's own import or factory raised (even SystemExit)
+        return report_boot_failure(channel_fd, EXIT_BOOT, traceback.format_exc().rstrip())
+    worker = _worker_class(kind)(cfg, listeners, channel_fd, number, master_pid, scoreboard,
+                                 app, interface)
+    hook("post_fork", worker)
+    status = worker.run()
+    hook("worker_exit", worker)
+    return status
+
+
+def worker_kind(worker_class: str, interface: str) -> str:
+    """The worker kind for an app of `interface` ('wsgi', 'asgi3', 'asgi2')."""
+    wanted = "sync" if interface == "wsgi" else "asgi"
+    if worker_class not in ("auto", wanted):
+        described = {"wsgi": "a WSGI", "asgi3": "an ASGI 3", "asgi2": "an ASGI 2"}[interface]
+        raise ConfigError(f"-k {worker_class} cannot serve {described} app "
+                          f"(use -k {wanted} or --interface)")
+    return wanted
+
+
+def _worker_class(kind: str) -> type[Worker]:
+    if kind == "sync":
+        from forkserve.workers.sync import SyncWorker
+        return SyncWorker
+    from forkserve.workers.aio import AsyncioWorker
+    return AsyncioWorker
+
+
+def _boot_signals() -> None:
+    """While the app loads: TERM, INT and QUIT end the child; USR2 dumps its tracebacks (the
+    master sends it to a worker stuck past --boot-timeout); the signals the master forwards
+    to running workers (USR1) or never sends them are ignored."""
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, _exit_now)
+    for signum in (signal.SIGUSR1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+                   signal.SIGWINCH):
+        signal.signal(signum, signal.SIG_IGN)
+    faulthandler.register(DUMP_SIGNAL, file=logs.error_stream() or sys.stderr,
+                          all_threads=True, chain=False)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())  # the master blocked them around fork
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    raise SystemExit(0)

@@ -1,0 +1,412 @@
+"""The ASGI worker: an asyncio (or uvloop) event loop serving HTTP/1.1 to an ASGI app.
+
+The loop accepts on the shared listening sockets itself (so the scoreboard can spread
+connections across workers, as in the sync worker), runs one `HTTPProtocol` per connection
+and one task per request. The heartbeat is a loop timer: an app that blocks the loop stops
+it, and the master then sees a hang and dumps the tracebacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import time
+from typing import Any
+
+from forkserve.asgi import HTTPCycle, Lifespan, LifespanFailed, http_scope, wrap_asgi2
+from forkserve.errors import EXIT_BOOT
+from forkserve.http import Limits, new_connection
+from forkserve.http.base import (
+    CLOSED,
+    END_OF_MESSAGE,
+    NEED_DATA,
+    Data,
+    ProtocolError,
+    Request,
+    error_response,
+)
+from forkserve.logs import access_log, error_log, format_access_line
+from forkserve.workers.base import BootFailed, Worker
+
+ACCEPT_BATCH = 16
+BALANCE_MARGIN = 2
+ACCEPT_DEFER = 0.005
+RESOURCE_PAUSE = 0.5
+STOP_GRACE = 1.0
+# How long lifespan shutdown may take on a graceful stop.
+LIFESPAN_SHUTDOWN_SECONDS = 10.0
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """An event loop of `kind`: 'uvloop', 'asyncio', or 'auto' (uvloop when installed)."""
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+class AsyncioWorker(Worker):
+    """Serves ASGI apps from one event loop per process."""
+
+    def serve(self) -> None:
+        cfg = self.cfg
+        self.limits = Limits(
+            request_line=cfg.limit_request_line,
+            header_count=cfg.limit_request_fields,
+            header_field_size=cfg.limit_request_field_size,
+        )
+        self.asgi_app = wrap_asgi2(self.app) if self.interface == "asgi2" else self.app
+        self.connections: set[HTTPProtocol] = set()
+        self.stopping = False
+        self.accepting = False
+        self.accept_forced = False
+        self.access_log_format = cfg.access_log_format if cfg.access_logfile else None
+        try:
+            self.loop = new_event_loop(cfg.loop)
+        except ImportError:
+            raise BootFailed(EXIT_BOOT, "--loop uvloop: uvloop is not installed "
+                                        "(pip install 'forkserve[fast]')") from None
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._main())
+        finally:
+            _cancel_leftovers(self.loop)
+            self.loop.close()
+
+    async def _main(self) -> None:
+        self.lifespan = Lifespan(self.asgi_app, self.cfg.lifespan)
+        try:
+            await self.lifespan.startup()
+        except LifespanFailed as exc:
+            raise BootFailed(EXIT_BOOT, str(exc)) from None
+        self.stopped = asyncio.Event()
+        self.all_closed = asyncio.Event()
+        loop = self.loop
+        loop.add_reader(self.wakeup_r, self._on_wakeup)
+        for listener in self.listeners:
+            listener.sock.setblocking(False)
+        self._set_accepting(True)
+        self._tick()
+        self.report_booted()
+        await self.stopped.wait()
+        await self._drain()
+        await self.lifespan.shutdown(LIFESPAN_SHUTDOWN_SECONDS)
+
+    # -- signals, heartbeat, stopping ---------------------------------------------------------
+
+    def _graceful_stop(self, signum: int, frame: Any) -> None:
+        self.alive = False  # the wakeup fd wakes the loop, which then calls _on_wakeup
+
+    def _on_wakeup(self) -> None:
+        try:
+            os.read(self.wakeup_r, 4096)
+        except BlockingIOError:
+            pass
+        if not self.alive:
+            self._begin_stop()
+
+    def _tick(self) -> None:
+        try:
+            self.tick()
+        except Exception as exc:  # the master is gone or the pipe broke: stop now
+            error_log.info("worker %d (pid %d): %s; exiting", self.number, os.getpid(), exc)
+            self.alive = False
+            self._begin_stop()
+            return
+        if not self.alive:
+            self._begin_stop()
+        self.loop.call_later(self.tick_interval, self._tick)
+
+    def _begin_stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self._set_accepting(False)
+        for listener in self.listeners:
+            listener.sock.close()
+        for protocol in list(self.connections):
+            protocol.begin_stop()
+        self.stopped.set()
+
+    async def _drain(self) -> None:
+        """Wait for open connections to finish (the master bounds this by
+        --graceful-timeout)."""
+        if self.connections:
+            await self.all_closed.wait()
+
+    # -- accepting ------------------------------------------------------------------------------
+
+    def _set_accepting(self, on: bool) -> None:
+        if on == self.accepting:
+            return
+        self.accepting = on
+        for listener in self.listeners:
+            if on:
+                self.loop.add_reader(listener.sock.fileno(), self._accept, listener.sock)
+            else:
+                self.loop.remove_reader(listener.sock.fileno())
+
+    def _resume_accepting(self) -> None:
+        if not self.stopping:
+            self.accept_forced = True
+            self._set_accepting(True)
+
+    def _pause_accepting(self, seconds: float) -> None:
+        self._set_accepting(False)
+        self.loop.call_later(seconds, self._resume_accepting)
+
+    def _accept(self, listening: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self.accept_forced:
+                self.accept_forced = False
+            elif self.scoreboard.has_lighter_peer(self.number, BALANCE_MARGIN):
+                self._pause_accepting(ACCEPT_DEFER)
+                return
+            try:
+                sock, _ = listening.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    error_log.error("cannot accept connections: %s; pausing %g s",
+                                    exc.strerror, RESOURCE_PAUSE)
+                    self._pause_accepting(RESOURCE_PAUSE)
+                return
+            sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.loop.create_task(self.loop.connect_accepted_socket(
+                lambda: HTTPProtocol(self), sock))
+
+    def connection_opened(self, protocol: HTTPProtocol) -> None:
+        self.connections.add(protocol)
+        self.scoreboard.set(self.number, len(self.connections))
+
+    def connection_closed(self, protocol: HTTPProtocol) -> None:
+        self.connections.discard(protocol)
+        self.scoreboard.set(self.number, len(self.connections))
+        if self.stopping and not self.connections:
+            self.all_closed.set()
+
+
+class HTTPProtocol(asyncio.Protocol):
+    """One client connection: bytes to the parser, requests to `HTTPCycle` tasks."""
+
+    def __init__(self, worker: AsyncioWorker) -> None:
+        self.worker = worker
+        self.loop = worker.loop
+        self.conn = new_connection(worker.limits)
+        self.transport: asyncio.Transport | None = None
+        self.cycle: HTTPCycle | None = None
+        self.request: Request | None = None
+        self.started = 0.0
+        self.discarding = False  # reading and dropping a body the app did not read
+        self.reading_paused = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.timer: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.client: Any = None
+        self.server: Any = None
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            self.client, self.server = None, (local or "", None)
+        else:
+            self.client, self.server = tuple(peer[:2]), tuple(local[:2])
+        self.worker.connection_opened(self)
+        self._wait_for_request()
+        if self.worker.stopping:
+            self.begin_stop()
+
+    def data_received(self, data: bytes) -> None:
+        self._cancel_timer()
+        self.conn.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._process()
+        return True  # keep our side open to finish a response in progress
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        if self.cycle is not None:
+            self.cycle.disconnect()
+        self.writable.set()
+        self.worker.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    # -- Output (what the cycle writes through) -------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and data:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if not self.writable.is_set():
+            await self.writable.wait()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+            self.loop.call_soon(self._process)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.transport.close()
+
+    # -- parsing ----------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Pull events from the parser until it needs bytes or must wait for a response."""
+        conn = self.conn
+        while not self.closed:
+            cycle = self.cycle
+            if cycle is not None and cycle.body_complete and not self.discarding:
+                return  # the request is read; the next one waits for this response
+            if cycle is not None and not self.discarding and not cycle.wants_body:
+                self.reading_paused = True
+                self.transport.pause_reading()
+                return
+            try:
+                event = conn.next_event()
+            except ProtocolError as exc:
+                self._reject(exc)
+                return
+            kind = type(event)
+            if kind is Data:
+                if not self.discarding:
+                    cycle.feed_body(event.data)
+            elif event is END_OF_MESSAGE:
+                if self.discarding:
+                    self.discarding = False
+                    self._next_cycle()
+                else:
+                    cycle.feed_end()
+            elif kind is Request:
+                self._start_cycle(event)
+            elif event is NEED_DATA:
+                return
+            elif event is CLOSED:
+                self.close()
+                return
+            else:  # PAUSED: a response is still in progress
+                return
+
+    def _start_cycle(self, request: Request) -> None:
+        worker = self.worker
+        scope = http_scope(request, self.client, self.server, worker.cfg.root_path,
+                           worker.lifespan.state if worker.lifespan.supported else None)
+        close = worker.stopping or worker.cfg.keep_alive <= 0
+        self.request = request
+        self.started = time.time() if worker.access_log_format else 0.0
+        self.cycle = HTTPCycle(scope, self.conn, self, close, self._response_complete)
+        worker.in_flight += 1
+        worker.served += 1
+        self.loop.create_task(self._run(self.cycle))
+
+    async def _run(self, cycle: HTTPCycle) -> None:
+        try:
+            await cycle.run(self.worker.asgi_app)
+        finally:
+            self.worker.in_flight -= 1
+
+    def _response_complete(self, cycle: HTTPCycle) -> None:
+        self._log_access(cycle)
+        if self.closed or cycle.failed:
+            return
+        if not cycle.body_complete:
+            if self.conn.client_waiting_for_continue:
+                self.close()  # it never sent the body; the response said Connection: close
+                return
+            self.discarding = True  # read the rest of the body, then go on
+            self.resume_reading()
+            self._process()
+            return
+        self._next_cycle()
+
+    def _next_cycle(self) -> None:
+        self.cycle = None
+        if not self.conn.start_next_cycle():
+            self.close()
+            return
+        self._wait_for_request()
+        self._process()
+
+    def _reject(self, exc: ProtocolError) -> None:
+        error_log.debug("refused request: %s %s", exc.status, exc.detail)
+        if self.cycle is not None and self.cycle.head_sent:
+            self.close()
+            return
+        if self.cycle is not None:
+            self.cycle.disconnect()  # the app must not answer a request that broke
+        self.write(error_response(exc.status))
+        self.close()
+
+    def _log_access(self, cycle: HTTPCycle) -> None:
+        if not self.started or self.request is None:
+            return
+        request, scope = self.request, cycle.scope
+        access_log.info(format_access_line(
+            self.worker.access_log_format,
+            remote=self.client[0] if self.client else "",
+            method=scope["method"],
+            target=request.target.decode("latin-1"),
+            version=scope["http_version"],
+            status=cycle.status,
+            sent=cycle.sent,
+            started=self.started,
+            duration=time.time() - self.started,
+            request_headers=request.headers,
+            response_headers=cycle.headers,
+        ))
+        self.started = 0.0
+
+    # -- timers and stopping ----------------------------------------------------------------------
+
+    def _wait_for_request(self) -> None:
+        keep_alive = self.worker.cfg.keep_alive or 1.0
+        self.timer = self.loop.call_later(
+            STOP_GRACE if self.worker.stopping else keep_alive, self.close)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def begin_stop(self) -> None:
+        """Graceful stop: a request in progress finishes; an idle connection gets STOP_GRACE
+        seconds to bring one more (answered with Connection: close)."""
+        if self.cycle is None:
+            self._cancel_timer()
+            self._wait_for_request()
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel tasks still running when the worker stops (an app's background work)."""
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
