@@ -42,6 +42,10 @@ class Output(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
+    @property
+    def closing(self) -> bool:
+        """The connection is closed or closing: nothing written will arrive."""
+
     async def drain(self) -> None:
         """Wait while the client is slow to take what was written (backpressure)."""
 
@@ -100,7 +104,8 @@ class HTTPCycle:
         self.buffered = 0
         self.body_complete = False
         self.body_delivered = False
-        self.disconnected = False
+        self.disconnected = False  # the connection is gone: send() raises
+        self.client_done = False  # the client sent EOF: receive() says http.disconnect
         self.event = asyncio.Event()
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -123,23 +128,28 @@ class HTTPCycle:
         self.event.set()
 
     def disconnect(self) -> None:
-        self.disconnected = True
+        self.disconnected = self.client_done = True
+        self.event.set()
+
+    def client_eof(self) -> None:
+        """The client will send nothing more; a response may still reach it."""
+        self.client_done = True
         self.event.set()
 
     # -- the app's receive and send ------------------------------------------------------------
 
     async def receive(self) -> Message:
-        if self.disconnected or self.response_complete or self.body_delivered:
-            if not self.disconnected and not self.response_complete:
+        if self.client_done or self.response_complete or self.body_delivered:
+            while not self.client_done and not self.response_complete:
                 await self._wait()  # nothing more to receive until the client goes away
             return {"type": "http.disconnect"}
         if not self.body and not self.body_complete:
             if self.conn.client_waiting_for_continue and not self.head_sent:
                 self.out.write(self.conn.send_continue())
-            while not self.body and not self.body_complete and not self.disconnected:
+            while not self.body and not self.body_complete and not self.client_done:
                 self.out.resume_reading()
                 await self._wait()
-            if self.disconnected and not self.body:
+            if self.client_done and not self.body:
                 return {"type": "http.disconnect"}
         data = b"".join(self.body) if len(self.body) != 1 else self.body[0]
         self.body.clear()
@@ -158,7 +168,8 @@ class HTTPCycle:
         return self.buffered < BODY_HIGH_WATER
 
     async def send(self, message: Message) -> None:
-        if self.disconnected:
+        if self.disconnected or self.out.closing:
+            self.disconnected = True
             raise ClientDisconnected("the client closed the connection")
         kind = message["type"]
         if not self.response_started:
@@ -190,8 +201,10 @@ class HTTPCycle:
             out = conn.send_data(body) if body else b""
         else:
             length = None if more or self.trailers else len(body)
+            # A client still waiting for 100 Continue will not send the body: close after.
+            close = self.close or (conn.client_waiting_for_continue and not self.body_complete)
             out = conn.send_response(self.status, _reason(self.status), complete_headers(
-                self.headers, self.status, length, self.close)) + conn.send_data(body)
+                self.headers, self.status, length, close)) + conn.send_data(body)
             self.head_sent = True
         self.sent += len(body)
         if not more and not self.trailers:

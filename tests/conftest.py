@@ -199,6 +199,23 @@ def wsgi_server(start_server) -> Server:
     return start_server("wsgiapp:app", "-w", "2")
 
 
+# The same routes as a WSGI app (sync worker) and as an ASGI app (asyncio worker).
+APP_OF = {"wsgi": "wsgiapp:app", "asgi": "asgiapp:app"}
+
+
+@pytest.fixture(params=sorted(APP_OF))
+def interface(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def http_server(start_server, interface) -> Server:
+    """The test app of `interface`, 2 workers; `.interface` says which."""
+    server = start_server(APP_OF[interface], "-w", "2")
+    server.interface = interface
+    return server
+
+
 # -- a minimal HTTP/1.1 response reader, to check what is on the wire -------------------------
 
 class Response:

@@ -239,6 +239,8 @@ class HTTPProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
+        if self.cycle is not None:
+            self.cycle.client_eof()
         self._process()
         return True  # keep our side open to finish a response in progress
 
@@ -261,6 +263,10 @@ class HTTPProtocol(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not self.closed and data:
             self.transport.write(data)
+
+    @property
+    def closing(self) -> bool:
+        return self.closed or self.transport.is_closing()
 
     async def drain(self) -> None:
         if not self.writable.is_set():
