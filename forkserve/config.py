@@ -53,6 +53,9 @@ class Config:
     loop: str
     lifespan: str
     root_path: str
+    ws_max_size: int
+    ws_ping_interval: float
+    ws_ping_timeout: float
     graceful_timeout: float
     keep_alive: float
     limit_request_line: int

@@ -227,6 +227,21 @@ SETTINGS: tuple[Setting, ...] = (
         "for ASGI.", metavar="PATH", section="app",
     ),
     Setting(
+        "ws_max_size", ("--ws-max-size",), 16 * 1024 * 1024, _int_at_least(1),
+        "Largest WebSocket message accepted, in bytes; a larger one closes the connection "
+        "with 1009.", metavar="BYTES", section="websocket",
+    ),
+    Setting(
+        "ws_ping_interval", ("--ws-ping-interval",), 20.0, _seconds,
+        "Seconds between pings on an idle WebSocket (keeps proxies from dropping it). "
+        "0 disables.", metavar="SECONDS", section="websocket",
+    ),
+    Setting(
+        "ws_ping_timeout", ("--ws-ping-timeout",), 20.0, _seconds,
+        "A WebSocket whose peer does not answer a ping within this many seconds is closed "
+        "(1011).", metavar="SECONDS", section="websocket",
+    ),
+    Setting(
         "chdir", ("--chdir",), None, _directory,
         "Change to this directory before loading the app (it is put first on sys.path).",
         metavar="DIR", section="app",

@@ -126,6 +126,10 @@ class HTTPConnection(Protocol):
 
     def start_next_cycle(self) -> bool: ...
 
+    def trailing_data(self) -> bytes:
+        """Bytes received past the current request, for a protocol switch (WebSocket)."""
+        ...
+
 
 def check_partial_head(buffered: bytes, limits: Limits) -> None:
     """Refuse an incomplete request head that is already over a limit."""
@@ -209,10 +213,10 @@ def complete_headers(headers: list[tuple[bytes, bytes]], status: int, body_lengt
     return headers + extra if extra else headers
 
 
-def error_response(status: int) -> bytes:
+def error_response(status: int, detail: str = "") -> bytes:
     """A complete `status` response that closes the connection, for refused requests."""
     phrase = HTTPStatus(status).phrase.encode("ascii")
-    body = phrase + b"\n"
+    body = phrase + (b": " + detail.encode("utf-8") if detail else b"") + b"\n"
     return b"".join((
         b"HTTP/1.1 %d %s\r\n" % (status, phrase),
         b"Content-Type: text/plain; charset=utf-8\r\n",

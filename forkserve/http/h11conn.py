@@ -106,6 +106,9 @@ class H11Connection:
         except h11.LocalProtocolError as exc:
             raise ValueError(str(exc)) from None
 
+    def trailing_data(self) -> bytes:
+        return self._h11.trailing_data[0]
+
     def start_next_cycle(self) -> bool:
         conn = self._h11
         if conn.our_state is _DONE and conn.their_state is _DONE:

@@ -28,6 +28,8 @@ from forkserve.http.base import (
     error_response,
 )
 from forkserve.logs import access_log, error_log, format_access_line
+from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
+from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade, websocket_scope
 from forkserve.workers.base import BootFailed, Worker
 
 ACCEPT_BATCH = 16
@@ -35,6 +37,8 @@ BALANCE_MARGIN = 2
 ACCEPT_DEFER = 0.005
 RESOURCE_PAUSE = 0.5
 STOP_GRACE = 1.0
+# Open WebSockets are closed this many seconds before --graceful-timeout ends.
+WS_CLOSE_MARGIN = 1.0
 # How long lifespan shutdown may take on a graceful stop.
 LIFESPAN_SHUTDOWN_SECONDS = 10.0
 
@@ -67,6 +71,7 @@ class AsyncioWorker(Worker):
         self.stopping = False
         self.accepting = False
         self.accept_forced = False
+        self.warned_no_websocket = False
         self.access_log_format = cfg.access_log_format if cfg.access_logfile else None
         try:
             self.loop = new_event_loop(cfg.loop)
@@ -205,6 +210,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.conn = new_connection(worker.limits)
         self.transport: asyncio.Transport | None = None
         self.cycle: HTTPCycle | None = None
+        self.ws: WebSocketSession | None = None
         self.request: Request | None = None
         self.started = 0.0
         self.discarding = False  # reading and dropping a body the app did not read
@@ -233,11 +239,17 @@ class HTTPProtocol(asyncio.Protocol):
             self.begin_stop()
 
     def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.receive_data(data)
+            return
         self._cancel_timer()
         self.conn.receive_data(data)
         self._process()
 
     def eof_received(self) -> bool:
+        if self.ws is not None:
+            self.ws.receive_data(None)
+            return False
         self.conn.receive_data(b"")
         if self.cycle is not None:
             self.cycle.client_eof()
@@ -249,6 +261,8 @@ class HTTPProtocol(asyncio.Protocol):
         self._cancel_timer()
         if self.cycle is not None:
             self.cycle.disconnect()
+        if self.ws is not None:
+            self.ws.connection_lost()
         self.writable.set()
         self.worker.connection_closed(self)
 
@@ -311,6 +325,9 @@ class HTTPProtocol(asyncio.Protocol):
                 else:
                     cycle.feed_end()
             elif kind is Request:
+                if is_upgrade(event):
+                    self._upgrade(event)
+                    return
                 self._start_cycle(event)
             elif event is NEED_DATA:
                 return
@@ -335,6 +352,43 @@ class HTTPProtocol(asyncio.Protocol):
     async def _run(self, cycle: HTTPCycle) -> None:
         try:
             await cycle.run(self.worker.asgi_app)
+        finally:
+            self.worker.in_flight -= 1
+
+    def _upgrade(self, request: Request) -> None:
+        """Hand the connection to a WebSocket session (or refuse: no wsproto)."""
+        worker = self.worker
+        if not WEBSOCKET_AVAILABLE:
+            if not worker.warned_no_websocket:
+                worker.warned_no_websocket = True
+                error_log.warning("refusing WebSocket requests: wsproto is not installed "
+                                  "(pip install 'forkserve[ws]')")
+            self.write(error_response(501, "WebSocket support is not installed"))
+            self.close()
+            return
+        try:
+            while self.conn.next_event() is END_OF_MESSAGE:
+                pass  # a GET has no body: the parser now waits for the protocol switch
+        except ProtocolError as exc:
+            self._reject(exc)
+            return
+        self._cancel_timer()
+        cfg = worker.cfg
+        scope = websocket_scope(request, self.client, self.server, cfg.root_path,
+                                worker.lifespan.state if worker.lifespan.supported else None)
+        self.ws = WebSocketSession(scope, request, self, cfg.ws_max_size, cfg.ws_ping_interval,
+                                   cfg.ws_ping_timeout)
+        worker.in_flight += 1
+        worker.served += 1
+        self.loop.create_task(self._run_websocket(self.ws, self.conn.trailing_data()))
+        if worker.stopping:
+            self.begin_stop()
+
+    async def _run_websocket(self, session: WebSocketSession, leftover: bytes) -> None:
+        if leftover:
+            session.receive_data(leftover)
+        try:
+            await session.run(self.worker.asgi_app)
         finally:
             self.worker.in_flight -= 1
 
@@ -403,8 +457,12 @@ class HTTPProtocol(asyncio.Protocol):
 
     def begin_stop(self) -> None:
         """Graceful stop: a request in progress finishes; an idle connection gets STOP_GRACE
-        seconds to bring one more (answered with Connection: close)."""
-        if self.cycle is None:
+        seconds to bring one more (answered with Connection: close); a WebSocket is closed
+        with 1012 (service restart) shortly before --graceful-timeout runs out."""
+        if self.ws is not None:
+            delay = max(0.0, self.worker.cfg.graceful_timeout - WS_CLOSE_MARGIN)
+            self.loop.call_later(delay, self.ws.close, SERVICE_RESTART, "server restarting")
+        elif self.cycle is None:
             self._cancel_timer()
             self._wait_for_request()
 

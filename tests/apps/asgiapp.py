@@ -187,7 +187,43 @@ ROUTES = {
 }
 
 
+async def websocket(scope, receive, send):
+    """WebSocket routes: /ws/echo, /ws/reject, /ws/deny, /ws/close, /ws/error, /ws/wait."""
+    message = await receive()
+    assert message["type"] == "websocket.connect", message
+    path = scope["path"]
+    if path == "/ws/reject":
+        await send({"type": "websocket.close"})
+        return
+    if path == "/ws/deny":
+        await send({"type": "websocket.http.response.start", "status": 418,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "websocket.http.response.body", "body": b"no sockets for you"})
+        return
+    subprotocol = scope["subprotocols"][0] if scope["subprotocols"] else None
+    await send({"type": "websocket.accept", "subprotocol": subprotocol,
+                "headers": [(b"x-accepted-by", str(os.getpid()).encode())]})
+    if path == "/ws/close":
+        await send({"type": "websocket.close", "code": 4001, "reason": "bye"})
+        return
+    if path == "/ws/error":
+        raise RuntimeError("deliberate WebSocket failure")
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            say(f"WS DISCONNECT {message['code']}")
+            return
+        if path == "/ws/echo":
+            if message.get("text") is not None:
+                await send({"type": "websocket.send", "text": message["text"]})
+            else:
+                await send({"type": "websocket.send", "bytes": message["bytes"]})
+
+
 async def app(scope, receive, send):
+    if scope["type"] == "websocket":
+        await websocket(scope, receive, send)
+        return
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
