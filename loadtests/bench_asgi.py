@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [s for s in servers() if not args.only or s.key in args.only]
     lib.install_cleanup()
 
-    source = lib.source_state()
+    source, digest = lib.source_state(), lib.code_digest()
     versions = [f"python {sys.version.split()[0]}",
                 f"{lib.forkserve_version()} ({source}; uvloop {local_version('uvloop')}, "
                 f"h11 {local_version('h11')}, httptools {local_version('httptools')})"]
@@ -270,10 +270,9 @@ def main(argv: list[str] | None = None) -> int:
 
     extra = p50_notes(rows)
     extra += [f"- {key}: {why}" for key, why in skipped.items()]
-    after = lib.source_state()
-    if after != source:
+    if lib.code_digest() != digest:
         extra.append(f"- WARNING: forkserve/ changed during the run (at start: {source}; "
-                     f"at end: {after}); rows may have measured different code")
+                     f"at end: {lib.source_state()}); rows may have measured different code")
 
     header = (f"# bench_asgi: forkserve vs uvicorn and gunicorn, hello-world ASGI\n\n"
               f"{started:%Y-%m-%d %H:%M} UTC; {args.workers} workers per server; "

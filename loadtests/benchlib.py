@@ -235,30 +235,34 @@ def cmdline(pid: int) -> bytes:
         return b""
 
 
+def code_digest() -> str:
+    """A digest of the files under forkserve/, which the editable install runs."""
+    digest = hashlib.sha1()
+    root = REPO / "forkserve"
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            with contextlib.suppress(OSError):
+                digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def source_state() -> str:
-    """The commit and a digest of uncommitted changes under forkserve/, which the editable
-    install runs: results belong to that state of the code."""
+    """The commit, whether forkserve/ differs from it, and the code's digest: the results belong
+    to that state of the code."""
+    state = f"code digest {code_digest()}"
     git = shutil.which("git")
     if git is None:
-        return "git unavailable"
+        return state
 
-    def run(*args: str) -> bytes:
+    def run(*args: str) -> str:
         done = subprocess.run([git, "--no-optional-locks", "-C", str(REPO), *args],
-                              capture_output=True, timeout=30)
+                              capture_output=True, text=True, timeout=30)
         return done.stdout
 
-    head = run("rev-parse", "--short", "HEAD").decode().strip() or "?"
-    status = run("status", "--porcelain", "--untracked-files=all", "--", "forkserve").decode()
-    changed = status.splitlines()
-    if not changed:
-        return f"git {head}, forkserve/ clean"
-    digest = hashlib.sha1(run("diff", "HEAD", "--", "forkserve"))
-    for line in changed:
-        if line.startswith("??"):
-            with contextlib.suppress(OSError):
-                digest.update((REPO / line[3:]).read_bytes())
-    return (f"git {head} + uncommitted changes to {len(changed)} file(s) in forkserve/ "
-            f"(digest {digest.hexdigest()[:10]})")
+    head = run("rev-parse", "--short", "HEAD").strip() or "?"
+    changed = run("status", "--porcelain", "--untracked-files=all", "--", "forkserve").splitlines()
+    dirty = f" + uncommitted changes to {len(changed)} file(s) in forkserve/" if changed else ""
+    return f"git {head}{dirty}, {state}"
 
 
 def kill_group(pgid: int) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 
 from forkserve import channel
+from forkserve.app import detect_interface
 from forkserve.cpus import cgroup_cpu_quota, usable_cpus
 from forkserve.errors import ConfigError
 from forkserve.http import Limits, new_connection
@@ -198,3 +200,55 @@ def test_access_line_atoms():
 def test_bad_access_log_format():
     with pytest.raises(ValueError):
         check_access_log_format("%(h")
+
+
+# -- interface detection ------------------------------------------------------------------------
+
+async def _asgi3(scope, receive, send):
+    pass
+
+
+def _wsgi(environ, start_response):
+    pass
+
+
+class _AsgiInstance:
+    async def __call__(self, scope, receive, send):
+        pass
+
+
+class _WsgiInstance:
+    def __call__(self, environ, start_response):
+        pass
+
+
+class _Asgi2:
+    def __init__(self, scope):
+        pass
+
+    async def __call__(self, receive, send):
+        pass
+
+
+class _Asgi2Child(_Asgi2):
+    pass
+
+
+@pytest.mark.parametrize(("app", "interface"), [
+    (_asgi3, "asgi3"),
+    (_wsgi, "wsgi"),
+    (_AsgiInstance(), "asgi3"),
+    (_WsgiInstance(), "wsgi"),
+    (_Asgi2, "asgi2"),
+    (_Asgi2Child, "asgi2"),
+    (functools.partial(_asgi3), "asgi3"),
+    (functools.partial(functools.partial(_wsgi)), "wsgi"),
+])
+def test_detect_interface(app, interface):
+    assert detect_interface(app) == interface
+
+
+def test_interface_override_wins():
+    assert detect_interface(_wsgi, "asgi") == "asgi3"
+    assert detect_interface(_asgi3, "wsgi") == "wsgi"
+    assert detect_interface(_asgi3, "asgi2") == "asgi2"
