@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import APPS, Reader, exchange, forkserve_command
+from conftest import APPS, Reader, closed_by_peer, exchange, forkserve_command
 
 GET = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -259,3 +259,10 @@ def _rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def test_an_unfinished_request_head_is_dropped_after_keep_alive(start_server):
+    server = start_server("asgiapp:app", "-w", "1", "--keep-alive", "1")
+    with server.connect() as sock:
+        sock.sendall(b"GET /hello HTTP/1.1\r\nX-Slow: 1\r\n")  # and never the rest
+        assert closed_by_peer(sock, timeout=5)

@@ -242,7 +242,8 @@ class HTTPProtocol(asyncio.Protocol):
         if self.ws is not None:
             self.ws.receive_data(data)
             return
-        self._cancel_timer()
+        # The keep-alive timer runs on until a whole request head is in: a head trickling
+        # in slower than --keep-alive is dropped like an idle connection.
         self.conn.receive_data(data)
         self._process()
 
@@ -342,6 +343,7 @@ class HTTPProtocol(asyncio.Protocol):
         scope = http_scope(request, self.client, self.server, worker.cfg.root_path,
                            worker.lifespan.state if worker.lifespan.supported else None)
         close = worker.stopping or worker.cfg.keep_alive <= 0
+        self._cancel_timer()
         self.request = request
         self.started = time.time() if worker.access_log_format else 0.0
         self.cycle = HTTPCycle(scope, self.conn, self, close, self._response_complete)
