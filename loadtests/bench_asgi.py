@@ -152,10 +152,14 @@ def forkserve_requests(master: int) -> str | None:
 def measure(server: Server, apps_dir: Path, workers: int, wrk: str, connections: int,
             seconds: int) -> Row:
     port = lib.free_port()
-    return lib.measure(server, server_command(server, apps_dir, workers, port),
-                       boot_marker(server, workers), LOG_DIR / f"{server.key}.log", wrk,
-                       connections, seconds, port,
-                       forkserve_requests if server.kind == "forkserve" else None)
+    digest = lib.code_digest() if server.kind == "forkserve" else None
+    row = lib.measure(server, server_command(server, apps_dir, workers, port),
+                      boot_marker(server, workers), LOG_DIR / f"{server.key}.log", wrk,
+                      connections, seconds, port,
+                      forkserve_requests if server.kind == "forkserve" else None)
+    if digest is not None:
+        row.notes.append(f"forkserve code digest when started: {digest}")
+    return row
 
 
 # -- prerequisites ------------------------------------------------------------------------------
@@ -194,7 +198,7 @@ def ratio_lines(rows: list[Row], chosen: list[str], skipped: dict[str, str]) -> 
         if ours not in chosen or peer not in chosen:
             continue
         if peer in skipped:
-            out.append(f"{text} = n/a ({skipped[peer]})")
+            out.append(f"{text} = n/a (skipped: {skipped[peer]})")
             continue
         value = lib.ratio(by_key, ours, peer)
         out.append(f"{text} = {lib.fmt_ratio(value, 'n/a (a server failed)')}")
@@ -256,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"uvloop {peers['uvloop']})",
                      f"gunicorn {peers['gunicorn']} ({parser})"]
         if not gunicorn_has_asgi():
-            skipped["gunicorn-asgi"] = (f"skipped: gunicorn {peers['gunicorn']} has no native "
-                                        "ASGI worker (-k asgi needs gunicorn 27+)")
-            print(f"note: {skipped['gunicorn-asgi']}", file=sys.stderr)
+            skipped["gunicorn-asgi"] = (f"gunicorn {peers['gunicorn']} has no native ASGI "
+                                        "worker, -k asgi needs gunicorn 27+")
+            print(f"note: skipping gunicorn-asgi: {skipped['gunicorn-asgi']}", file=sys.stderr)
     versions.append(lib.wrk_version(wrk))
 
     started = datetime.now(timezone.utc)
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         return lib.EXIT_INTERRUPTED
 
     extra = p50_notes(rows)
-    extra += [f"- {key}: {why}" for key, why in skipped.items()]
+    extra += [f"- {key}: SKIPPED, {why}" for key, why in skipped.items()]
     if lib.code_digest() != digest:
         extra.append(f"- WARNING: forkserve/ changed during the run (at start: {source}; "
                      f"at end: {lib.source_state()}); rows may have measured different code")

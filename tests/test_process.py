@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import (
+    APP_OF,
     APPS,
     READY,
     Reader,
@@ -73,8 +74,8 @@ def test_workers_auto_uses_every_allowed_cpu(start_server):
     assert len(server.workers()) == usable_cpus()
 
 
-def test_a_burst_of_keep_alive_connections_is_shared_between_workers(start_server):
-    server = start_server("wsgiapp:app", "-w", "2")
+def test_a_burst_of_keep_alive_connections_is_shared_between_workers(start_server, interface):
+    server = start_server(APP_OF[interface], "-w", "2")
     socks = [server.connect() for _ in range(12)]
     try:
         served_by = []

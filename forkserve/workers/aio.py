@@ -59,6 +59,8 @@ def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
 class AsyncioWorker(Worker):
     """Serves ASGI apps from one event loop per process."""
 
+    accepting = False  # listeners registered with the loop
+
     def serve(self) -> None:
         cfg = self.cfg
         self.limits = Limits(
@@ -68,6 +70,7 @@ class AsyncioWorker(Worker):
         )
         self.asgi_app = wrap_asgi2(self.app) if self.interface == "asgi2" else self.app
         self.connections: set[HTTPProtocol] = set()
+        self.accepted = 0  # accepted sockets whose protocol is not set up yet
         self.stopping = False
         self.accepting = False
         self.accept_forced = False
@@ -86,18 +89,21 @@ class AsyncioWorker(Worker):
             self.loop.close()
 
     async def _main(self) -> None:
+        self.stopped = asyncio.Event()
+        self.all_closed = asyncio.Event()
         self.lifespan = Lifespan(self.asgi_app, self.cfg.lifespan)
         try:
             await self.lifespan.startup()
         except LifespanFailed as exc:
             raise BootFailed(EXIT_BOOT, str(exc)) from None
-        self.stopped = asyncio.Event()
-        self.all_closed = asyncio.Event()
+        if not self.alive:
+            return  # told to stop while starting up
         loop = self.loop
         loop.add_reader(self.wakeup_r, self._on_wakeup)
         for listener in self.listeners:
             listener.sock.setblocking(False)
         self._set_accepting(True)
+        self._publish()  # from now on peers may leave connections to this worker
         self._tick()
         self.report_booted()
         await self.stopped.wait()
@@ -107,7 +113,11 @@ class AsyncioWorker(Worker):
     # -- signals, heartbeat, stopping ---------------------------------------------------------
 
     def _graceful_stop(self, signum: int, frame: Any) -> None:
-        self.alive = False  # the wakeup fd wakes the loop, which then calls _on_wakeup
+        self.alive = False
+        # uvloop replaces the signal wakeup fd with its own while it runs, so wake the loop
+        # explicitly rather than through the worker's wakeup pipe.
+        if self.accepting:
+            self.loop.call_soon_threadsafe(self._begin_stop)
 
     def _on_wakeup(self) -> None:
         try:
@@ -187,16 +197,28 @@ class AsyncioWorker(Worker):
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.loop.create_task(self.loop.connect_accepted_socket(
-                lambda: HTTPProtocol(self), sock))
+            self.accepted += 1
+            self._publish()  # count it now: peers must see this worker's load at once
+            self.loop.create_task(self._connect(sock))
+
+    async def _connect(self, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: HTTPProtocol(self), sock)
+        except OSError:
+            sock.close()
+        finally:
+            self.accepted -= 1
+            self._publish()
+
+    def _publish(self) -> None:
+        self.scoreboard.set(self.number, len(self.connections) + self.accepted)
 
     def connection_opened(self, protocol: HTTPProtocol) -> None:
         self.connections.add(protocol)
-        self.scoreboard.set(self.number, len(self.connections))
 
     def connection_closed(self, protocol: HTTPProtocol) -> None:
         self.connections.discard(protocol)
-        self.scoreboard.set(self.number, len(self.connections))
+        self._publish()
         if self.stopping and not self.connections:
             self.all_closed.set()
 
