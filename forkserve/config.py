@@ -56,6 +56,10 @@ class Config:
     ws_max_size: int
     ws_ping_interval: float
     ws_ping_timeout: float
+    user: str | None
+    group: str | None
+    umask: int
+    allow_root: bool
     graceful_timeout: float
     keep_alive: float
     limit_request_line: int

@@ -76,6 +76,16 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _umask(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise ValueError(f"expected an octal mask like 022, got {text!r}") from None
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"expected an octal mask from 000 to 777, got {text!r}")
+    return value
+
+
 def _access_log_format(text: str) -> str:
     from forkserve.logs import check_access_log_format
 
@@ -114,6 +124,11 @@ class Setting:
     repeat: bool = False
     flag: bool = False
     section: str = "server"
+
+    @property
+    def env(self) -> str:
+        """The environment variable that sets it (a list: comma-separated)."""
+        return "FORKSERVE_" + self.name.upper()
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -240,6 +255,27 @@ SETTINGS: tuple[Setting, ...] = (
         "ws_ping_timeout", ("--ws-ping-timeout",), 20.0, _seconds,
         "A WebSocket whose peer does not answer a ping within this many seconds is closed "
         "(1011).", metavar="SECONDS", section="websocket",
+    ),
+    Setting(
+        "user", ("-u", "--user"), None, _text,
+        "Switch the master (and so the workers) to this user, by name or uid, once the "
+        "sockets are bound. Running as root without it is refused (see --allow-root).",
+        metavar="USER", section="privileges",
+    ),
+    Setting(
+        "group", ("-g", "--group"), None, _text,
+        "Switch to this group, by name or gid (default: the user's primary group).",
+        metavar="GROUP", section="privileges",
+    ),
+    Setting(
+        "umask", ("--umask",), 0o022, _umask,
+        "File mode mask of the server processes, in octal; also sets the mode of unix "
+        "sockets it creates.", metavar="MASK", section="privileges",
+    ),
+    Setting(
+        "allow_root", ("--allow-root",), False, _flag,
+        "Allow serving as root (without --user). Not recommended.", flag=True,
+        section="privileges",
     ),
     Setting(
         "chdir", ("--chdir",), None, _directory,
