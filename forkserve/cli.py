@@ -7,9 +7,10 @@ import sys
 
 from forkserve import logs
 from forkserve.app import check_app_module
-from forkserve.config import parse_args
-from forkserve.errors import EXIT_CONFIG, ConfigError
+from forkserve.config import describe, parse_args
+from forkserve.errors import EXIT_CONFIG, EXIT_OK, ConfigError
 from forkserve.master import Master
+from forkserve.sockets import parse_bind
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             raise ConfigError(f"cannot open log file {exc.filename}: {exc.strerror}") from None
         check_app_module(cfg.app, cfg.chdir)
+        if cfg.check_only:
+            for spec in cfg.bind:
+                parse_bind(spec)
+            print(describe(cfg))
+            return EXIT_OK
         return Master(cfg, args).run()
     except ConfigError as exc:
         print(f"forkserve: error: {exc}", file=sys.stderr)

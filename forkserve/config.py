@@ -8,13 +8,20 @@ Python module, as gunicorn users know it: module-level names that are settings s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import runpy
+import sys
 import types
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from forkserve import __version__
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 from forkserve.cpus import usable_cpus
 from forkserve.errors import ConfigError
 from forkserve.settings import BY_NAME, DEFAULT_APP, SETTINGS, Setting
@@ -72,6 +79,8 @@ class Config:
     access_log_format: str
     hooks: dict[str, Callable[..., Any]]
     config: str | None
+    sources: dict[str, str]
+    check_only: bool
 
     def __init__(self, **values: Any) -> None:
         for setting in SETTINGS:
@@ -80,6 +89,8 @@ class Config:
         self.app = DEFAULT_APP
         self.hooks = {}
         self.config = None
+        self.sources = {}
+        self.check_only = False
         for name, value in values.items():
             if not hasattr(self, name):
                 raise ConfigError(f"unknown setting {name!r}")
@@ -115,16 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument(
-        "app", nargs="?", default=DEFAULT_APP, metavar="MODULE:VARIABLE",
+        "app", nargs="?", default=None, metavar="MODULE:VARIABLE",
         help="The app to serve: MODULE:VARIABLE, or MODULE:FACTORY() to call a factory. "
         f"Default: the built-in demo app ({DEFAULT_APP}).",
     )
     parser.add_argument("--version", action="version", version=f"forkserve {__version__}")
     parser.add_argument(
         "-c", "--config", metavar="FILE",
-        help="A Python config file: settings by name (bind = ['unix:/run/app.sock'], "
-        "workers = 4, ...) and server hooks (on_starting, on_reload, when_ready, pre_fork, "
-        "post_fork, worker_exit). The command line overrides it.",
+        help="Config file: TOML (forkserve.toml, or [tool.forkserve] in pyproject.toml, both "
+        "found in the working directory without this option) or a Python file that may also "
+        "define server hooks (on_starting, on_reload, when_ready, pre_fork, post_fork, "
+        "worker_exit). Also FORKSERVE_CONFIG. The environment and the command line override "
+        "it.",
+    )
+    parser.add_argument(
+        "--check-config", action="store_true", default=None,
+        help="Validate the configuration, print the effective values and where each came "
+        "from, and exit.",
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for setting in SETTINGS:
@@ -148,22 +166,115 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str]) -> Config:
-    """Build a Config from command-line arguments (and the config file they name); raises
-    ConfigError with a one-line message."""
+CONFIG_FILE = "forkserve.toml"
+CONFIG_ENV = "FORKSERVE_CONFIG"
+APP_ENV = "FORKSERVE_APP"
+
+
+def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Config:
+    """Build the effective Config; raises ConfigError with a one-line message.
+
+    Precedence: command line > environment (FORKSERVE_*) > config file > defaults. The
+    config file is `-c FILE` (or FORKSERVE_CONFIG): a Python module, a TOML file, or a
+    pyproject.toml; without one, ./forkserve.toml, then [tool.forkserve] in ./pyproject.toml
+    (in --chdir's directory if given) are used when present. `Config.sources` says where
+    each value came from.
+    """
+    environ = os.environ if environ is None else environ
     namespace = build_parser().parse_args(argv)
     given = {k: v for k, v in vars(namespace).items() if v is not None}
-    path = given.pop("config", None)
+    check_only = given.pop("check_config", False)
+    path = given.pop("config", None) or environ.get(CONFIG_ENV) or _discover(
+        given.get("chdir") or os.getcwd())
     values: dict[str, Any] = {}
-    if path is not None:
-        values, hooks = load_config_file(path)
-        values["hooks"] = hooks
-        values["config"] = os.path.abspath(path)
-    values.update(given)
-    return Config(**values)
+    sources: dict[str, str] = {}
+    hooks: dict[str, Callable[..., Any]] = {}
+    if path:
+        file_values, hooks = load_config_file(path)
+        label = f"config file {os.path.abspath(path)}"
+        _layer(values, sources, file_values, lambda name: label)
+    _layer(values, sources, _from_environment(environ),
+           lambda name: f"environment {BY_NAME[name].env if name in BY_NAME else APP_ENV}")
+    _layer(values, sources, given, lambda name: "command line")
+    cfg = Config(**values)
+    cfg.hooks = hooks
+    cfg.config = os.path.abspath(path) if path else None
+    cfg.sources = sources
+    cfg.check_only = check_only
+    return cfg
+
+
+def _layer(values: dict[str, Any], sources: dict[str, str], layer: dict[str, Any],
+           source: Callable[[str], str]) -> None:
+    for name, value in layer.items():
+        values[name] = value
+        sources[name] = source(name)
+
+
+def _discover(directory: str) -> str | None:
+    candidate = os.path.join(directory, CONFIG_FILE)
+    if os.path.isfile(candidate):
+        return candidate
+    pyproject = os.path.join(directory, "pyproject.toml")
+    if os.path.isfile(pyproject) and _read_toml(pyproject).get("tool", {}).get("forkserve"):
+        return pyproject
+    return None
+
+
+def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        text = environ.get(setting.env)
+        if text is None:
+            continue
+        try:
+            if setting.repeat:
+                values[setting.name] = [setting.parse(item.strip())
+                                        for item in text.split(",") if item.strip()]
+            else:
+                values[setting.name] = setting.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"environment variable {setting.env}: {exc}") from None
+    if environ.get(APP_ENV):
+        values["app"] = environ[APP_ENV]
+    return values
 
 
 def load_config_file(path: str) -> tuple[dict[str, Any], dict[str, Callable[..., Any]]]:
+    """Read a config file (Python, TOML or pyproject.toml); return its settings (checked)
+    and, for Python files, its hooks."""
+    if path.endswith(".py"):
+        return _load_python(path)
+    data = _read_toml(path)
+    if os.path.basename(path) == "pyproject.toml":
+        data = data.get("tool", {}).get("forkserve", {})
+        where = f"{path} [tool.forkserve]"
+    else:
+        where = path
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        if name == "app":
+            if not isinstance(value, str):
+                raise ConfigError(f"config file {where}: app: expected a string, got {value!r}")
+            values[name] = value
+        elif name in BY_NAME:
+            values[name] = _checked(BY_NAME[name], value, where)
+        else:
+            raise ConfigError(f"config file {where}: unknown setting {name!r}")
+    return values, {}
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def _load_python(path: str) -> tuple[dict[str, Any], dict[str, Callable[..., Any]]]:
     """Run a Python config file; return its settings (checked) and its hooks."""
     try:
         namespace = runpy.run_path(path, run_name="forkserve_config")
@@ -191,6 +302,24 @@ def load_config_file(path: str) -> tuple[dict[str, Any], dict[str, Callable[...,
     return values, hooks
 
 
+def describe(cfg: Config) -> str:
+    """The effective configuration as TOML, each value with where it came from."""
+    lines = [f"# forkserve {__version__}: effective configuration"]
+    for name in ["app", *(setting.name for setting in SETTINGS)]:
+        value = getattr(cfg, name)
+        source = cfg.sources.get(name, "default")
+        if name == "workers" and "workers" not in cfg.sources:
+            source = "default: auto, the CPUs this process may use"
+        if value is None:
+            lines.append(f"# {name} is not set".ljust(48) + f"  # {source}")
+            continue
+        text = f'"{value:03o}"' if name == "umask" else json.dumps(value)
+        lines.append(f"{name} = {text}".ljust(48) + f"  # {source}")
+    if cfg.hooks:
+        lines.append(f"# hooks from {cfg.config}: {', '.join(sorted(cfg.hooks))}")
+    return "\n".join(lines)
+
+
 def _checked(setting: Setting, value: Any, path: str) -> Any:
     """A config-file value for `setting`, validated as its command-line text would be."""
     where = f"config file {path}: {setting.name}"
@@ -206,7 +335,7 @@ def _checked(setting: Setting, value: Any, path: str) -> Any:
         if isinstance(item, bool) or not isinstance(item, str | int | float):
             raise ConfigError(f"{where}: expected a string or number, got {item!r}")
         try:
-            parsed.append(setting.parse(str(item)))
+            parsed.append(setting.parse(setting.to_text(item)))
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     return parsed if setting.repeat else parsed[0]

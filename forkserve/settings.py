@@ -124,6 +124,8 @@ class Setting:
     repeat: bool = False
     flag: bool = False
     section: str = "server"
+    # A typed value from a config file back to the text `parse` takes (umask: 0o22 → "22").
+    to_text: Callable[[Any], str] = str
 
     @property
     def env(self) -> str:
@@ -271,6 +273,7 @@ SETTINGS: tuple[Setting, ...] = (
         "umask", ("--umask",), 0o022, _umask,
         "File mode mask of the server processes, in octal; also sets the mode of unix "
         "sockets it creates.", metavar="MASK", section="privileges",
+        to_text=lambda value: format(value, "o") if isinstance(value, int) else str(value),
     ),
     Setting(
         "allow_root", ("--allow-root",), False, _flag,
