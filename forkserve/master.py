@@ -42,6 +42,7 @@ from forkserve.logs import error_log
 from forkserve.pidfile import Pidfile
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import INHERIT_ENV, Listener, listen
+from forkserve.systemd import Notifier
 from forkserve.workers import run_worker
 
 HANDLED_SIGNALS = (
@@ -63,6 +64,10 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 # With no worker left serving, stop after this many boot failures in a row.
 MAX_BOOT_FAILURES = 5
+# How often systemd gets a STATUS= line (when it changed).
+STATUS_INTERVAL = 5.0
+# With --timeout 0, workers silent this long stop the watchdog pings.
+WATCHDOG_STALE = 10.0
 
 
 class WorkerProcess:
@@ -114,6 +119,12 @@ class Master:
         self.failures = 0  # consecutive worker failures (crash soon after boot, boot failure)
         self.spawn_not_before = 0.0
         self.boot_errors_seen: set[str] = set()
+        self.notify = Notifier()
+        self.reloading = False  # a HUP is in progress: READY=1 once the new workers are up
+        self.served_by_gone = 0  # requests served by workers that exited
+        self.next_status = 0.0
+        self.last_status = ""
+        self.next_watchdog = 0.0
         self.upgrade_pid = 0  # the new master started by USR2
         self.inherited_from = 0  # the old master that handed us its sockets (USR2)
         self._wakeup_fds = (-1, -1)
@@ -157,6 +168,7 @@ class Master:
             if self.stop_deadline is None:
                 self._check_hung(now)
                 self._stop_replaced()
+                self._tell_systemd(now)
             elif not self.workers:
                 break
             elif now >= self.stop_deadline:
@@ -166,6 +178,8 @@ class Master:
 
     def _wait(self) -> None:
         timeout = 0.2 if self.stop_deadline is not None else 1.0
+        if self.notify.watchdog_interval:
+            timeout = min(timeout, self.notify.watchdog_interval)
         if self.spawn_not_before:
             timeout = max(0.0, min(timeout, self.spawn_not_before - time.monotonic()))
         for key, _ in self.selector.select(timeout):
@@ -261,6 +275,8 @@ class Master:
         self.cfg = cfg
         self.size = cfg.workers
         self.saved_size = 0
+        self.reloading = True
+        self.notify.reloading()
         self.call_hook("on_reload", self)
         old = [w for w in self.workers.values() if not w.retiring]
         for worker in old:
@@ -283,6 +299,7 @@ class Master:
         fds = [listener.sock.fileno() for listener in self.listeners]
         env = dict(os.environ)
         env[INHERIT_ENV] = ",".join(map(str, fds))
+        env.pop("WATCHDOG_PID", None)  # the new master pings for itself once it is the main pid
         args = [sys.executable, "-m", "forkserve", *self.argv]
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         pid = os.fork()
@@ -446,6 +463,7 @@ class Master:
                 self.ready = True
                 error_log.info("ready: %d workers in %.2f s", self.size,
                                time.monotonic() - self.started)
+                self.notify.ready(self._status_text())
                 self.call_hook("when_ready", self)
         elif kind == channel.BOOT_FAILED:
             status = payload[0] if payload else EXIT_BOOT
@@ -519,6 +537,7 @@ class Master:
                 pass  # what a dead worker wrote last (a boot failure) is still in its pipe
             self._unwatch(worker)
             self.scoreboard.leave(worker.number)
+            self.served_by_gone += worker.served
             self._report_exit(worker, wait_status)
 
     def _report_exit(self, worker: WorkerProcess, wait_status: int) -> None:
@@ -605,6 +624,40 @@ class Master:
             worker.dump_sent_at = now
             _kill(worker.pid, DUMP_SIGNAL)
 
+    def _tell_systemd(self, now: float) -> None:
+        """READY=1 once a reload is complete, STATUS= now and then, and the watchdog ping
+        while workers are heard from."""
+        notify = self.notify
+        if not notify.enabled:
+            return
+        if self.reloading and not any(w.stop_when_replaced for w in self.workers.values()) \
+                and sum(1 for w in self._active() if w.booted) >= self.size:
+            self.reloading = False
+            notify.ready(self._status_text())
+        if now >= self.next_status:
+            self.next_status = now + STATUS_INTERVAL
+            text = self._status_text()
+            if text != self.last_status:
+                self.last_status = text
+                notify.status(text)
+        if notify.watchdog_interval and now >= self.next_watchdog and self._healthy(now):
+            self.next_watchdog = now + notify.watchdog_interval
+            notify.watchdog()
+
+    def _healthy(self, now: float) -> bool:
+        """Are the workers heard from? (A worker may be silent up to --timeout.) Until one has
+        booted, the master's own loop running is all there is to check."""
+        booted = [w for w in self.workers.values() if w.booted and not w.killed]
+        if not booted:
+            return True
+        stale = self.cfg.timeout if self.cfg.timeout > 0 else WATCHDOG_STALE
+        return any(now - w.last_seen <= stale for w in booted)
+
+    def _status_text(self) -> str:
+        served = self.served_by_gone + sum(w.served for w in self.workers.values())
+        booted = sum(1 for w in self._active() if w.booted)
+        return f"{booted} workers, {served} requests served"
+
     def _kill_worker(self, worker: WorkerProcess, reason: str) -> None:
         if self.workers.get(worker.pid) is not worker:
             return  # already reaped: its pid may belong to another process now
@@ -625,6 +678,7 @@ class Master:
             return
         error_log.info("%s: %s stop of %d workers", reason, "graceful" if graceful else "quick",
                        len(self.workers))
+        self.notify.stopping()
         if self.stop_deadline is None:
             # New clients are refused at once instead of queueing for workers that are
             # leaving. (A new master from USR2 keeps its own copies of these sockets.)

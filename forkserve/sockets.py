@@ -9,6 +9,7 @@ import stat
 from dataclasses import dataclass
 
 from forkserve.errors import ConfigError
+from forkserve.systemd import listen_fds
 
 DEFAULT_PORT = 8000
 # Set by a master starting its replacement (USR2): the fds of its listeners, in --bind order.
@@ -99,13 +100,19 @@ def listen(specs: list[str], backlog: int) -> list[Listener]:
     """Bind and listen on every spec; on any failure close what was bound and raise ConfigError.
 
     Sockets handed over by a previous master (the INHERIT_ENV variable, removed here so that
-    nothing started later misreads it) are adopted in --bind order instead of being bound.
+    nothing started later misreads it) are adopted in --bind order instead of being bound;
+    sockets passed by systemd socket activation replace --bind altogether.
     """
     inherited = _inherited_fds()
+    activated = listen_fds()
+    addresses = [parse_bind(spec) for spec in specs]
+    if inherited and len(inherited) != len(addresses) or activated and not inherited:
+        # Sockets from systemd (or a master started with other --bind): use them as they are.
+        fds = inherited or [fd for fd, _ in activated]
+        return [Listener(_adopt_fd(fd), Address("fd", fd=fd)) for fd in fds]
     listeners: list[Listener] = []
     try:
-        for spec in specs:
-            address = parse_bind(spec)
+        for address in addresses:
             if inherited:
                 sock = _adopt_fd(inherited.pop(0))
                 listeners.append(Listener(sock, address, owns_path=address.kind == "unix"))

@@ -1,0 +1,85 @@
+"""systemd integration without libsystemd: sd_notify, the watchdog, socket activation.
+
+- `Notifier` sends sd_notify(3) datagrams to $NOTIFY_SOCKET (a path, or an abstract socket
+  when it starts with "@"): READY=1, RELOADING=1 with MONOTONIC_USEC (Type=notify-reload),
+  STOPPING=1, STATUS=..., MAINPID=..., and WATCHDOG=1 when $WATCHDOG_USEC asks for it.
+- `listen_fds()` takes the sockets passed by socket activation ($LISTEN_FDS from fd 3, for
+  $LISTEN_PID, named by $LISTEN_FDNAMES) and clears those variables, so that workers and a
+  re-executed master do not misread them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+SD_LISTEN_FDS_START = 3
+
+
+class Notifier:
+    """sd_notify for this process, or a no-op when not started by systemd."""
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        environ = os.environ if environ is None else environ
+        address = environ.get("NOTIFY_SOCKET", "")
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        self._address = address
+        self._sock: socket.socket | None = None
+        watchdog_pid = environ.get("WATCHDOG_PID", "")
+        usec = environ.get("WATCHDOG_USEC", "")
+        ours = not watchdog_pid or watchdog_pid == str(os.getpid())
+        # Ping at half the interval, as sd_watchdog_enabled(3) recommends.
+        self.watchdog_interval = int(usec) / 2_000_000 if usec.isdigit() and ours else 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._address)
+
+    def send(self, *fields: str) -> None:
+        """Send one notification of `fields` (KEY=VALUE); errors are ignored, as sd_notify."""
+        if not self._address:
+            return
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._sock.setblocking(False)
+        try:
+            self._sock.sendto("\n".join(fields).encode(), self._address)
+        except OSError:
+            pass
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"MAINPID={os.getpid()}", f"STATUS={status}")
+
+    def reloading(self) -> None:
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
+
+    def stopping(self) -> None:
+        self.send("STOPPING=1", "STATUS=stopping")
+
+    def status(self, text: str) -> None:
+        self.send(f"STATUS={text}")
+
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def listen_fds(environ: dict[str, str] | None = None) -> list[tuple[int, str]]:
+    """The (fd, name) of sockets passed by systemd to this process; the variables are
+    removed from `environ` either way."""
+    environ = os.environ if environ is None else environ
+    pid = environ.pop("LISTEN_PID", "")
+    count = environ.pop("LISTEN_FDS", "")
+    names = environ.pop("LISTEN_FDNAMES", "")
+    if pid != str(os.getpid()) or not count.isdigit():
+        return []
+    fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count))
+    labels = names.split(":") if names else []
+    return [(fd, labels[i] if i < len(labels) else "") for i, fd in enumerate(fds)]

@@ -1,0 +1,125 @@
+"""systemd: socket activation (systemd-socket-activate) and sd_notify to a test-owned socket."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+from conftest import APPS, Reader, children, forkserve_command
+from test_process import wait_gone
+
+pytestmark = pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                                reason="systemd-socket-activate is not installed")
+
+
+class NotifySocket:
+    """The datagram socket systemd would listen on; collects every notification."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[dict[str, str]] = []
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 15.0) -> dict:
+        """The next message (after those already seen) with `key` (= `value`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                raise AssertionError(f"no {key} notification; got {self.messages}") from None
+            message = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append(message)
+            if key in message and (value is None or message[key] == value):
+                return message
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def activated(tmp_path):
+    """forkserve under systemd-socket-activate, with NOTIFY_SOCKET and a 0.4 s watchdog."""
+    notify = NotifySocket(tmp_path / "notify.sock")
+    port = free_port()
+    env = dict(os.environ, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="400000")
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-E", "NOTIFY_SOCKET",
+         "-E", "WATCHDOG_USEC", "-E", "PATH", "-E", "PYTHONPATH",
+         *forkserve_command(), "wsgiapp:app", "-w", "2", "-b", "127.0.0.1:1"],
+        cwd=APPS, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        # It says "Listening on 127.0.0.1:PORT as 3." once the socket is ready.
+        line = proc.stderr.readline().decode()
+        assert "Listening on" in line, line
+        yield proc, notify, port
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+        proc.stderr.close()
+        notify.close()
+
+
+def get_pid(port: int) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+        return int(Reader(sock).response().body)
+
+
+def test_activation_ready_watchdog_reload_and_stop(activated):
+    proc, notify, port = activated
+    # systemd-socket-activate starts forkserve on the first connection, which it then serves
+    # on the passed socket (the -b 127.0.0.1:1 in the command line is not bound).
+    first_worker = get_pid(port)
+    ready = notify.wait_for("READY", "1")
+    master = int(ready["MAINPID"])
+    assert master == proc.pid  # systemd-socket-activate execs the command in place
+    assert "workers" in ready["STATUS"]
+    assert first_worker != master
+    notify.wait_for("WATCHDOG", "1")
+    notify.wait_for("WATCHDOG", "1")
+
+    old_workers = children(master)
+    os.kill(master, signal.SIGHUP)
+    reloading = notify.wait_for("RELOADING", "1")
+    assert int(reloading["MONOTONIC_USEC"]) > 0
+    notify.wait_for("READY", "1")  # the new workers are up
+    wait_gone(old_workers)
+    assert get_pid(port) not in old_workers
+
+    os.kill(master, signal.SIGTERM)
+    notify.wait_for("STOPPING", "1")
+    assert proc.wait(15) == 0
+
+
+def test_usr2_upgrade_keeps_serving_the_activated_socket(activated):
+    proc, notify, port = activated
+    get_pid(port)
+    old = int(notify.wait_for("READY", "1")["MAINPID"])
+    os.kill(old, signal.SIGUSR2)
+    new = int(notify.wait_for("MAINPID")["MAINPID"])
+    while new == old:  # skip the old master's own STATUS/READY lines
+        new = int(notify.wait_for("MAINPID")["MAINPID"])
+    os.kill(old, signal.SIGTERM)
+    assert proc.wait(15) == 0  # the old master is gone; the new one holds the socket
+    try:
+        assert get_pid(port) in children(new)  # served by a worker of the new master
+    finally:
+        os.kill(new, signal.SIGTERM)
