@@ -34,7 +34,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from forkserve import channel, logs
+from forkserve import channel, logs, privileges
 from forkserve.app import load_app
 from forkserve.config import Config, parse_args
 from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError
@@ -142,8 +142,17 @@ class Master:
         except Exception:
             return EXIT_FAILURE
         self.inherited_from = os.getppid() if INHERIT_ENV in os.environ else 0
-        self.listeners = listen(self.cfg.bind, self.cfg.backlog)
+        cfg = self.cfg
+        privileges.check_root(cfg.user, cfg.allow_root)
+        ids = privileges.resolve(cfg.user, cfg.group)
+        os.umask(cfg.umask)
+        self.listeners = listen(cfg.bind, cfg.backlog)
         try:
+            if cfg.pidfile:
+                self.pidfile = Pidfile(cfg.pidfile)
+                self.pidfile.write()
+            if ids is not None:
+                privileges.drop(ids, self.listeners)
             return self._serve()
         finally:
             self._cleanup()
@@ -151,9 +160,6 @@ class Master:
     def _serve(self) -> int:
         for listener in self.listeners:
             error_log.info("listening at %s", listener.url)
-        if self.cfg.pidfile:
-            self.pidfile = Pidfile(self.cfg.pidfile)
-            self.pidfile.write()
         if self.cfg.preload and not self._preload():
             return self.exit_status
         error_log.info("master pid %d starting %d workers of %s", self.pid, self.size,

@@ -51,8 +51,8 @@ class Pidfile:
         if _read_pid(self.current) == os.getpid():
             try:
                 os.unlink(self.current)
-            except FileNotFoundError:
-                pass
+            except OSError:
+                pass  # gone already, or not ours to remove after dropping privileges
 
 
 def _read_pid(path: str) -> int:

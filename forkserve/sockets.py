@@ -92,8 +92,8 @@ class Listener:
         if self.owns_path:
             try:
                 os.unlink(self.address.path)
-            except FileNotFoundError:
-                pass
+            except OSError:
+                pass  # gone already, or in a directory we may no longer write to
 
 
 def listen(specs: list[str], backlog: int) -> list[Listener]:

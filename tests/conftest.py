@@ -17,6 +17,11 @@ from pathlib import Path
 import pytest
 
 APPS = Path(__file__).parent / "apps"
+
+if os.geteuid() == 0:
+    # The suite runs as root in CI; forkserve refuses that without --user unless allowed.
+    # Every forkserve started by a test inherits this (tests of the refusal remove it).
+    os.environ["FORKSERVE_ALLOW_ROOT"] = "1"
 READY = re.compile(r"\] ready: \d+ workers")
 LISTENING = re.compile(r"listening at (\S+)")
 

@@ -1,5 +1,8 @@
 """Worker processes: boot (load the app, pick the worker kind for its interface), then serve.
 
+Both kinds are imported here, in the master, so that a worker forked after the master
+dropped its privileges needs to read nothing more than the app.
+
 `run_worker` is what a forked child runs. The kinds:
 
     sync   workers/sync.py  WSGI apps: a selector loop, the app called inline or in threads
@@ -21,7 +24,9 @@ from forkserve.config import Config
 from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, ConfigError
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
+from forkserve.workers.aio import AsyncioWorker
 from forkserve.workers.base import DUMP_SIGNAL, Worker, report_boot_failure
+from forkserve.workers.sync import SyncWorker
 
 
 def run_worker(cfg: Config, listeners: list[Listener], channel_fd: int, number: int,
@@ -63,11 +68,7 @@ def worker_kind(worker_class: str, interface: str) -> str:
 
 
 def _worker_class(kind: str) -> type[Worker]:
-    if kind == "sync":
-        from forkserve.workers.sync import SyncWorker
-        return SyncWorker
-    from forkserve.workers.aio import AsyncioWorker
-    return AsyncioWorker
+    return SyncWorker if kind == "sync" else AsyncioWorker
 
 
 def _boot_signals() -> None:
