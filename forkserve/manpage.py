@@ -49,7 +49,7 @@ SECTION_TITLES = {
 # mdoc words that would be taken for a macro or a delimiter when they stand alone as an
 # argument of a macro line: such arguments are quoted.
 _DELIMITERS = {".", ",", ":", ";", "(", ")", "[", "]", "?", "!", "|"}
-_MACRO_LIKE = re.compile(r"[A-Z%][a-zA-Z]{1,2}")
+_MACRO_LIKE = re.compile(r"[A-Z][a-z]{1,2}|%[A-Z]")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9'\".(%-])")
 _OPTION = re.compile(r"(?<![\w-])--?[A-Za-z][\w-]*|(?<![\w-])-(?![\w-])|(?<![\w-])-(?=\d)")
 
@@ -57,11 +57,15 @@ _OPTION = re.compile(r"(?<![\w-])--?[A-Za-z][\w-]*|(?<![\w-])-(?![\w-])|(?<![\w-
 # -- escaping ---------------------------------------------------------------------------------
 
 
-def _escape(text: str) -> str:
-    """Text for roff: a backslash is \\e; in an option (--bind, -b, a lone -) the hyphens
-    are minus signs, so that they render (and copy) as ASCII hyphen-minus."""
-    text = text.replace("\\", "\\e")
+def _minus_in_options(text: str) -> str:
+    """In an option (--bind, -b, a lone -) the hyphens are minus signs, so that they render
+    (and copy) as ASCII hyphen-minus; hyphens inside words (keep-alive) stay hyphens."""
     return _OPTION.sub(lambda match: match.group(0).replace("-", "\\-"), text)
+
+
+def _escape(text: str) -> str:
+    """Text for roff: a backslash is \\e, options get minus signs."""
+    return _minus_in_options(text.replace("\\", "\\e"))
 
 
 def _line(text: str) -> str:
@@ -104,15 +108,11 @@ def _finish(lines: list[str], width: int = 80) -> str:
 def arg(word: str, literal: bool = False) -> str:
     """One argument of a macro line; `literal` text (Ql, Li) has every hyphen as a minus."""
     escaped = word.replace("\\", "\\e").replace('"', "\\(dq")
-    escaped = escaped.replace("-", "\\-") if literal else _escape_dash_words(escaped)
+    escaped = escaped.replace("-", "\\-") if literal else _minus_in_options(escaped)
     if (not word or any(c.isspace() for c in word) or word in _DELIMITERS
             or _MACRO_LIKE.fullmatch(word)):
         return f'"{escaped}"'
     return escaped
-
-
-def _escape_dash_words(text: str) -> str:
-    return _OPTION.sub(lambda match: match.group(0).replace("-", "\\-"), text)
 
 
 def literal_block(lines: Iterable[str]) -> list[str]:
@@ -120,7 +120,9 @@ def literal_block(lines: Iterable[str]) -> list[str]:
     out = [".Bd -literal -offset indent"]
     for text in lines:
         text = text.replace("\\", "\\e").replace("-", "\\-")
-        out.append("\\&" + text if text.startswith((".", "'")) else text)
+        # A guard before a leading dot or apostrophe; an empty line is written as \& too,
+        # since a blank source line is a paragraph break in the rest of the page.
+        out.append("\\&" + text if not text or text.startswith((".", "'")) else text)
     out.append(".Ed")
     return out
 
@@ -292,7 +294,7 @@ or adopts those passed by
 and forks one worker per usable CPU: the CPUs this process may run on, capped by the
 cgroup CPU quota
 .Pq see Fl w .
-The master never serves a request and never imports the app, unless
+The master never serves a request, and never imports the app unless
 .Fl -preload
 is given; each worker imports the app, accepts connections on the shared sockets in its
 own event loop and calls the app.
@@ -532,29 +534,39 @@ SYSTEMD_ENVIRONMENT = r"""
 Set by
 .Xr systemd 1
 for a service of
-.Cm Type=notify :
-the master reports readiness
-.Po
-.Ql READY=1 ,
-once every first worker has booted
-.Pc ,
-reloads
-.Pq Ql RELOADING=1 ,
-stopping
-.Pq Ql STOPPING=1
-and a
-.Ql STATUS=
-line with
+.Cm Type=notify
+or
+.Cm Type=notify-reload :
+the master reports with
 .Xr sd_notify 3
-messages on this socket.
-.It Ev WATCHDOG_USEC
+messages on this socket that it is ready
+.Po
+.Ql READY=1
+and
+.Ql MAINPID= ,
+once every first worker has booted, and again when a reload is complete
+.Pc ,
+reloading
+.Po
+.Ql RELOADING=1 ,
+on
+.Dv SIGHUP
+.Pc ,
+stopping
+.Pq Ql STOPPING=1 ,
+and its status
+.Po
+.Ql STATUS= :
+the workers booted and the requests served
+.Pc .
+.It Ev WATCHDOG_USEC , WATCHDOG_PID
 Set by
 .Xr systemd 1
 when the service has
 .Cm WatchdogSec= :
 the master pings the watchdog
 .Pq Ql WATCHDOG=1
-from its supervision loop while it is healthy.
+at half that interval, but only while it is healthy: while its workers are heard from.
 .It Ev LISTEN_FDS , LISTEN_PID , LISTEN_FDNAMES
 Socket activation by
 .Xr systemd.socket 5 :
@@ -564,8 +576,10 @@ is the master's pid,
 .Nm
 serves the
 .Ev LISTEN_FDS
-sockets it was passed instead of binding any
-.Pq Fl b No is then not needed .
+sockets it was passed, from file descriptor 3, instead of binding any
+.Pq Fl b No is then ignored .
+The variables are removed from the environment, so that the workers and the app do not
+misread them.
 """
 
 

@@ -137,7 +137,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "bind", ("-b", "--bind"), [DEFAULT_BIND], _text,
         "Address to listen on: HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N. "
-        f"Repeat to listen on several. Default: {DEFAULT_BIND}.",
+        "Repeat to listen on several.",
         metavar="ADDRESS", repeat=True,
     ),
     Setting(
@@ -156,7 +156,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "timeout", ("-t", "--timeout"), 30.0, _seconds,
-        "A worker silent for this many seconds is killed and replaced. 0 disables.",
+        "A worker silent for this many seconds writes every thread's traceback to the error "
+        "log, is killed and replaced. 0 disables.",
         metavar="SECONDS",
     ),
     Setting(

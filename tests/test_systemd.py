@@ -58,7 +58,7 @@ def activated(tmp_path):
     env = dict(os.environ, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="400000")
     proc = subprocess.Popen(
         ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-E", "NOTIFY_SOCKET",
-         "-E", "WATCHDOG_USEC", "-E", "PATH", "-E", "PYTHONPATH",
+         "-E", "WATCHDOG_USEC", "-E", "PATH", "-E", "PYTHONPATH", "-E", "FORKSERVE_ALLOW_ROOT",
          *forkserve_command(), "wsgiapp:app", "-w", "2", "-b", "127.0.0.1:1"],
         cwd=APPS, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, start_new_session=True)
