@@ -17,6 +17,7 @@ from urllib.parse import unquote_to_bytes
 
 from forkserve.http.base import HTTPConnection, Request, complete_headers, error_response
 from forkserve.logs import error_log
+from forkserve.proxy import Forwarded
 
 ASGI = {"version": "3.0", "spec_version": "2.4"}
 Message = dict[str, Any]
@@ -82,6 +83,21 @@ def http_scope(request: Request, client: Any, server: Any, root_path: str,
     if state is not None:
         scope["state"] = state.copy()
     return scope
+
+
+def apply_forwarded(scope: dict[str, Any], info: Forwarded) -> None:
+    """Let a trusted proxy's headers decide the scope's client, scheme and Host."""
+    if info.client is not None:
+        scope["client"] = (info.client, info.port or 0)
+    if info.scheme is not None:
+        secure = info.scheme in ("https", "wss")
+        if scope["type"] == "websocket":
+            scope["scheme"] = "wss" if secure else "ws"
+        else:
+            scope["scheme"] = "https" if secure else "http"
+    if info.host:
+        scope["headers"] = [(name, value) for name, value in scope["headers"]
+                            if name != b"host"] + [(b"host", info.host.encode("latin-1"))]
 
 
 class HTTPCycle:

@@ -60,6 +60,7 @@ class Config:
     loop: str
     lifespan: str
     root_path: str
+    forwarded_allow_ips: str
     ws_max_size: int
     ws_ping_interval: float
     ws_ping_timeout: float

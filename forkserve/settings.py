@@ -86,6 +86,17 @@ def _umask(text: str) -> int:
     return value
 
 
+def _trusted_proxies(text: str) -> str:
+    from forkserve.errors import ConfigError
+    from forkserve.proxy import TrustedProxies
+
+    try:
+        TrustedProxies(text)
+    except ConfigError as exc:
+        raise ValueError(str(exc).split(": ", 1)[1]) from None
+    return text
+
+
 def _access_log_format(text: str) -> str:
     from forkserve.logs import check_access_log_format
 
@@ -258,6 +269,14 @@ SETTINGS: tuple[Setting, ...] = (
         "ws_ping_timeout", ("--ws-ping-timeout",), 20.0, _seconds,
         "A WebSocket whose peer does not answer a ping within this many seconds is closed "
         "(1011).", metavar="SECONDS", section="websocket",
+    ),
+    Setting(
+        "forwarded_allow_ips", ("--forwarded-allow-ips",), "127.0.0.1,::1,unix",
+        _trusted_proxies,
+        "Proxies whose Forwarded / X-Forwarded-For, -Proto, -Host headers are believed: "
+        "comma-separated addresses and CIDR networks, 'unix' for connections over a unix "
+        "socket, or '*' for everyone. From other peers these headers are ignored.",
+        metavar="LIST",
     ),
     Setting(
         "user", ("-u", "--user"), None, _text,

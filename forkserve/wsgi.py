@@ -16,6 +16,7 @@ from urllib.parse import unquote_to_bytes
 
 from forkserve.http.base import SERVER, Request
 from forkserve.logs import error_log
+from forkserve.proxy import Forwarded, TrustedProxies, forwarded
 
 SERVER_SOFTWARE = SERVER.decode("ascii")
 
@@ -243,10 +244,10 @@ def _check_status(status: str) -> tuple[int, bytes]:
 class EnvironFactory:
     """Builds request environs for one connection from a per-connection template."""
 
-    __slots__ = ("_template", "_root_path")
+    __slots__ = ("_template", "_root_path", "_proxies")
 
     def __init__(self, sockname: Any, peername: Any, multithread: bool, root_path: str = "",
-                 url_scheme: str = "http"):
+                 url_scheme: str = "http", proxies: TrustedProxies | None = None):
         if isinstance(sockname, tuple):
             server_name, server_port = sockname[0], str(sockname[1])
         else:  # unix socket
@@ -256,6 +257,10 @@ class EnvironFactory:
         else:
             remote_addr, remote_port = "", ""
         self._root_path = root_path
+        # Proxy headers are read only on connections from a trusted proxy.
+        trusted = proxies is not None and proxies.trusts(
+            peername[0] if isinstance(peername, tuple) else None)
+        self._proxies = proxies if trusted else None
         self._template = {
             "SERVER_SOFTWARE": SERVER_SOFTWARE,
             "SCRIPT_NAME": root_path,
@@ -302,7 +307,19 @@ class EnvironFactory:
         if absolute:
             # RFC 9112 §3.2.2: with an absolute-form target, its authority is the host.
             environ["HTTP_HOST"] = target.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+        if self._proxies is not None:
+            _apply_forwarded(environ, forwarded(request.headers, self._proxies))
         return environ
+
+
+def _apply_forwarded(environ: dict[str, Any], info: Forwarded) -> None:
+    if info.client is not None:
+        environ["REMOTE_ADDR"] = info.client
+        environ["REMOTE_PORT"] = str(info.port) if info.port is not None else ""
+    if info.scheme in ("http", "https"):
+        environ["wsgi.url_scheme"] = info.scheme
+    if info.host:
+        environ["HTTP_HOST"] = info.host
 
 
 def _path_of(target: str) -> str:

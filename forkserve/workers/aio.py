@@ -15,7 +15,14 @@ import socket
 import time
 from typing import Any
 
-from forkserve.asgi import HTTPCycle, Lifespan, LifespanFailed, http_scope, wrap_asgi2
+from forkserve.asgi import (
+    HTTPCycle,
+    Lifespan,
+    LifespanFailed,
+    apply_forwarded,
+    http_scope,
+    wrap_asgi2,
+)
 from forkserve.errors import EXIT_BOOT
 from forkserve.http import Limits, new_connection
 from forkserve.http.base import (
@@ -28,6 +35,7 @@ from forkserve.http.base import (
     error_response,
 )
 from forkserve.logs import access_log, error_log, format_access_line
+from forkserve.proxy import TrustedProxies, forwarded
 from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
 from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade, websocket_scope
 from forkserve.workers.base import BootFailed, Worker
@@ -69,6 +77,7 @@ class AsyncioWorker(Worker):
             header_field_size=cfg.limit_request_field_size,
         )
         self.asgi_app = wrap_asgi2(self.app) if self.interface == "asgi2" else self.app
+        self.proxies = TrustedProxies(cfg.forwarded_allow_ips)
         self.connections: set[HTTPProtocol] = set()
         self.accepted = 0  # accepted sockets whose protocol is not set up yet
         self.stopping = False
@@ -243,6 +252,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.closed = False
         self.client: Any = None
         self.server: Any = None
+        self.trusted = False  # the peer is a trusted proxy: believe its forwarded headers
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -255,6 +265,7 @@ class HTTPProtocol(asyncio.Protocol):
             self.client, self.server = None, (local or "", None)
         else:
             self.client, self.server = tuple(peer[:2]), tuple(local[:2])
+        self.trusted = self.worker.proxies.trusts(self.client[0] if self.client else None)
         self.worker.connection_opened(self)
         self._wait_for_request()
         if self.worker.stopping:
@@ -364,6 +375,8 @@ class HTTPProtocol(asyncio.Protocol):
         worker = self.worker
         scope = http_scope(request, self.client, self.server, worker.cfg.root_path,
                            worker.lifespan.state if worker.lifespan.supported else None)
+        if self.trusted:
+            apply_forwarded(scope, forwarded(request.headers, worker.proxies))
         close = worker.stopping or worker.cfg.keep_alive <= 0
         self._cancel_timer()
         self.request = request
@@ -400,6 +413,8 @@ class HTTPProtocol(asyncio.Protocol):
         cfg = worker.cfg
         scope = websocket_scope(request, self.client, self.server, cfg.root_path,
                                 worker.lifespan.state if worker.lifespan.supported else None)
+        if self.trusted:
+            apply_forwarded(scope, forwarded(request.headers, worker.proxies))
         self.ws = WebSocketSession(scope, request, self, cfg.ws_max_size, cfg.ws_ping_interval,
                                    cfg.ws_ping_timeout)
         worker.in_flight += 1

@@ -28,6 +28,7 @@ from forkserve.http.base import (
     error_response,
 )
 from forkserve.logs import access_log, error_log, format_access_line
+from forkserve.proxy import TrustedProxies
 from forkserve.wsgi import EnvironFactory, ErrorStream, InputStream, call_app
 
 RECV_SIZE = 65536
@@ -59,12 +60,14 @@ class ServerContext:
 
     def __init__(self, app: Callable[..., Any], io_timeout: float, multithread: bool,
                  access_log_format: str | None, keep_alive: bool = True,
-                 on_wait: Callable[[], None] | None = None, root_path: str = "") -> None:
+                 on_wait: Callable[[], None] | None = None, root_path: str = "",
+                 proxies: TrustedProxies | None = None) -> None:
         self.app = app
         self.io_timeout = io_timeout
         self.keep_alive = keep_alive
         self.on_wait = on_wait  # called while a request waits on its client
         self.root_path = root_path
+        self.proxies = proxies
         self.multithread = multithread
         self.access_log_format = access_log_format
         self.stopping = False
@@ -87,7 +90,7 @@ class ClientConnection:
         self.proto = proto
         self.ctx = ctx
         self.environ_factory = EnvironFactory(sock.getsockname(), peer, ctx.multithread,
-                                              ctx.root_path)
+                                              ctx.root_path, proxies=ctx.proxies)
         self.deadline = 0.0
         self.method = b""
         self._poll: select.poll | None = None

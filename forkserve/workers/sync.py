@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from forkserve.http import Limits, new_connection
 from forkserve.http.base import NEED_DATA, ProtocolError, Request
 from forkserve.logs import error_log
+from forkserve.proxy import TrustedProxies
 from forkserve.scoreboard import UNAVAILABLE
 from forkserve.workers.base import Worker
 from forkserve.workers.connection import (
@@ -71,6 +72,7 @@ class SyncWorker(Worker):
             # Inline, a request waiting on a slow client is not a hung app: keep heartbeating.
             on_wait=self._heartbeat_if_due if threads == 1 else None,
             root_path=cfg.root_path,
+            proxies=TrustedProxies(cfg.forwarded_allow_ips),
         )
         self.selector = selectors.DefaultSelector()
         self.pool = ThreadPoolExecutor(threads, "forkserve") if threads > 1 else None
