@@ -341,7 +341,7 @@ class Lifespan:
         await self._queue.put({"type": "lifespan.shutdown"})
         try:
             await asyncio.wait_for(self._stopped.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             error_log.warning("lifespan shutdown did not finish in %g s", timeout)
 
     async def _run(self) -> None:
