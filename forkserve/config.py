@@ -61,6 +61,8 @@ class Config:
     lifespan: str
     root_path: str
     forwarded_allow_ips: str
+    limit_request_body: int
+    server_header: str
     ws_max_size: int
     ws_ping_interval: float
     ws_ping_timeout: float

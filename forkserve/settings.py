@@ -86,6 +86,16 @@ def _umask(text: str) -> int:
     return value
 
 
+def _header_value(text: str) -> str:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"not latin-1: {text!r}") from None
+    if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in text):
+        raise ValueError(f"control character in {text!r}")
+    return text
+
+
 def _trusted_proxies(text: str) -> str:
     from forkserve.errors import ConfigError
     from forkserve.proxy import TrustedProxies
@@ -299,6 +309,17 @@ SETTINGS: tuple[Setting, ...] = (
         "allow_root", ("--allow-root",), False, _flag,
         "Allow serving as root (without --user). Not recommended.", flag=True,
         section="privileges",
+    ),
+    Setting(
+        "limit_request_body", ("--limit-request-body",), 100 * 1024 * 1024, _int_at_least(0),
+        "Maximum size in bytes of a request body: 413, from Content-Length before anything "
+        "is read, or as soon as a chunked body goes past it. 0 means no limit.",
+        metavar="BYTES",
+    ),
+    Setting(
+        "server_header", ("--server-header",), "forkserve", _header_value,
+        "Value of the Server response header (the app's own wins); empty to send none.",
+        metavar="TEXT",
     ),
     Setting(
         "chdir", ("--chdir",), None, _directory,

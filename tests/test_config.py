@@ -36,6 +36,8 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "lifespan": ("off", "off"),
     "root_path": ("/api", "/api"),
     "forwarded_allow_ips": ("10.0.0.0/8,unix", "10.0.0.0/8,unix"),
+    "limit_request_body": ("1000", 1000),
+    "server_header": ("", ""),
     "ws_max_size": ("1024", 1024),
     "ws_ping_interval": ("5", 5),
     "ws_ping_timeout": ("6", 6),

@@ -9,6 +9,7 @@ this module, so that all of them pass the same tests.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -37,12 +38,15 @@ class Limits:
     head_size: bytes in the whole request head (nginx's default buffers allow 32k);
         over it → 431. Checked on the buffered bytes, so a head that arrives in one read is
         refused as surely as one that trickles in.
+    body_size: bytes in a request body (nginx's client_max_body_size; 0: no limit); over it
+        → 413, from Content-Length before reading, or while a chunked body streams in.
     """
 
     request_line: int = 8190
     header_count: int = 100
     header_field_size: int = 8190
     head_size: int = 65536
+    body_size: int = 0
 
 
 @dataclass(slots=True)
@@ -140,6 +144,30 @@ def check_partial_head(buffered: bytes, limits: Limits) -> None:
         raise ProtocolError(431, "request head too large")
 
 
+# RFC 9112 §5.2: obs-fold (a line starting with space or tab) must be refused; and no
+# control bytes but HTAB may appear in a head (CR and LF only as line ends).
+_OBS_FOLD = re.compile(rb"\n[ \t]")
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
+# RFC 9110 §7.2 / RFC 3986: uri-host [ ":" port ]; empty is allowed.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]*)?")
+
+
+# Parsers merge repeated identical Content-Length fields; RFC 9112 §6.3 lets us refuse them.
+_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+
+
+def check_head_bytes(head: bytes) -> None:
+    """Refuse a raw request head (up to its blank line) with obs-fold, control bytes, or
+    more than one Content-Length."""
+    if _OBS_FOLD.search(head):
+        raise ProtocolError(400, "obs-fold (a header line starting with white space)")
+    if _CONTROL.search(head):
+        raise ProtocolError(400, "control character in the request head")
+    lengths = _CONTENT_LENGTH.findall(head)
+    if len(lengths) > 1 or lengths and b"," in lengths[0]:
+        raise ProtocolError(400, "more than one Content-Length")
+
+
 def check_request(request: Request, limits: Limits) -> None:
     """Refuse a parsed request head that breaks a limit or is ambiguous to frame."""
     if request.http_version not in (b"1.1", b"1.0"):
@@ -150,8 +178,7 @@ def check_request(request: Request, limits: Limits) -> None:
     headers = request.headers
     if len(headers) > limits.header_count:
         raise ProtocolError(431, "too many header fields")
-    hosts = 0
-    framing = 0
+    hosts = lengths = codings = 0
     head_size = len(request.method) + len(request.target) + 12
     for name, value in headers:
         field_size = len(name) + len(value) + 2
@@ -160,15 +187,25 @@ def check_request(request: Request, limits: Limits) -> None:
         head_size += field_size + 2
         if name == b"host":
             hosts += 1
-        elif name == b"content-length" or name == b"transfer-encoding":
-            framing |= 1 if name == b"content-length" else 2
+            if not _HOST.fullmatch(value):
+                raise ProtocolError(400, "invalid Host header")
+        elif name == b"content-length":
+            lengths += 1 + value.count(b",")
+            if limits.body_size and value.isdigit() and int(value) > limits.body_size:
+                raise ProtocolError(413, "request body too large")
+        elif name == b"transfer-encoding":
+            codings += 1
     if head_size > limits.head_size:
         raise ProtocolError(431, "request head too large")
     if hosts > 1:
         raise ProtocolError(400, "more than one Host header")
-    if framing == 3:
+    if lengths > 1:
+        raise ProtocolError(400, "more than one Content-Length")
+    if codings and lengths:
         # RFC 9112 §6.1: a request with both is a smuggling attempt; close after answering.
         raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
+    if codings and request.http_version == b"1.0":
+        raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
 
 
 _date_cache: tuple[int, bytes] = (0, b"")
@@ -184,6 +221,13 @@ def http_date() -> bytes:
 
 
 SERVER = f"forkserve/{__version__}".encode("ascii")
+_server_header: bytes | None = SERVER
+
+
+def set_server_header(text: str) -> None:
+    """What the Server header says: 'forkserve' means forkserve/VERSION; empty: no header."""
+    global _server_header
+    _server_header = SERVER if text == "forkserve" else (text.encode("latin-1") or None)
 
 
 def complete_headers(headers: list[tuple[bytes, bytes]], status: int, body_length: int | None,
@@ -203,8 +247,8 @@ def complete_headers(headers: list[tuple[bytes, bytes]], status: int, body_lengt
     extra = []
     if not has_date:
         extra.append((b"Date", http_date()))
-    if not has_server:
-        extra.append((b"Server", SERVER))
+    if not has_server and _server_header is not None:
+        extra.append((b"Server", _server_header))
     if body_length is not None and not has_framing and status >= 200 \
             and status not in (204, 304):
         extra.append((b"Content-Length", b"%d" % body_length))
@@ -223,6 +267,7 @@ def error_response(status: int, detail: str = "") -> bytes:
         b"Content-Length: %d\r\n" % len(body),
         b"Connection: close\r\n",
         b"Date: " + http_date() + b"\r\n",
-        b"Server: " + SERVER + b"\r\n\r\n",
+        b"Server: " + _server_header + b"\r\n" if _server_header else b"",
+        b"\r\n",
         body,
     ))

@@ -15,6 +15,7 @@ from forkserve.http.base import (
     Limits,
     ProtocolError,
     Request,
+    check_head_bytes,
     check_partial_head,
     check_request,
 )
@@ -35,6 +36,7 @@ class H11Connection:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.head_size)
         self._limits = limits
         self._head_request = False
+        self._body_read = 0
 
     @property
     def client_waiting_for_continue(self) -> bool:
@@ -45,6 +47,11 @@ class H11Connection:
 
     def next_event(self) -> Event:
         conn = self._h11
+        if conn.their_state is _IDLE:
+            # h11 unfolds obs-fold and lets control bytes through: look at the raw head.
+            buffered = conn.trailing_data[0]
+            end = buffered.find(b"\r\n\r\n")
+            check_head_bytes(buffered if end < 0 else buffered[:end])
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
@@ -54,7 +61,11 @@ class H11Connection:
             raise ProtocolError(exc.error_status_hint, str(exc)) from None
         kind = type(event)
         if kind is _Data:
-            return Data(bytes(event.data))
+            data = bytes(event.data)
+            self._body_read += len(data)
+            if self._limits.body_size and self._body_read > self._limits.body_size:
+                raise ProtocolError(413, "request body too large")
+            return Data(data)
         if kind is _Request:
             request = Request(
                 event.method,
@@ -64,6 +75,7 @@ class H11Connection:
             )
             check_request(request, self._limits)
             self._head_request = event.method == b"HEAD"
+            self._body_read = 0
             return request
         if kind is _EndOfMessage:
             return END_OF_MESSAGE

@@ -33,6 +33,7 @@ from forkserve.http.base import (
     ProtocolError,
     Request,
     error_response,
+    set_server_header,
 )
 from forkserve.logs import access_log, error_log, format_access_line
 from forkserve.proxy import TrustedProxies, forwarded
@@ -75,7 +76,9 @@ class AsyncioWorker(Worker):
             request_line=cfg.limit_request_line,
             header_count=cfg.limit_request_fields,
             header_field_size=cfg.limit_request_field_size,
+            body_size=cfg.limit_request_body,
         )
+        set_server_header(cfg.server_header)
         self.asgi_app = wrap_asgi2(self.app) if self.interface == "asgi2" else self.app
         self.proxies = TrustedProxies(cfg.forwarded_allow_ips)
         self.connections: set[HTTPProtocol] = set()

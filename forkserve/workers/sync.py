@@ -18,7 +18,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from forkserve.http import Limits, new_connection
-from forkserve.http.base import NEED_DATA, ProtocolError, Request
+from forkserve.http.base import NEED_DATA, ProtocolError, Request, set_server_header
 from forkserve.logs import error_log
 from forkserve.proxy import TrustedProxies
 from forkserve.scoreboard import UNAVAILABLE
@@ -62,7 +62,9 @@ class SyncWorker(Worker):
             request_line=cfg.limit_request_line,
             header_count=cfg.limit_request_fields,
             header_field_size=cfg.limit_request_field_size,
+            body_size=cfg.limit_request_body,
         )
+        set_server_header(cfg.server_header)
         self.ctx = ServerContext(
             self.app,
             io_timeout=cfg.timeout / 2 if cfg.timeout > 0 else DEFAULT_IO_TIMEOUT,
