@@ -50,6 +50,7 @@ class Config:
     threads: int
     timeout: float
     boot_timeout: float
+    header_timeout: float
     max_requests: int
     max_requests_jitter: int
     max_worker_memory: int

@@ -193,6 +193,12 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SECONDS",
     ),
     Setting(
+        "header_timeout", ("--header-timeout",), 10.0, _seconds,
+        "Seconds a client has to send a whole request head once it started one; slower "
+        "(slowloris) connections are closed. 0 leaves only --keep-alive.",
+        metavar="SECONDS",
+    ),
+    Setting(
         "boot_timeout", ("--boot-timeout",), 120.0, _seconds,
         "A worker that has not loaded the app after this many seconds is killed (kept apart "
         "from --timeout so that a slow import is not mistaken for a hang). 0 disables.",

@@ -266,3 +266,15 @@ def test_an_unfinished_request_head_is_dropped_after_keep_alive(start_server):
     with server.connect() as sock:
         sock.sendall(b"GET /hello HTTP/1.1\r\nX-Slow: 1\r\n")  # and never the rest
         assert closed_by_peer(sock, timeout=5)
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_stall_bound(start_server):
+    server = start_server("asgiapp:app", "-w", "1", "--timeout", "2")  # stall bound: 1 s
+    sock = server.connect()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(GET % b"/marked?tag=stalled&endless=1")
+        server.wait_for("CLOSED stalled", timeout=20)  # send() gave up; the app was told
+    finally:
+        sock.close()
+    assert exchange(server, GET % b"/hello").status == 200

@@ -22,6 +22,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "graceful_timeout": ("7", 7),
     "keep_alive": ("9", 9),
     "boot_timeout": ("45", 45),
+    "header_timeout": ("3", 3),
     "max_requests": ("1000", 1000),
     "max_requests_jitter": ("50", 50),
     "max_worker_memory": ("512", 512),

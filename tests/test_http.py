@@ -253,3 +253,18 @@ def test_out_of_file_descriptors_pauses_accepting_instead_of_spinning(start_serv
             sock.close()
     pauses = server.log.count("cannot accept connections")
     assert pauses < 20, f"{pauses} log lines: the worker spun on accept()"
+
+
+def test_slowloris_head_is_cut_after_header_timeout(start_server, interface):
+    server = start_server(APP_OF[interface], "-w", "1", "--header-timeout", "1")
+    with server.connect() as sock:
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: t\r\n")  # and then nothing more
+        started = time.monotonic()
+        assert closed_by_peer(sock, timeout=10)
+        assert time.monotonic() - started < 5  # not the 75 s of --keep-alive
+    with server.connect() as sock:  # an idle connection is still kept for --keep-alive
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert Reader(sock).response().status == 200
+        sock.settimeout(2)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)  # still open after the header timeout has passed

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from forkserve.asgi import (
+    ClientDisconnected,
     HTTPCycle,
     Lifespan,
     LifespanFailed,
@@ -81,6 +82,8 @@ class AsyncioWorker(Worker):
         set_server_header(cfg.server_header)
         self.asgi_app = wrap_asgi2(self.app) if self.interface == "asgi2" else self.app
         self.proxies = TrustedProxies(cfg.forwarded_allow_ips)
+        # How long a response may wait on a client that does not read (as the sync worker).
+        self.io_timeout = cfg.timeout / 2 if cfg.timeout > 0 else 60.0
         self.connections: set[HTTPProtocol] = set()
         self.accepted = 0  # accepted sockets whose protocol is not set up yet
         self.stopping = False
@@ -256,6 +259,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.client: Any = None
         self.server: Any = None
         self.trusted = False  # the peer is a trusted proxy: believe its forwarded headers
+        self.head_started = False  # the next request's first bytes have arrived
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -278,10 +282,15 @@ class HTTPProtocol(asyncio.Protocol):
         if self.ws is not None:
             self.ws.receive_data(data)
             return
-        # The keep-alive timer runs on until a whole request head is in: a head trickling
-        # in slower than --keep-alive is dropped like an idle connection.
         self.conn.receive_data(data)
         self._process()
+        # The keep-alive timer runs on until a whole request head is in; once a head has
+        # begun it must be complete within --header-timeout (slowloris).
+        if self.cycle is None and self.ws is None and not self.head_started \
+                and not self.closed and self.worker.cfg.header_timeout:
+            self.head_started = True
+            self._cancel_timer()
+            self.timer = self.loop.call_later(self.worker.cfg.header_timeout, self.close)
 
     def eof_received(self) -> bool:
         if self.ws is not None:
@@ -321,7 +330,12 @@ class HTTPProtocol(asyncio.Protocol):
 
     async def drain(self) -> None:
         if not self.writable.is_set():
-            await self.writable.wait()
+            try:
+                await asyncio.wait_for(self.writable.wait(), self.worker.io_timeout)
+            except asyncio.TimeoutError:  # the client stopped reading: give up on it
+                self.transport.abort()
+                raise ClientDisconnected(
+                    f"client stalled for {self.worker.io_timeout:g} s") from None
 
     def resume_reading(self) -> None:
         if self.reading_paused and not self.closed:
@@ -488,6 +502,7 @@ class HTTPProtocol(asyncio.Protocol):
     # -- timers and stopping ----------------------------------------------------------------------
 
     def _wait_for_request(self) -> None:
+        self.head_started = False
         keep_alive = self.worker.cfg.keep_alive or 1.0
         self.timer = self.loop.call_later(
             STOP_GRACE if self.worker.stopping else keep_alive, self.close)

@@ -80,6 +80,7 @@ class ClientConnection:
     __slots__ = (
         "sock", "fd", "peer", "proto", "ctx", "environ_factory", "deadline",
         "method", "status", "reason", "headers", "headers_sent", "sent", "body_done", "_poll",
+        "head_started",
     )
 
     def __init__(self, sock: socket.socket, peer: Any, proto: HTTPConnection,
@@ -92,6 +93,7 @@ class ClientConnection:
         self.environ_factory = EnvironFactory(sock.getsockname(), peer, ctx.multithread,
                                               ctx.root_path, proxies=ctx.proxies)
         self.deadline = 0.0
+        self.head_started = False  # the next request's first bytes have arrived
         self.method = b""
         self._poll: select.poll | None = None
         self._reset()

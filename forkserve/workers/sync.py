@@ -179,6 +179,7 @@ class SyncWorker(Worker):
     # -- reading request heads --------------------------------------------------------------
 
     def _wait_for_request(self, conn: ClientConnection) -> None:
+        conn.head_started = False
         expires = time.monotonic() + (self.cfg.keep_alive or 1.0)
         self.waiting[conn] = min(expires, self.stop_deadline) if self.stop_deadline else expires
 
@@ -205,6 +206,11 @@ class SyncWorker(Worker):
         elif event is not NEED_DATA:
             self._forget(conn)
             conn.close()
+        elif data and self.cfg.header_timeout and not conn.head_started:
+            # A head has begun: it must be complete within --header-timeout (slowloris).
+            conn.head_started = True
+            self.waiting[conn] = min(self.waiting[conn],
+                                     time.monotonic() + self.cfg.header_timeout)
 
     def _dispatch(self, conn: ClientConnection, request: Request) -> None:
         del self.waiting[conn]
