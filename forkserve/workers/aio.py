@@ -286,11 +286,13 @@ class HTTPProtocol(asyncio.Protocol):
         self._process()
         # The keep-alive timer runs on until a whole request head is in; once a head has
         # begun it must be complete within --header-timeout (slowloris).
+        header_timeout = self.worker.cfg.header_timeout
         if self.cycle is None and self.ws is None and not self.head_started \
-                and not self.closed and self.worker.cfg.header_timeout:
+                and not self.closed and header_timeout:
             self.head_started = True
-            self._cancel_timer()
-            self.timer = self.loop.call_later(self.worker.cfg.header_timeout, self.close)
+            if self.timer is None or self.timer.when() > self.loop.time() + header_timeout:
+                self._cancel_timer()
+                self.timer = self.loop.call_later(header_timeout, self.close)
 
     def eof_received(self) -> bool:
         if self.ws is not None:
