@@ -17,25 +17,26 @@ writes only its own slot. Slot 0 holds the highest worker number in use.
 from __future__ import annotations
 
 import mmap
-import struct
 import time
 
 SLOTS = 1024
 UNAVAILABLE = 0xFFFFFFFF  # absent, or busy in the app and not accepting
-_REQUEST = struct.Struct("dH")  # when it started (time.monotonic()), length of the text
-_REQUEST_SLOT = 256
-_REQUEST_TEXT = _REQUEST_SLOT - _REQUEST.size
+REQUEST_TEXT = 240  # bytes of a request line kept for the hang report
 
 
 class Scoreboard:
-    """Per-worker connection counts in memory shared across fork().
-
-    Worker numbers from SLOTS on are not tracked: such workers never defer to a peer.
+    """Per-worker connection counts, and the request each worker's loop is in, in memory
+    shared across fork(). Worker numbers from SLOTS on are not tracked: such workers never
+    defer to a peer.
     """
 
     def __init__(self) -> None:
-        self._map = mmap.mmap(-1, 4 * SLOTS + _REQUEST_SLOT * SLOTS)
-        self._counts = memoryview(self._map)[:4 * SLOTS].cast("I")
+        self._map = mmap.mmap(-1, SLOTS * (4 + 8 + 4 + REQUEST_TEXT))
+        view = memoryview(self._map)
+        self._counts = view[:4 * SLOTS].cast("I")
+        self._started = view[4 * SLOTS:12 * SLOTS].cast("d")  # when the request began
+        self._lengths = view[12 * SLOTS:16 * SLOTS].cast("I")  # of its text; 0: none
+        self._text = 16 * SLOTS  # where the texts begin in the map
         for slot in range(1, SLOTS):
             self._counts[slot] = UNAVAILABLE
         self._counts[0] = 0
@@ -44,7 +45,7 @@ class Scoreboard:
         """Master: worker `number` is starting; it counts once it publishes (accepting)."""
         if number < SLOTS:
             self._counts[number] = UNAVAILABLE
-            self.served(number)
+            self._lengths[number] = 0
             self._counts[0] = max(self._counts[0], number)
 
     def leave(self, number: int) -> None:
@@ -61,26 +62,24 @@ class Scoreboard:
         """Worker: its loop is now calling the app for `request_line` (not accepting)."""
         if number < SLOTS:
             self._counts[number] = UNAVAILABLE
-            text = request_line[:_REQUEST_TEXT]
-            offset = 4 * SLOTS + _REQUEST_SLOT * number
-            _REQUEST.pack_into(self._map, offset, time.monotonic(), len(text))
-            self._map[offset + _REQUEST.size:offset + _REQUEST.size + len(text)] = text
+            text = request_line[:REQUEST_TEXT]
+            offset = self._text + REQUEST_TEXT * number
+            self._map[offset:offset + len(text)] = text
+            self._lengths[number] = len(text)
+            self._started[number] = time.monotonic()
 
     def served(self, number: int) -> None:
         """Worker: its loop is back from the app."""
         if number < SLOTS:
-            _REQUEST.pack_into(self._map, 4 * SLOTS + _REQUEST_SLOT * number, 0.0, 0)
+            self._lengths[number] = 0
 
     def current_request(self, number: int) -> tuple[str, float] | None:
         """Master: the request worker `number`'s loop is in, and for how many seconds."""
-        if number >= SLOTS:
+        if number >= SLOTS or not self._lengths[number]:
             return None
-        offset = 4 * SLOTS + _REQUEST_SLOT * number
-        started, length = _REQUEST.unpack_from(self._map, offset)
-        if not length:
-            return None
-        text = self._map[offset + _REQUEST.size:offset + _REQUEST.size + length]
-        return text.decode("latin-1"), time.monotonic() - started
+        offset = self._text + REQUEST_TEXT * number
+        text = self._map[offset:offset + self._lengths[number]]
+        return text.decode("latin-1"), time.monotonic() - self._started[number]
 
     def has_lighter_peer(self, number: int, margin: int) -> bool:
         """Worker: does another available worker hold at least `margin` fewer connections?"""

@@ -213,8 +213,13 @@ class StartResponse:
             name, value = item
             if type(name) is not str or type(value) is not str:
                 raise TypeError(f"response header name and value must be str: {item!r}")
-            if not _TOKEN.fullmatch(name):
-                raise ValueError(f"invalid response header name {name!r}")
+            raw_name = _HEADER_NAMES.get(name)
+            if raw_name is None:
+                if not _TOKEN.fullmatch(name):
+                    raise ValueError(f"invalid response header name {name!r}")
+                raw_name = name.encode("ascii")
+                if len(_HEADER_NAMES) < 1024:
+                    _HEADER_NAMES[name] = raw_name
             if _BAD_VALUE.search(value):
                 raise ValueError(f"invalid character in response header {name}: {value!r}")
             try:
@@ -225,20 +230,31 @@ class StartResponse:
                 if not value.isdigit():
                     raise ValueError(f"invalid Content-Length {value!r}")
                 self.content_length = int(value)
-            encoded.append((name.encode("ascii"), raw))
+            encoded.append((raw_name, raw))
         return encoded
 
 
+# Validated header names and status lines, by the str the app gave: apps use a handful.
+_HEADER_NAMES: dict[str, bytes] = {}
+_STATUSES: dict[str, tuple[int, bytes]] = {}
+
+
 def _check_status(status: str) -> tuple[int, bytes]:
+    checked = _STATUSES.get(status) if type(status) is str else None
+    if checked is not None:
+        return checked
     if type(status) is not str:
         raise TypeError(f"status must be a str like '200 OK', not {type(status).__name__}")
     match = _STATUS.fullmatch(status)
     if match is None:
         raise ValueError(f"invalid status {status!r}: expected a code and a reason, '200 OK'")
     try:
-        return int(match[1]), match[2].encode("latin-1")
+        checked = int(match[1]), match[2].encode("latin-1")
     except UnicodeEncodeError:
         raise ValueError(f"status {status!r} is not latin-1") from None
+    if len(_STATUSES) < 256:
+        _STATUSES[status] = checked
+    return checked
 
 
 class EnvironFactory:
@@ -307,7 +323,7 @@ class EnvironFactory:
         if absolute:
             # RFC 9112 §3.2.2: with an absolute-form target, its authority is the host.
             environ["HTTP_HOST"] = target.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
-        if self._proxies is not None:
+        if self._proxies is not None and request.proxy_headers:
             _apply_forwarded(environ, forwarded(request.headers, self._proxies))
         return environ
 

@@ -77,11 +77,11 @@ class Boot:
 
 
 def forkserve_command() -> list[str]:
-    """forkserve from this interpreter's environment."""
+    """forkserve from this interpreter's environment (with --allow-root when run as root, as
+    benchmarks on a test machine often are: forkserve refuses root otherwise)."""
     script = Path(sys.executable).with_name("forkserve")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-m", "forkserve"]
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "forkserve"]
+    return [*base, "--allow-root"] if os.geteuid() == 0 else base
 
 
 def forkserve_boot() -> Boot:

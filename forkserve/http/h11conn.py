@@ -37,6 +37,7 @@ class H11Connection:
         self._limits = limits
         self._head_request = False
         self._body_read = 0
+        self._head_unchecked = False  # bytes of a request head arrived that were not checked
 
     @property
     def client_waiting_for_continue(self) -> bool:
@@ -44,14 +45,18 @@ class H11Connection:
 
     def receive_data(self, data: bytes) -> None:
         self._h11.receive_data(data)
+        if data:
+            self._head_unchecked = True
 
     def next_event(self) -> Event:
         conn = self._h11
-        if conn.their_state is _IDLE:
-            # h11 unfolds obs-fold and lets control bytes through: look at the raw head.
+        if self._head_unchecked and conn.their_state is _IDLE:
+            # h11 unfolds obs-fold and lets control bytes through: look at the raw head once.
             buffered = conn.trailing_data[0]
             end = buffered.find(b"\r\n\r\n")
-            check_head_bytes(buffered if end < 0 else buffered[:end])
+            if buffered:
+                check_head_bytes(buffered if end < 0 else buffered[:end])
+            self._head_unchecked = end < 0 and bool(buffered)
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
@@ -125,5 +130,6 @@ class H11Connection:
         conn = self._h11
         if conn.our_state is _DONE and conn.their_state is _DONE:
             conn.start_next_cycle()
+            self._head_unchecked = True  # a pipelined head may be buffered already
             return True
         return False

@@ -394,7 +394,7 @@ class HTTPProtocol(asyncio.Protocol):
         worker = self.worker
         scope = http_scope(request, self.client, self.server, worker.cfg.root_path,
                            worker.lifespan.state if worker.lifespan.supported else None)
-        if self.trusted:
+        if self.trusted and request.proxy_headers:
             apply_forwarded(scope, forwarded(request.headers, worker.proxies))
         close = worker.stopping or worker.cfg.keep_alive <= 0
         self._cancel_timer()
@@ -432,7 +432,7 @@ class HTTPProtocol(asyncio.Protocol):
         cfg = worker.cfg
         scope = websocket_scope(request, self.client, self.server, cfg.root_path,
                                 worker.lifespan.state if worker.lifespan.supported else None)
-        if self.trusted:
+        if self.trusted and request.proxy_headers:
             apply_forwarded(scope, forwarded(request.headers, worker.proxies))
         self.ws = WebSocketSession(scope, request, self, cfg.ws_max_size, cfg.ws_ping_interval,
                                    cfg.ws_ping_timeout)
