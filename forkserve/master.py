@@ -143,7 +143,7 @@ class Master:
             return EXIT_FAILURE
         self.inherited_from = os.getppid() if INHERIT_ENV in os.environ else 0
         cfg = self.cfg
-        privileges.check_root(cfg.user, cfg.allow_root)
+        privileges.check_root(cfg.user, cfg.allow_root, cfg.app)
         ids = privileges.resolve(cfg.user, cfg.group)
         os.umask(cfg.umask)
         self.listeners = listen(cfg.bind, cfg.backlog)

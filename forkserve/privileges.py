@@ -7,12 +7,14 @@ import os
 import pwd
 
 from forkserve.errors import ConfigError
+from forkserve.settings import DEFAULT_APP
 from forkserve.sockets import Listener
 
 
-def check_root(user: str | None, allow_root: bool) -> None:
-    """Refuse to serve as root without --user (or --allow-root)."""
-    if os.geteuid() == 0 and user is None and not allow_root:
+def check_root(user: str | None, allow_root: bool, app: str) -> None:
+    """Refuse to serve an app as root without --user (or --allow-root). The built-in demo
+    app is forkserve's own static page, so trying forkserve out works anywhere."""
+    if os.geteuid() == 0 and user is None and not allow_root and app != DEFAULT_APP:
         raise ConfigError("refusing to run as root: add --user USER to switch to it once the "
                           "sockets are bound, or --allow-root if you mean it")
 

@@ -44,7 +44,11 @@ class Server:
         self.lines: list[str] = []
         self._cond = threading.Condition()
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")
-        full_env.update(env or {})
+        for key, value in (env or {}).items():  # None removes a variable
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
         self.proc = subprocess.Popen(
             forkserve_command() + args,
             cwd=cwd,

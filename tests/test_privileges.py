@@ -33,6 +33,12 @@ def test_root_without_user_is_refused():
 
 
 @root_only
+def test_the_demo_app_may_run_as_root(start_server):
+    server = start_server("-w", "1", env={"FORKSERVE_ALLOW_ROOT": None})
+    assert uids(server.pid)[0] == 0
+
+
+@root_only
 def test_user_and_group_drop_after_binding(start_server, tmp_path):
     nobody = pwd.getpwnam("nobody")
     os.chmod(tmp_path, 0o755)
