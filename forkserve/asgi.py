@@ -59,18 +59,25 @@ class Output(Protocol):
 def http_scope(request: Request, client: Any, server: Any, root_path: str,
                state: dict[str, Any] | None) -> dict[str, Any]:
     """The scope of an HTTP request (ASGI HTTP spec 2.4)."""
-    target = request.target
-    raw_path, _, query = target.partition(b"?")
+    scope = connection_scope("http", request, client, server, root_path, state)
+    scope["method"] = request.method.decode("ascii")
+    scope["extensions"] = {"http.response.trailers": {}}
+    return scope
+
+
+def connection_scope(kind: str, request: Request, client: Any, server: Any, root_path: str,
+                     state: dict[str, Any] | None) -> dict[str, Any]:
+    """What the HTTP and WebSocket scopes share (`kind` is 'http' or 'websocket')."""
+    raw_path, _, query = request.target.partition(b"?")
     if b"://" in raw_path and not raw_path.startswith(b"/"):  # absolute form
         raw_path = b"/" + raw_path.split(b"://", 1)[1].partition(b"/")[2]
     path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode(
         "utf-8", "replace")
     scope = {
-        "type": "http",
+        "type": kind,
         "asgi": ASGI,
         "http_version": request.http_version.decode("ascii"),
-        "method": request.method.decode("ascii"),
-        "scheme": "http",
+        "scheme": "http" if kind == "http" else "ws",
         "path": path,
         "raw_path": raw_path,
         "query_string": query,
@@ -78,7 +85,6 @@ def http_scope(request: Request, client: Any, server: Any, root_path: str,
         "headers": request.headers,
         "client": client,
         "server": server,
-        "extensions": {"http.response.trailers": {}},
     }
     if state is not None:
         scope["state"] = state.copy()

@@ -14,9 +14,8 @@ import time
 import traceback
 from collections import deque
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
-from forkserve.asgi import ASGI, ASGIApp, ClientDisconnected, Message, Output
+from forkserve.asgi import ASGIApp, ClientDisconnected, Message, Output, connection_scope
 from forkserve.http.base import Request
 from forkserve.logs import error_log
 
@@ -64,31 +63,14 @@ def is_upgrade(request: Request) -> bool:
 
 def websocket_scope(request: Request, client: Any, server: Any, root_path: str,
                     state: dict[str, Any] | None) -> dict[str, Any]:
-    raw_path, _, query = request.target.partition(b"?")
-    path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode(
-        "utf-8", "replace")
-    subprotocols = [
+    """The scope of a WebSocket request (ASGI WebSocket spec 2.4)."""
+    scope = connection_scope("websocket", request, client, server, root_path, state)
+    scope["subprotocols"] = [
         item.strip().decode("latin-1")
         for name, value in request.headers if name == b"sec-websocket-protocol"
         for item in value.split(b",") if item.strip()
     ]
-    scope = {
-        "type": "websocket",
-        "asgi": ASGI,
-        "http_version": request.http_version.decode("ascii"),
-        "scheme": "ws",
-        "path": path,
-        "raw_path": raw_path,
-        "query_string": query,
-        "root_path": root_path,
-        "headers": request.headers,
-        "client": client,
-        "server": server,
-        "subprotocols": subprotocols,
-        "extensions": {"websocket.http.response": {}},
-    }
-    if state is not None:
-        scope["state"] = state.copy()
+    scope["extensions"] = {"websocket.http.response": {}}
     return scope
 
 

@@ -9,7 +9,6 @@ it, and the master then sees a hang and dumps the tracebacks.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import socket
 import time
@@ -40,13 +39,8 @@ from forkserve.logs import access_log, error_log, format_access_line
 from forkserve.proxy import TrustedProxies, forwarded
 from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
 from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade, websocket_scope
-from forkserve.workers.base import BootFailed, Worker
+from forkserve.workers.base import STOP_GRACE, BootFailed, Worker
 
-ACCEPT_BATCH = 16
-BALANCE_MARGIN = 2
-ACCEPT_DEFER = 0.005
-RESOURCE_PAUSE = 0.5
-STOP_GRACE = 1.0
 # Open WebSockets are closed this many seconds before --graceful-timeout ends.
 WS_CLOSE_MARGIN = 1.0
 # How long lifespan shutdown may take on a graceful stop.
@@ -88,7 +82,6 @@ class AsyncioWorker(Worker):
         self.accepted = 0  # accepted sockets whose protocol is not set up yet
         self.stopping = False
         self.accepting = False
-        self.accept_forced = False
         self.warned_no_websocket = False
         self.access_log_format = cfg.access_log_format if cfg.access_logfile else None
         try:
@@ -193,28 +186,12 @@ class AsyncioWorker(Worker):
         self.loop.call_later(seconds, self._resume_accepting)
 
     def _accept(self, listening: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
-            if self.accept_forced:
-                self.accept_forced = False
-            elif self.scoreboard.has_lighter_peer(self.number, BALANCE_MARGIN):
-                self._pause_accepting(ACCEPT_DEFER)
-                return
-            try:
-                sock, _ = listening.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    error_log.error("cannot accept connections: %s; pausing %g s",
-                                    exc.strerror, RESOURCE_PAUSE)
-                    self._pause_accepting(RESOURCE_PAUSE)
-                return
-            sock.setblocking(False)
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.accepted += 1
-            self._publish()  # count it now: peers must see this worker's load at once
-            self.loop.create_task(self._connect(sock))
+        self.accept_batch(listening, self._pause_accepting, self._take)
+
+    def _take(self, sock: socket.socket, peer: Any) -> None:
+        self.accepted += 1
+        self._publish()  # count it now: peers must see this worker's load at once
+        self.loop.create_task(self._connect(sock))
 
     async def _connect(self, sock: socket.socket) -> None:
         try:

@@ -14,10 +14,12 @@ The tick also checks that the master lives and whether the worker should be recy
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import os
 import random
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +34,17 @@ from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
 
 DUMP_SIGNAL = signal.SIGUSR2
+# Connections accepted per readiness event at most.
+ACCEPT_BATCH = 16
+# A worker holding this many connections more than an available peer leaves new ones to the
+# peer for ACCEPT_DEFER seconds, then accepts one anyway (the peer may be slow to wake).
+BALANCE_MARGIN = 2
+ACCEPT_DEFER = 0.005
+# How long accepting pauses when the process is out of file descriptors or memory.
+RESOURCE_PAUSE = 0.5
+# On a graceful stop, how long open connections may still bring a request (answered with
+# Connection: close). A client that sent one just as we stopped is served, not reset.
+STOP_GRACE = 1.0
 # Boot error texts longer than this (a huge traceback) are cut in the middle.
 MAX_ERROR_TEXT = 65536
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -74,6 +87,7 @@ class Worker:
         self._title_served = -1
         self.logs_to_reopen = False
         self.recycling = False
+        self.accept_forced = False  # after a deferral ends, accept one even if a peer is lighter
         self.max_requests = (
             cfg.max_requests + random.randint(0, cfg.max_requests_jitter)
             if cfg.max_requests else 0
@@ -110,6 +124,34 @@ class Worker:
             channel.send(self.channel_fd, frame)
         except OSError as exc:
             raise MasterGone(f"lost its pipe to the master ({exc.strerror})") from None
+
+    def accept_batch(self, listening: socket.socket, pause: Callable[[float], None],
+                     take: Callable[[socket.socket, Any], None]) -> None:
+        """Accept up to ACCEPT_BATCH connections from `listening` and `take(sock, peer)` each
+        (non-blocking, TCP_NODELAY). Leaves new connections to a lighter peer for a moment
+        (scoreboard balancing), and `pause(seconds)`s accepting when out of descriptors."""
+        for _ in range(ACCEPT_BATCH):
+            if self.accept_forced:
+                self.accept_forced = False
+            elif self.scoreboard.has_lighter_peer(self.number, BALANCE_MARGIN):
+                pause(ACCEPT_DEFER)
+                return
+            try:
+                sock, peer = listening.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The connection stays queued and the socket readable: pause instead of
+                    # spinning, and say so once per pause.
+                    error_log.error("cannot accept connections: %s; pausing %g s",
+                                    exc.strerror, RESOURCE_PAUSE)
+                    pause(RESOURCE_PAUSE)
+                return
+            sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            take(sock, peer)
 
     def tick(self) -> None:
         """Periodic duties: heartbeat with counters, title, logs, recycling, master alive."""

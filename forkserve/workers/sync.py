@@ -9,20 +9,20 @@ it back to the loop through a wakeup pipe when it is waiting for its next reques
 
 from __future__ import annotations
 
-import errno
 import os
 import selectors
 import socket
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from forkserve.http import Limits, new_connection
 from forkserve.http.base import NEED_DATA, ProtocolError, Request, set_server_header
 from forkserve.logs import error_log
 from forkserve.proxy import TrustedProxies
 from forkserve.scoreboard import UNAVAILABLE
-from forkserve.workers.base import Worker
+from forkserve.workers.base import STOP_GRACE, Worker
 from forkserve.workers.connection import (
     DONE,
     LINGER,
@@ -32,21 +32,10 @@ from forkserve.workers.connection import (
     ServerContext,
 )
 
-# Connections accepted per readiness event at most.
-ACCEPT_BATCH = 16
-# A worker holding this many connections more than an available peer leaves new ones to the
-# peer for ACCEPT_DEFER seconds, then accepts one anyway (the peer may be slow to wake).
-BALANCE_MARGIN = 2
-ACCEPT_DEFER = 0.005
-# How long accepting pauses when the process is out of file descriptors or memory.
-RESOURCE_PAUSE = 0.5
 # How long a lingering close waits for the client to stop sending.
 LINGER_SECONDS = 2.0
 # The I/O stall bound while serving a request when --timeout is 0.
 DEFAULT_IO_TIMEOUT = 60.0
-# On a graceful stop, how long open connections may still bring a request (answered with
-# Connection: close). A client that sent one just as we stopped is served, not reset.
-STOP_GRACE = 1.0
 
 _ACCEPT = "accept"
 _WAKEUP = "wakeup"
@@ -83,7 +72,6 @@ class SyncWorker(Worker):
         self.lingering: dict[ClientConnection, float] = {}
         self.accepting = False
         self.accept_resume_at = 0.0  # when a deferral of accepting ends (0: none)
-        self.accept_forced = False  # accept the next one without deferring
         self.stop_deadline = 0.0  # set by a graceful stop: open connections close by then
         for listener in self.listeners:
             listener.sock.setblocking(False)
@@ -143,38 +131,22 @@ class SyncWorker(Worker):
 
     def _resume_accepting(self) -> None:
         self.accept_resume_at = 0.0
-        self.accept_forced = True  # after a deferral, take one even if a peer is lighter
+        self.accept_forced = True
         if self.alive and self.in_flight < self.cfg.threads:
             self._set_accepting(True)
 
     def _accept(self, listening: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
-            if self.accept_forced:
-                self.accept_forced = False
-            elif self.scoreboard.has_lighter_peer(self.number, BALANCE_MARGIN):
-                self._set_accepting(False)
-                self.accept_resume_at = time.monotonic() + ACCEPT_DEFER
-                return
-            try:
-                sock, peer = listening.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # The connection stays queued and the socket readable: pause instead of
-                    # spinning, and say so once per pause.
-                    error_log.error("cannot accept connections: %s; pausing %g s",
-                                    exc.strerror, RESOURCE_PAUSE)
-                    self._set_accepting(False)
-                    self.accept_resume_at = time.monotonic() + RESOURCE_PAUSE
-                return
-            sock.setblocking(False)
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = ClientConnection(sock, peer, new_connection(self.limits), self.ctx)
-            self.selector.register(sock, selectors.EVENT_READ, conn)
-            self._wait_for_request(conn)
-            self._publish()
+        self.accept_batch(listening, self._pause_accepting, self._take)
+
+    def _pause_accepting(self, seconds: float) -> None:
+        self._set_accepting(False)
+        self.accept_resume_at = time.monotonic() + seconds
+
+    def _take(self, sock: socket.socket, peer: Any) -> None:
+        conn = ClientConnection(sock, peer, new_connection(self.limits), self.ctx)
+        self.selector.register(sock, selectors.EVENT_READ, conn)
+        self._wait_for_request(conn)
+        self._publish()
 
     # -- reading request heads --------------------------------------------------------------
 
