@@ -76,19 +76,24 @@ def test_workers_auto_uses_every_allowed_cpu(start_server):
 
 def test_a_burst_of_keep_alive_connections_is_shared_between_workers(start_server, interface):
     server = start_server(APP_OF[interface], "-w", "2")
-    socks = [server.connect() for _ in range(12)]
-    try:
-        served_by = []
-        for sock in socks:
-            sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
-            served_by.append(int(Reader(sock).response().body))
-    finally:
-        for sock in socks:
-            sock.close()
-    shares = sorted(served_by.count(pid) for pid in server.workers())
-    # Balanced, the split is 6/6 or 5/7 (4/8 under a loaded CI box); without the scoreboard
-    # it was 0/12 or 1/11 in a third of the runs on a 2-core machine.
-    assert shares[0] >= 2, shares
+    splits = []
+    for _ in range(3):  # balancing leans on the idle worker being scheduled in time: on a
+        # loaded 2-core machine one burst in a few may still land on one worker
+        socks = [server.connect() for _ in range(12)]
+        try:
+            served_by = []
+            for sock in socks:
+                sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+                served_by.append(int(Reader(sock).response().body))
+        finally:
+            for sock in socks:
+                sock.close()
+        splits.append(sorted(served_by.count(pid) for pid in server.workers()))
+        if splits[-1][0] >= 4:
+            return
+    # Balanced, a burst splits 6/6 or 5/7; without the scoreboard 4/8 or better came in 12%
+    # of bursts on a 2-core machine (0/12 and 1/11 in a third).
+    raise AssertionError(f"every burst landed mostly on one worker: {splits}")
 
 
 def test_killed_worker_is_replaced(start_server):

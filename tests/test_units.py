@@ -202,6 +202,32 @@ def test_bad_access_log_format():
         check_access_log_format("%(h")
 
 
+# -- scoreboard ---------------------------------------------------------------------------------
+
+def test_scoreboard_balancing_rules():
+    from forkserve.scoreboard import UNAVAILABLE, Scoreboard
+    board = Scoreboard()
+    board.join(1)
+    board.join(2)
+    board.set(1, 3)
+    assert not board.has_lighter_peer(1, 2)  # worker 2 is still booting (unavailable)
+    board.set(2, 0)
+    assert board.has_lighter_peer(1, 2)  # 3 vs 0: leave the next one to worker 2
+    assert not board.has_lighter_peer(2, 2)
+    board.set(2, 2)
+    assert not board.has_lighter_peer(1, 2)  # 3 vs 2: within the margin
+    board.serving(2, b"GET /slow HTTP/1.1")
+    board.set(1, 9)
+    assert not board.has_lighter_peer(1, 2)  # worker 2 is busy in the app
+    text, seconds = board.current_request(2)
+    assert text == "GET /slow HTTP/1.1" and 0 <= seconds < 5
+    board.served(2)
+    assert board.current_request(2) is None
+    board.leave(2)
+    board.set(1, UNAVAILABLE)
+    assert not board.has_lighter_peer(1, 2)
+
+
 # -- interface detection ------------------------------------------------------------------------
 
 async def _asgi3(scope, receive, send):

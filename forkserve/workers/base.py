@@ -39,7 +39,7 @@ ACCEPT_BATCH = 16
 # A worker holding this many connections more than an available peer leaves new ones to the
 # peer for ACCEPT_DEFER seconds, then accepts one anyway (the peer may be slow to wake).
 BALANCE_MARGIN = 2
-ACCEPT_DEFER = 0.005
+ACCEPT_DEFER = 0.02
 # How long accepting pauses when the process is out of file descriptors or memory.
 RESOURCE_PAUSE = 0.5
 # On a graceful stop, how long open connections may still bring a request (answered with
