@@ -55,7 +55,8 @@ class H11Connection:
             buffered = conn.trailing_data[0]
             end = buffered.find(b"\r\n\r\n")
             if buffered:
-                check_head_bytes(buffered if end < 0 else buffered[:end])
+                # A partial head may end in the CR of a CRLF still on its way.
+                check_head_bytes(buffered.rstrip(b"\r") if end < 0 else buffered[:end])
             self._head_unchecked = end < 0 and bool(buffered)
         try:
             event = conn.next_event()
