@@ -48,6 +48,7 @@ class Config:
     backlog: int
     workers: int
     threads: int
+    worker_connections: int
     timeout: float
     boot_timeout: float
     header_timeout: float

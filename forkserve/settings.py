@@ -176,6 +176,11 @@ SETTINGS: tuple[Setting, ...] = (
         "worker's event loop; with more, in a pool of that many threads.", metavar="N",
     ),
     Setting(
+        "worker_connections", ("--worker-connections",), 1000, _int_at_least(1),
+        "Most connections one worker holds at once; beyond it the worker stops accepting and "
+        "leaves new connections to the others.", metavar="N",
+    ),
+    Setting(
         "timeout", ("-t", "--timeout"), 30.0, _seconds,
         "A worker silent for this many seconds writes every thread's traceback to the error "
         "log, is killed and replaced. 0 disables.",

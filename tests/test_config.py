@@ -18,6 +18,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "backlog": ("64", 64),
     "workers": ("3", 3),
     "threads": ("4", 4),
+    "worker_connections": ("50", 50),
     "timeout": ("12.5", 12.5),
     "graceful_timeout": ("7", 7),
     "keep_alive": ("9", 9),

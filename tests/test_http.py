@@ -268,3 +268,25 @@ def test_slowloris_head_is_cut_after_header_timeout(start_server, interface):
         sock.settimeout(2)
         with pytest.raises(TimeoutError):
             sock.recv(1)  # still open after the header timeout has passed
+
+
+def test_worker_connections_limit_leaves_the_rest_queued(start_server, interface):
+    server = start_server(APP_OF[interface], "-w", "1", "--worker-connections", "3")
+    held = []
+    try:
+        for _ in range(3):
+            sock = server.connect()
+            sock.sendall(get(b"/hello"))
+            assert Reader(sock).response().status == 200
+            held.append(sock)
+        with server.connect() as waiting:  # queued by the kernel, not taken by the worker
+            waiting.sendall(get(b"/hello"))
+            waiting.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                waiting.recv(1)  # nothing happens while the worker is full
+            held.pop().close()  # room again: the queued connection is served
+            waiting.settimeout(10)
+            assert Reader(waiting).response().status == 200
+    finally:
+        for sock in held:
+            sock.close()

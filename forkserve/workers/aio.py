@@ -177,7 +177,7 @@ class AsyncioWorker(Worker):
                 self.loop.remove_reader(listener.sock.fileno())
 
     def _resume_accepting(self) -> None:
-        if not self.stopping:
+        if not self.stopping and self._has_room():
             self.accept_forced = True
             self._set_accepting(True)
 
@@ -192,6 +192,11 @@ class AsyncioWorker(Worker):
         self.accepted += 1
         self._publish()  # count it now: peers must see this worker's load at once
         self.loop.create_task(self._connect(sock))
+        if not self._has_room():
+            self._set_accepting(False)  # connection_closed starts again once one is gone
+
+    def _has_room(self) -> bool:
+        return len(self.connections) + self.accepted < self.cfg.worker_connections
 
     async def _connect(self, sock: socket.socket) -> None:
         try:
@@ -201,6 +206,8 @@ class AsyncioWorker(Worker):
         finally:
             self.accepted -= 1
             self._publish()
+            if not self.accepting and not self.stopping and self._has_room():
+                self._set_accepting(True)
 
     def _publish(self) -> None:
         self.scoreboard.set(self.number, len(self.connections) + self.accepted)
@@ -211,8 +218,11 @@ class AsyncioWorker(Worker):
     def connection_closed(self, protocol: HTTPProtocol) -> None:
         self.connections.discard(protocol)
         self._publish()
-        if self.stopping and not self.connections:
-            self.all_closed.set()
+        if self.stopping:
+            if not self.connections:
+                self.all_closed.set()
+        elif not self.accepting and self._has_room():
+            self._set_accepting(True)
 
 
 class HTTPProtocol(asyncio.Protocol):

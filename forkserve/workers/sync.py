@@ -99,6 +99,8 @@ class SyncWorker(Worker):
                     self._resume_accepting()
                 else:
                     wake_at = min(wake_at, self.accept_resume_at)
+            elif not self.accepting and self.alive and self._has_room():
+                self._set_accepting(True)
             self._publish()
             for key, _ in select(max(0.0, wake_at - now)):
                 data = key.data
@@ -132,8 +134,13 @@ class SyncWorker(Worker):
     def _resume_accepting(self) -> None:
         self.accept_resume_at = 0.0
         self.accept_forced = True
-        if self.alive and self.in_flight < self.cfg.threads:
+        if self.alive and self._has_room():
             self._set_accepting(True)
+
+    def _has_room(self) -> bool:
+        """May this worker take another connection (--worker-connections, free threads)?"""
+        held = len(self.waiting) + len(self.lingering) + self.in_flight
+        return held < self.cfg.worker_connections and self.in_flight < self.cfg.threads
 
     def _accept(self, listening: socket.socket) -> None:
         self.accept_batch(listening, self._pause_accepting, self._take)
@@ -147,6 +154,8 @@ class SyncWorker(Worker):
         self.selector.register(sock, selectors.EVENT_READ, conn)
         self._wait_for_request(conn)
         self._publish()
+        if not self._has_room():
+            self._set_accepting(False)  # the loop starts again once a connection is gone
 
     # -- reading request heads --------------------------------------------------------------
 
@@ -198,7 +207,7 @@ class SyncWorker(Worker):
             return
         self.selector.unregister(conn.sock)
         self.pool.submit(self._serve_in_thread, conn, request)
-        if self.in_flight >= self.cfg.threads:
+        if not self._has_room():
             self._set_accepting(False)  # let other workers take new connections
 
     def _serve_in_thread(self, conn: ClientConnection, request: Request) -> None:
@@ -223,8 +232,6 @@ class SyncWorker(Worker):
             conn, outcome = self.handed_back.popleft()
             self.in_flight -= 1
             self._after(conn, outcome, registered=False)
-        if self.alive and self.in_flight < self.cfg.threads:
-            self._set_accepting(True)
 
     def _after(self, conn: ClientConnection, outcome: str, registered: bool = True) -> None:
         """Put a connection where `outcome` says: back to waiting, lingering, or gone."""
