@@ -24,7 +24,7 @@ from forkserve.asgi import (
     wrap_asgi2,
 )
 from forkserve.errors import EXIT_BOOT
-from forkserve.http import Limits, new_connection
+from forkserve.http import new_connection
 from forkserve.http.base import (
     CLOSED,
     END_OF_MESSAGE,
@@ -33,10 +33,9 @@ from forkserve.http.base import (
     ProtocolError,
     Request,
     error_response,
-    set_server_header,
 )
 from forkserve.logs import access_log, error_log, format_access_line
-from forkserve.proxy import TrustedProxies, forwarded
+from forkserve.proxy import forwarded
 from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
 from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade, websocket_scope
 from forkserve.workers.base import STOP_GRACE, BootFailed, Worker
@@ -67,17 +66,7 @@ class AsyncioWorker(Worker):
 
     def serve(self) -> None:
         cfg = self.cfg
-        self.limits = Limits(
-            request_line=cfg.limit_request_line,
-            header_count=cfg.limit_request_fields,
-            header_field_size=cfg.limit_request_field_size,
-            body_size=cfg.limit_request_body,
-        )
-        set_server_header(cfg.server_header)
         self.asgi_app = wrap_asgi2(self.app) if self.interface == "asgi2" else self.app
-        self.proxies = TrustedProxies(cfg.forwarded_allow_ips)
-        # How long a response may wait on a client that does not read (as the sync worker).
-        self.io_timeout = cfg.timeout / 2 if cfg.timeout > 0 else 60.0
         self.connections: set[HTTPProtocol] = set()
         self.accepted = 0  # accepted sockets whose protocol is not set up yet
         self.stopping = False

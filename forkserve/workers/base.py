@@ -29,7 +29,10 @@ from setproctitle import setproctitle
 from forkserve import channel, logs
 from forkserve.config import Config
 from forkserve.errors import EXIT_OK
+from forkserve.http import Limits
+from forkserve.http.base import set_server_header
 from forkserve.logs import error_log
+from forkserve.proxy import TrustedProxies
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
 
@@ -42,6 +45,8 @@ BALANCE_MARGIN = 2
 ACCEPT_DEFER = 0.02
 # How long accepting pauses when the process is out of file descriptors or memory.
 RESOURCE_PAUSE = 0.5
+# The I/O stall bound when --timeout is 0.
+DEFAULT_IO_TIMEOUT = 60.0
 # On a graceful stop, how long open connections may still bring a request (answered with
 # Connection: close). A client that sent one just as we stopped is served, not reset.
 STOP_GRACE = 1.0
@@ -94,6 +99,17 @@ class Worker:
         )
         timeout = cfg.timeout
         self.tick_interval = min(1.0, timeout / 4) if timeout > 0 else 1.0
+        # What both worker kinds apply to every connection.
+        self.limits = Limits(
+            request_line=cfg.limit_request_line,
+            header_count=cfg.limit_request_fields,
+            header_field_size=cfg.limit_request_field_size,
+            body_size=cfg.limit_request_body,
+        )
+        self.proxies = TrustedProxies(cfg.forwarded_allow_ips)
+        # How long one read or write may wait on a slow client while a request is served.
+        self.io_timeout = timeout / 2 if timeout > 0 else DEFAULT_IO_TIMEOUT
+        set_server_header(cfg.server_header)
         self.wakeup_r, self.wakeup_w = os.pipe()
         os.set_blocking(self.wakeup_r, False)
         os.set_blocking(self.wakeup_w, False)

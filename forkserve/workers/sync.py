@@ -17,10 +17,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from forkserve.http import Limits, new_connection
-from forkserve.http.base import NEED_DATA, ProtocolError, Request, set_server_header
+from forkserve.http import new_connection
+from forkserve.http.base import NEED_DATA, ProtocolError, Request
 from forkserve.logs import error_log
-from forkserve.proxy import TrustedProxies
 from forkserve.scoreboard import UNAVAILABLE
 from forkserve.workers.base import STOP_GRACE, Worker
 from forkserve.workers.connection import (
@@ -34,8 +33,6 @@ from forkserve.workers.connection import (
 
 # How long a lingering close waits for the client to stop sending.
 LINGER_SECONDS = 2.0
-# The I/O stall bound while serving a request when --timeout is 0.
-DEFAULT_IO_TIMEOUT = 60.0
 
 _ACCEPT = "accept"
 _WAKEUP = "wakeup"
@@ -47,23 +44,16 @@ class SyncWorker(Worker):
     def serve(self) -> None:
         cfg = self.cfg
         threads = cfg.threads
-        self.limits = Limits(
-            request_line=cfg.limit_request_line,
-            header_count=cfg.limit_request_fields,
-            header_field_size=cfg.limit_request_field_size,
-            body_size=cfg.limit_request_body,
-        )
-        set_server_header(cfg.server_header)
         self.ctx = ServerContext(
             self.app,
-            io_timeout=cfg.timeout / 2 if cfg.timeout > 0 else DEFAULT_IO_TIMEOUT,
+            io_timeout=self.io_timeout,
             multithread=threads > 1,
             access_log_format=cfg.access_log_format if cfg.access_logfile else None,
             keep_alive=cfg.keep_alive > 0,
             # Inline, a request waiting on a slow client is not a hung app: keep heartbeating.
             on_wait=self._heartbeat_if_due if threads == 1 else None,
             root_path=cfg.root_path,
-            proxies=TrustedProxies(cfg.forwarded_allow_ips),
+            proxies=self.proxies,
         )
         self.selector = selectors.DefaultSelector()
         self.pool = ThreadPoolExecutor(threads, "forkserve") if threads > 1 else None
