@@ -79,9 +79,6 @@ def load_app(spec: str, chdir: str | None = None) -> Callable[..., Any]:
     return app
 
 
-INTERFACES = ("auto", "wsgi", "asgi", "asgi2")
-
-
 def detect_interface(app: Callable[..., Any], wanted: str = "auto") -> str:
     """'wsgi', 'asgi3' or 'asgi2' for `app`; `wanted` ('wsgi', 'asgi', 'asgi2') overrides.
 

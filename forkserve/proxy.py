@@ -61,9 +61,6 @@ class Forwarded:
     host: str | None = None
 
 
-NOTHING = Forwarded()
-
-
 def forwarded(headers: list[tuple[bytes, bytes]], proxies: TrustedProxies) -> Forwarded:
     """Read the proxy headers of a request that came from a trusted proxy.
 

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from forkserve.errors import ConfigError
+from forkserve.proxy import DEFAULT_TRUSTED, TrustedProxies
+
 DEFAULT_APP = "forkserve.demo:app"
 DEFAULT_BIND = "127.0.0.1:8000"
 
@@ -97,9 +100,6 @@ def _header_value(text: str) -> str:
 
 
 def _trusted_proxies(text: str) -> str:
-    from forkserve.errors import ConfigError
-    from forkserve.proxy import TrustedProxies
-
     try:
         TrustedProxies(text)
     except ConfigError as exc:
@@ -292,7 +292,7 @@ SETTINGS: tuple[Setting, ...] = (
         "(1011).", metavar="SECONDS", section="websocket",
     ),
     Setting(
-        "forwarded_allow_ips", ("--forwarded-allow-ips",), "127.0.0.1,::1,unix",
+        "forwarded_allow_ips", ("--forwarded-allow-ips",), DEFAULT_TRUSTED,
         _trusted_proxies,
         "Proxies whose Forwarded / X-Forwarded-For, -Proto, -Host headers are believed: "
         "comma-separated addresses and CIDR networks, 'unix' for connections over a unix "

@@ -78,7 +78,7 @@ class ClientConnection:
     """A client socket, its HTTP state machine, and the `ResponseWriter` of its request."""
 
     __slots__ = (
-        "sock", "fd", "peer", "proto", "ctx", "environ_factory", "deadline",
+        "sock", "fd", "peer", "proto", "ctx", "environ_factory",
         "method", "status", "reason", "headers", "headers_sent", "sent", "body_done", "_poll",
         "head_started",
     )
@@ -92,7 +92,6 @@ class ClientConnection:
         self.ctx = ctx
         self.environ_factory = EnvironFactory(sock.getsockname(), peer, ctx.multithread,
                                               ctx.root_path, proxies=ctx.proxies)
-        self.deadline = 0.0
         self.head_started = False  # the next request's first bytes have arrived
         self.method = b""
         self._poll: select.poll | None = None
