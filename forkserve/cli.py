@@ -11,6 +11,7 @@ from forkserve.config import describe, parse_args
 from forkserve.errors import EXIT_CONFIG, EXIT_OK, ConfigError
 from forkserve.master import Master
 from forkserve.sockets import parse_bind
+from forkserve.tls import server_context
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.check_only:
             for spec in cfg.bind:
                 parse_bind(spec)
+            server_context(cfg)
             print(describe(cfg))
             return EXIT_OK
         return Master(cfg, args).run()

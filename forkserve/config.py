@@ -68,6 +68,12 @@ class Config:
     ws_max_size: int
     ws_ping_interval: float
     ws_ping_timeout: float
+    certfile: str | None
+    keyfile: str | None
+    ca_certs: str | None
+    client_cert: str
+    ciphers: str | None
+    tls_min_version: str
     user: str | None
     group: str | None
     umask: int

@@ -42,6 +42,7 @@ SECTION_TITLES = {
     "server": "Server and workers",
     "app": "The application",
     "websocket": "WebSocket",
+    "tls": "TLS (HTTPS)",
     "privileges": "Privileges",
     "logging": "Logging",
 }

@@ -25,6 +25,7 @@ import gc
 import os
 import selectors
 import signal
+import ssl
 import sys
 import time
 import traceback
@@ -43,6 +44,7 @@ from forkserve.pidfile import Pidfile
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import INHERIT_ENV, Listener, listen
 from forkserve.systemd import Notifier
+from forkserve.tls import server_context
 from forkserve.workers import run_worker
 
 HANDLED_SIGNALS = (
@@ -112,6 +114,7 @@ class Master:
         self.scoreboard = Scoreboard()
         self.pidfile: Pidfile | None = None
         self.app: Callable[..., Any] | None = None  # set with --preload
+        self.tls: ssl.SSLContext | None = None  # inherited by the workers forked next
         self.stop_deadline: float | None = None
         self.exit_status = EXIT_OK
         self.ready = False
@@ -146,7 +149,10 @@ class Master:
         privileges.check_root(cfg.user, cfg.allow_root, cfg.app)
         ids = privileges.resolve(cfg.user, cfg.group)
         os.umask(cfg.umask)
+        self.tls = server_context(cfg)
         self.listeners = listen(cfg.bind, cfg.backlog)
+        for listener in self.listeners:
+            listener.secure = self.tls is not None
         try:
             if cfg.pidfile:
                 self.pidfile = Pidfile(cfg.pidfile)
@@ -274,10 +280,20 @@ class Master:
                               "keeping %s", ", ".join(self.cfg.bind))
             cfg.bind = self.cfg.bind
         try:
+            tls = server_context(cfg)
+        except ConfigError as exc:
+            error_log.error("HUP: configuration not reloaded: %s", exc)
+            return
+        if (tls is None) != (self.tls is None):
+            error_log.warning("HUP: turning TLS on or off needs a restart or a USR2 upgrade; "
+                              "keeping it %s", "off" if self.tls is None else "on")
+            tls = self.tls
+        try:
             logs.setup(cfg.log_level, cfg.error_logfile, cfg.access_logfile)
         except OSError as exc:
             error_log.error("HUP: cannot open log file %s: %s", exc.filename, exc.strerror)
             return
+        self.tls = tls
         self.cfg = cfg
         self.size = cfg.workers
         self.saved_size = 0
@@ -424,7 +440,7 @@ class Master:
             self.selector.close()
             os.set_blocking(write_fd, False)
             status = run_worker(self.cfg, self.listeners, write_fd, number, self.pid,
-                                self.scoreboard, self.app,
+                                self.scoreboard, self.app, self.tls,
                                 lambda name, worker: self.call_hook(name, self, worker))
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else EXIT_OK

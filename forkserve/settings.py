@@ -15,6 +15,7 @@ from typing import Any
 
 from forkserve.errors import ConfigError
 from forkserve.proxy import DEFAULT_TRUSTED, TrustedProxies
+from forkserve.tls import CLIENT_CERT_MODES, MIN_VERSIONS
 
 DEFAULT_APP = "forkserve.demo:app"
 DEFAULT_BIND = "127.0.0.1:8000"
@@ -298,6 +299,36 @@ SETTINGS: tuple[Setting, ...] = (
         "comma-separated addresses and CIDR networks, 'unix' for connections over a unix "
         "socket, or '*' for everyone. From other peers these headers are ignored.",
         metavar="LIST",
+    ),
+    Setting(
+        "certfile", ("--certfile",), None, _text,
+        "Serve HTTPS: the PEM certificate chain (server certificate first). Re-read on HUP, "
+        "so a renewed certificate needs no restart.", metavar="FILE", section="tls",
+    ),
+    Setting(
+        "keyfile", ("--keyfile",), None, _text,
+        "The certificate's PEM private key, when it is not in --certfile.", metavar="FILE",
+        section="tls",
+    ),
+    Setting(
+        "ca_certs", ("--ca-certs",), None, _text,
+        "PEM file of the CA certificates that client certificates must chain to.",
+        metavar="FILE", section="tls",
+    ),
+    Setting(
+        "client_cert", ("--client-cert",), "none", _choice(*CLIENT_CERT_MODES),
+        "Client certificates: 'none' (not asked for), 'optional' (checked against "
+        "--ca-certs when sent) or 'required' (the handshake fails without a valid one).",
+        metavar="MODE", section="tls",
+    ),
+    Setting(
+        "ciphers", ("--ciphers",), None, _text,
+        "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults); default: "
+        "Python's secure defaults.", metavar="LIST", section="tls",
+    ),
+    Setting(
+        "tls_min_version", ("--tls-min-version",), "1.2", _choice(*MIN_VERSIONS),
+        "Oldest TLS version accepted: 1.2 or 1.3.", metavar="VERSION", section="tls",
     ),
     Setting(
         "user", ("-u", "--user"), None, _text,

@@ -76,6 +76,7 @@ class Listener:
         self.sock = sock
         self.address = address
         self.owns_path = owns_path
+        self.secure = False  # served over TLS (set by the master)
 
     @property
     def url(self) -> str:
@@ -84,7 +85,7 @@ class Listener:
             return f"unix:{self.sock.getsockname() or self.address.path}"
         host, port = self.sock.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}"
+        return f"{'https' if self.secure else 'http'}://{host}:{port}"
 
     def close(self) -> None:
         """Close the socket, and unlink the unix socket file if this process created it."""

@@ -293,6 +293,10 @@ class EnvironFactory:
             "wsgi.input_terminated": True,
         }
 
+    def extend(self, variables: dict[str, Any]) -> None:
+        """Add `variables` to every environ built from now on (e.g. the TLS session's)."""
+        self._template.update(variables)
+
     def build(self, request: Request, body: InputStream, errors: ErrorStream) -> dict[str, Any]:
         """The environ of `request`, with `body` as wsgi.input and `errors` as wsgi.errors."""
         environ = self._template.copy()

@@ -120,7 +120,7 @@ class Server:
     def wait_ready(self) -> Server:
         match = self.wait_for(LISTENING)
         self.url = match.group(1)
-        if self.url.startswith("http://"):
+        if self.url.startswith(("http://", "https://")):
             self.port = int(self.url.rsplit(":", 1)[1])
         self.wait_for(READY)
         return self

@@ -20,12 +20,16 @@ from forkserve import __version__
 
 
 class ProtocolError(Exception):
-    """The client broke HTTP/1.1: answer `status` (400, 413, 414, 431, ...) and close."""
+    """The client broke HTTP/1.1: answer `status` (400, 413, 414, 431, ...) and close.
 
-    def __init__(self, status: int, detail: str) -> None:
+    `detail` is for the log; `explain`, when given, is told to the client in the body.
+    """
+
+    def __init__(self, status: int, detail: str, explain: str = "") -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.explain = explain
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import faulthandler
 import signal
+import ssl
 import sys
 import traceback
 from collections.abc import Callable
@@ -31,10 +32,11 @@ from forkserve.workers.sync import SyncWorker
 
 def run_worker(cfg: Config, listeners: list[Listener], channel_fd: int, number: int,
                master_pid: int, scoreboard: Scoreboard, app: Callable[..., Any] | None,
-               hook: Callable[[str, Worker], None]) -> int:
+               tls: ssl.SSLContext | None, hook: Callable[[str, Worker], None]) -> int:
     """Boot and run one worker in a freshly forked child; return its exit status.
 
-    `app` is the preloaded app, or None to load it here. A failure to load it is reported to
+    `app` is the preloaded app, or None to load it here; `tls` the SSL context to serve
+    HTTPS with, or None. A failure to load it is reported to
     the master as BOOT_FAILED (status 2 for an app that does not exist, 3 for one that
     raised). `hook(name, worker)` runs the post_fork hook once the app is loaded and the
     worker_exit hook after it stopped serving.
@@ -50,7 +52,7 @@ def run_worker(cfg: Config, listeners: list[Listener], channel_fd: int, number: 
     except BaseException:  # the app's own import or factory raised (even SystemExit)
         return report_boot_failure(channel_fd, EXIT_BOOT, traceback.format_exc().rstrip())
     worker = _worker_class(kind)(cfg, listeners, channel_fd, number, master_pid, scoreboard,
-                                 app, interface)
+                                 app, interface, tls)
     hook("post_fork", worker)
     status = worker.run()
     hook("worker_exit", worker)

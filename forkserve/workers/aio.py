@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ from forkserve.http.base import (
 )
 from forkserve.logs import access_log, error_log, format_access_line
 from forkserve.proxy import forwarded
+from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http, tls_extension
 from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
 from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade, websocket_scope
 from forkserve.workers.base import STOP_GRACE, BootFailed, Worker
@@ -187,10 +189,46 @@ class AsyncioWorker(Worker):
     def _has_room(self) -> bool:
         return len(self.connections) + self.accepted < self.cfg.worker_connections
 
-    async def _connect(self, sock: socket.socket) -> None:
+    async def _starts_tls(self, sock: socket.socket) -> bool:
+        """Wait for the client's first byte: True if it starts a TLS handshake. A client
+        speaking plain HTTP is answered 400 (in plain text) and the socket closed; one that
+        sends nothing in time, or leaves, is closed."""
+        ready = self.loop.create_future()
+        fd = sock.fileno()
+        self.loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
         try:
-            await self.loop.connect_accepted_socket(lambda: HTTPProtocol(self), sock)
-        except OSError:
+            await asyncio.wait_for(ready, self.cfg.header_timeout or self.cfg.keep_alive or None)
+            first = sock.recv(1, socket.MSG_PEEK)
+        finally:
+            self.loop.remove_reader(fd)
+        if first and not is_plain_http(first):
+            return True
+        try:
+            if not first:
+                return False
+            sock.send(error_response(400, PLAIN_HTTP_EXPLAIN))
+            sock.shutdown(socket.SHUT_WR)
+            # Read what the client sent before closing: unread bytes would make the kernel
+            # reset the connection and destroy the answer.
+            while await asyncio.wait_for(self.loop.sock_recv(sock, 65536), STOP_GRACE):
+                pass
+        finally:
+            sock.close()
+        return False
+
+    async def _connect(self, sock: socket.socket) -> None:
+        """Run an HTTPProtocol on an accepted socket, after the TLS handshake on an HTTPS
+        server (bounded by --header-timeout, as a request head is)."""
+        tls = self.tls
+        try:
+            if tls is not None and not await self._starts_tls(sock):
+                return
+            await self.loop.connect_accepted_socket(
+                lambda: HTTPProtocol(self), sock, ssl=tls,
+                ssl_handshake_timeout=(self.cfg.header_timeout or None) if tls else None)
+        except (OSError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, ssl.SSLError):
+                error_log.debug("TLS handshake failed: %s", exc)
             sock.close()
         finally:
             self.accepted -= 1
@@ -235,6 +273,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.client: Any = None
         self.server: Any = None
         self.trusted = False  # the peer is a trusted proxy: believe its forwarded headers
+        self.tls: dict[str, Any] | None = None  # the ASGI TLS extension, on HTTPS
         self.head_started = False  # the next request's first bytes have arrived
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
@@ -249,6 +288,9 @@ class HTTPProtocol(asyncio.Protocol):
         else:
             self.client, self.server = tuple(peer[:2]), tuple(local[:2])
         self.trusted = self.worker.proxies.trusts(self.client[0] if self.client else None)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.tls = tls_extension(ssl_object)
         self.worker.connection_opened(self)
         self._wait_for_request()
         if self.worker.stopping:
@@ -278,7 +320,8 @@ class HTTPProtocol(asyncio.Protocol):
         if self.cycle is not None:
             self.cycle.client_eof()
         self._process()
-        return True  # keep our side open to finish a response in progress
+        # Keep our side open to finish a response in progress (TLS cannot half-close).
+        return self.tls is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -368,10 +411,9 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _start_cycle(self, request: Request) -> None:
         worker = self.worker
-        scope = http_scope(request, self.client, self.server, worker.cfg.root_path,
-                           worker.lifespan.state if worker.lifespan.supported else None)
-        if self.trusted and request.proxy_headers:
-            apply_forwarded(scope, forwarded(request.headers, worker.proxies))
+        scope = self._completed(request, http_scope(
+            request, self.client, self.server, worker.cfg.root_path,
+            worker.lifespan.state if worker.lifespan.supported else None))
         close = worker.stopping or worker.cfg.keep_alive <= 0
         self._cancel_timer()
         self.request = request
@@ -380,6 +422,16 @@ class HTTPProtocol(asyncio.Protocol):
         worker.in_flight += 1
         worker.served += 1
         self.loop.create_task(self._run(self.cycle))
+
+    def _completed(self, request: Request, scope: dict[str, Any]) -> dict[str, Any]:
+        """`scope` with what the connection adds: TLS (scheme, extension), then what a
+        trusted proxy says (which may change the scheme back)."""
+        if self.tls is not None:
+            scope["scheme"] += "s"  # http → https, ws → wss
+            scope.setdefault("extensions", {})["tls"] = self.tls
+        if self.trusted and request.proxy_headers:
+            apply_forwarded(scope, forwarded(request.headers, self.worker.proxies))
+        return scope
 
     async def _run(self, cycle: HTTPCycle) -> None:
         try:
@@ -406,10 +458,9 @@ class HTTPProtocol(asyncio.Protocol):
             return
         self._cancel_timer()
         cfg = worker.cfg
-        scope = websocket_scope(request, self.client, self.server, cfg.root_path,
-                                worker.lifespan.state if worker.lifespan.supported else None)
-        if self.trusted and request.proxy_headers:
-            apply_forwarded(scope, forwarded(request.headers, worker.proxies))
+        scope = self._completed(request, websocket_scope(
+            request, self.client, self.server, cfg.root_path,
+            worker.lifespan.state if worker.lifespan.supported else None))
         self.ws = WebSocketSession(scope, request, self, cfg.ws_max_size, cfg.ws_ping_interval,
                                    cfg.ws_ping_timeout)
         worker.in_flight += 1
@@ -455,7 +506,7 @@ class HTTPProtocol(asyncio.Protocol):
             return
         if self.cycle is not None:
             self.cycle.disconnect()  # the app must not answer a request that broke
-        self.write(error_response(exc.status))
+        self.write(error_response(exc.status, exc.explain))
         self.close()
 
     def _log_access(self, cycle: HTTPCycle) -> None:

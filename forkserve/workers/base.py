@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -72,12 +73,13 @@ class MasterGone(Exception):
 class Worker:
     """Base class of worker kinds; subclasses implement `serve()`.
 
-    `app` is the loaded app and `interface` its kind ('wsgi', 'asgi3' or 'asgi2').
+    `app` is the loaded app and `interface` its kind ('wsgi', 'asgi3' or 'asgi2'); `tls` the
+    SSL context of an HTTPS server (None: plain HTTP).
     """
 
     def __init__(self, cfg: Config, listeners: list[Listener], channel_fd: int, number: int,
                  master_pid: int, scoreboard: Scoreboard, app: Callable[..., Any],
-                 interface: str) -> None:
+                 interface: str, tls: ssl.SSLContext | None = None) -> None:
         self.cfg = cfg
         self.scoreboard = scoreboard
         self.listeners = listeners
@@ -86,6 +88,7 @@ class Worker:
         self.master_pid = master_pid
         self.app = app
         self.interface = interface
+        self.tls = tls
         self.alive = True
         self.served = 0
         self.in_flight = 0

@@ -5,6 +5,10 @@ parsed, `serve()` runs in the worker's loop (or a pool thread) and does the I/O 
 request itself: the body is read on demand, the response written as the app produces it,
 each wait bounded by `io_timeout`. The socket stays non-blocking throughout, so a read or
 write that would block waits in poll() for at most that long.
+
+On an HTTPS server the connection starts as the accepted socket and becomes an SSLSocket when
+its first byte shows a TLS handshake; the handshake then advances in the worker's loop, each
+time the socket is readable, and counts as the start of the request head (--header-timeout).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,11 +34,14 @@ from forkserve.http.base import (
 )
 from forkserve.logs import access_log, error_log, format_access_line
 from forkserve.proxy import TrustedProxies
+from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http, tls_environ
 from forkserve.wsgi import EnvironFactory, ErrorStream, InputStream, call_app
 
 RECV_SIZE = 65536
 # Bytes of an unread request body we read and discard to keep a connection alive.
 MAX_DRAIN = 1 << 20
+# Piece size when a file is copied through TLS instead of sent with sendfile().
+SENDFILE_COPY_SIZE = 256 * 1024
 # While waiting on a slow client, the inline worker heartbeats this often (seconds).
 WAIT_SLICE = 0.25
 
@@ -80,18 +88,21 @@ class ClientConnection:
     __slots__ = (
         "sock", "fd", "peer", "proto", "ctx", "environ_factory",
         "method", "status", "reason", "headers", "headers_sent", "sent", "body_done", "_poll",
-        "head_started",
+        "head_started", "tls", "secure",
     )
 
     def __init__(self, sock: socket.socket, peer: Any, proto: HTTPConnection,
-                 ctx: ServerContext) -> None:
+                 ctx: ServerContext, tls: ssl.SSLContext | None = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
         self.proto = proto
         self.ctx = ctx
+        self.tls = tls  # the context to wrap the socket with, until it is wrapped
+        self.secure = False  # self.sock is an SSLSocket
         self.environ_factory = EnvironFactory(sock.getsockname(), peer, ctx.multithread,
-                                              ctx.root_path, proxies=ctx.proxies)
+                                              ctx.root_path, "https" if tls else "http",
+                                              ctx.proxies)
         self.head_started = False  # the next request's first bytes have arrived
         self.method = b""
         self._poll: select.poll | None = None
@@ -162,11 +173,11 @@ class ClientConnection:
             return self._drain()
         return go_on
 
-    def _send_error(self, status: int) -> None:
+    def _send_error(self, status: int, explain: str = "") -> None:
         self.status = status
         self.headers_sent = True
         try:
-            self.sendall(error_response(status))
+            self.sendall(error_response(status, explain))
         except ClientGone:
             pass
 
@@ -205,7 +216,7 @@ class ClientConnection:
         """Answer a malformed request with its status and close; returns LINGER or DONE."""
         error_log.debug("refused request from %s: %s %s", _peer_text(self.peer), exc.status,
                         exc.detail)
-        self._send_error(exc.status)
+        self._send_error(exc.status, exc.explain)
         self.body_done = False  # what follows a refused head is unread: linger
         return self.close_after_error()
 
@@ -312,13 +323,64 @@ class ClientConnection:
         if not ready:
             raise ClientGone(f"client stalled for {ctx.io_timeout:g} s")
 
+    def receive(self) -> bytes | None:
+        """For the worker's loop, when the socket is readable: what the client sent, b"" if
+        it closed the connection or broke it, None if nothing is complete yet (a TLS
+        handshake under way, part of a TLS record). Never blocks.
+
+        Raises ProtocolError when an HTTPS port receives plain HTTP.
+        """
+        try:
+            if self.tls is not None:
+                self._handshake()
+            data = self.sock.recv(RECV_SIZE)
+            if self.secure and self.sock.pending():
+                data += self.sock.recv(self.sock.pending())
+            return data
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return None
+        except OSError as exc:  # a reset, a failed handshake, TLS garbage
+            if isinstance(exc, ssl.SSLError):
+                error_log.debug("TLS error from %s: %s", _peer_text(self.peer), exc)
+            return b""
+
+    def _handshake(self) -> None:
+        """Advance the TLS handshake; returns once it is complete (the socket is wrapped), or
+        the client closed before it began.
+
+        Raises BlockingIOError or SSLWantReadError while it waits for the client, OSError
+        when it failed, ProtocolError for a client speaking plain HTTP.
+        """
+        if not self.secure:
+            first = self.sock.recv(1, socket.MSG_PEEK)
+            if is_plain_http(first):
+                self.tls = None  # answered in plain text, then closed
+                raise ProtocolError(400, "plain HTTP on an HTTPS port", PLAIN_HTTP_EXPLAIN)
+            if not first:
+                return  # closed before the handshake: recv() says b""
+            self.sock = self.tls.wrap_socket(self.sock, server_side=True,
+                                             do_handshake_on_connect=False)
+            self.secure = True
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantWriteError:
+            # The handshake's first flight did not fit in an empty send buffer: a client
+            # that does not read it is not worth a blocked loop.
+            raise ConnectionAbortedError("client does not read the TLS handshake") from None
+        self.tls = None
+        self.environ_factory.extend(tls_environ(self.sock))
+
     def recv(self) -> bytes:
         """Bytes from the client (b"" at its EOF), waiting at most io_timeout."""
         while True:
             try:
                 return self.sock.recv(RECV_SIZE)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError):
                 self._wait(select.POLLIN)
+            except ssl.SSLWantWriteError:  # a TLS key update must go out first
+                self._wait(select.POLLOUT)
+            except ssl.SSLZeroReturnError:
+                return b""
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
 
@@ -329,8 +391,11 @@ class ClientConnection:
             while True:
                 try:
                     sent = sock.send(data)
-                except BlockingIOError:
+                except (BlockingIOError, ssl.SSLWantWriteError):
                     self._wait(select.POLLOUT)
+                    continue
+                except ssl.SSLWantReadError:
+                    self._wait(select.POLLIN)
                     continue
                 if sent == len(data):
                     return
@@ -342,6 +407,15 @@ class ClientConnection:
 
     def _sendfile(self, part: FilePart) -> None:
         offset, remaining = part.offset, part.count
+        if self.secure:  # the kernel cannot encrypt: copy the file through TLS
+            while remaining > 0:
+                chunk = os.pread(part.fd, min(remaining, SENDFILE_COPY_SIZE), offset)
+                if not chunk:
+                    raise ClientGone("file ended before its announced length")
+                self.sendall(chunk)
+                offset += len(chunk)
+                remaining -= len(chunk)
+            return
         while remaining > 0:
             try:
                 sent = os.sendfile(self.fd, part.fd, offset, remaining)

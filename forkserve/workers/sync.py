@@ -26,7 +26,6 @@ from forkserve.workers.connection import (
     DONE,
     LINGER,
     READ,
-    RECV_SIZE,
     ClientConnection,
     ServerContext,
 )
@@ -140,7 +139,7 @@ class SyncWorker(Worker):
         self.accept_resume_at = time.monotonic() + seconds
 
     def _take(self, sock: socket.socket, peer: Any) -> None:
-        conn = ClientConnection(sock, peer, new_connection(self.limits), self.ctx)
+        conn = ClientConnection(sock, peer, new_connection(self.limits), self.ctx, self.tls)
         self.selector.register(sock, selectors.EVENT_READ, conn)
         self._wait_for_request(conn)
         self._publish()
@@ -155,19 +154,17 @@ class SyncWorker(Worker):
         self.waiting[conn] = min(expires, self.stop_deadline) if self.stop_deadline else expires
 
     def _readable(self, conn: ClientConnection) -> None:
-        try:
-            data = conn.sock.recv(RECV_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
         if conn in self.lingering:
-            if not data:
+            if conn.receive() == b"":
                 self._forget(conn)
                 conn.close()
             return
-        conn.proto.receive_data(data)
         try:
+            data = conn.receive()
+            if data is None:  # a TLS handshake under way
+                self._head_begun(conn)
+                return
+            conn.proto.receive_data(data)
             event = conn.proto.next_event()
         except ProtocolError as exc:
             self._after(conn, conn.reject(exc))
@@ -177,8 +174,13 @@ class SyncWorker(Worker):
         elif event is not NEED_DATA:
             self._forget(conn)
             conn.close()
-        elif data and self.cfg.header_timeout and not conn.head_started:
-            # A head has begun: it must be complete within --header-timeout (slowloris).
+        elif data:
+            self._head_begun(conn)
+
+    def _head_begun(self, conn: ClientConnection) -> None:
+        """A request head (or the TLS handshake before it) has begun: it must be complete
+        within --header-timeout (slowloris)."""
+        if self.cfg.header_timeout and not conn.head_started:
             conn.head_started = True
             self.waiting[conn] = min(self.waiting[conn],
                                      time.monotonic() + self.cfg.header_timeout)
