@@ -65,6 +65,7 @@ class Config:
     forwarded_allow_ips: str
     limit_request_body: int
     server_header: str
+    proxy_protocol: bool
     ws_max_size: int
     ws_ping_interval: float
     ws_ping_timeout: float

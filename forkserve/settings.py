@@ -359,6 +359,13 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="BYTES",
     ),
     Setting(
+        "proxy_protocol", ("--proxy-protocol",), False, _flag,
+        "Every connection starts with a PROXY protocol header (HAProxy v1 or v2) from a "
+        "load balancer in --forwarded-allow-ips, naming the real client (and, v2, whether it "
+        "came over TLS). Connections without one, or from other peers, are closed.",
+        flag=True,
+    ),
+    Setting(
         "server_header", ("--server-header",), "forkserve", _header_value,
         "Value of the Server response header (the app's own wins); empty to send none.",
         metavar="TEXT",

@@ -46,6 +46,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "user": ("nobody", "nobody"),
     "group": ("nogroup", "nogroup"),
     "umask": ("027", 0o027),
+    "proxy_protocol": ("true", True),
     "certfile": ("/etc/ssl/site.pem", "/etc/ssl/site.pem"),
     "keyfile": ("/etc/ssl/site.key", "/etc/ssl/site.key"),
     "ca_certs": ("/etc/ssl/clients-ca.pem", "/etc/ssl/clients-ca.pem"),

@@ -37,10 +37,11 @@ from forkserve.http.base import (
 )
 from forkserve.logs import access_log, error_log, format_access_line
 from forkserve.proxy import forwarded
+from forkserve.proxy_protocol import ProxyHeader, ProxyProtocolError
 from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http, tls_extension
 from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
 from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade, websocket_scope
-from forkserve.workers.base import STOP_GRACE, BootFailed, Worker
+from forkserve.workers.base import STOP_GRACE, BootFailed, ProxyHeaderReader, Worker
 
 # Open WebSockets are closed this many seconds before --graceful-timeout ends.
 WS_CLOSE_MARGIN = 1.0
@@ -189,18 +190,32 @@ class AsyncioWorker(Worker):
     def _has_room(self) -> bool:
         return len(self.connections) + self.accepted < self.cfg.worker_connections
 
-    async def _starts_tls(self, sock: socket.socket) -> bool:
-        """Wait for the client's first byte: True if it starts a TLS handshake. A client
-        speaking plain HTTP is answered 400 (in plain text) and the socket closed; one that
-        sends nothing in time, or leaves, is closed."""
+    async def _readable(self, sock: socket.socket) -> None:
+        """Wait until `sock` is readable, at most --header-timeout (else --keep-alive):
+        raises TimeoutError after that."""
         ready = self.loop.create_future()
         fd = sock.fileno()
         self.loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
         try:
             await asyncio.wait_for(ready, self.cfg.header_timeout or self.cfg.keep_alive or None)
-            first = sock.recv(1, socket.MSG_PEEK)
         finally:
             self.loop.remove_reader(fd)
+
+    async def _proxy_header(self, sock: socket.socket) -> ProxyHeader:
+        """Read the PROXY protocol header the connection must start with."""
+        reader = ProxyHeaderReader()
+        while True:
+            await self._readable(sock)
+            header = reader.read(sock)
+            if header is not None:
+                return header
+
+    async def _starts_tls(self, sock: socket.socket) -> bool:
+        """Wait for the client's first byte: True if it starts a TLS handshake. A client
+        speaking plain HTTP is answered 400 (in plain text) and the socket closed; one that
+        sends nothing in time, or leaves, is closed."""
+        await self._readable(sock)
+        first = sock.recv(1, socket.MSG_PEEK)
         if first and not is_plain_http(first):
             return True
         try:
@@ -220,15 +235,20 @@ class AsyncioWorker(Worker):
         """Run an HTTPProtocol on an accepted socket, after the TLS handshake on an HTTPS
         server (bounded by --header-timeout, as a request head is)."""
         tls = self.tls
+        header = None
         try:
+            if self.cfg.proxy_protocol:
+                header = await self._proxy_header(sock)
             if tls is not None and not await self._starts_tls(sock):
                 return
             await self.loop.connect_accepted_socket(
-                lambda: HTTPProtocol(self), sock, ssl=tls,
+                lambda: HTTPProtocol(self, header), sock, ssl=tls,
                 ssl_handshake_timeout=(self.cfg.header_timeout or None) if tls else None)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (OSError, asyncio.TimeoutError, ProxyProtocolError) as exc:
             if isinstance(exc, ssl.SSLError):
                 error_log.debug("TLS handshake failed: %s", exc)
+            elif isinstance(exc, ProxyProtocolError):
+                error_log.info("closed a connection: %s", exc)
             sock.close()
         finally:
             self.accepted -= 1
@@ -255,8 +275,9 @@ class AsyncioWorker(Worker):
 class HTTPProtocol(asyncio.Protocol):
     """One client connection: bytes to the parser, requests to `HTTPCycle` tasks."""
 
-    def __init__(self, worker: AsyncioWorker) -> None:
+    def __init__(self, worker: AsyncioWorker, proxy_header: ProxyHeader | None = None) -> None:
         self.worker = worker
+        self.proxy_header = proxy_header
         self.loop = worker.loop
         self.conn = new_connection(worker.limits)
         self.transport: asyncio.Transport | None = None
@@ -291,6 +312,9 @@ class HTTPProtocol(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.tls = tls_extension(ssl_object)
+        header = self.proxy_header
+        if header is not None and header.client is not None:
+            self.client = header.client
         self.worker.connection_opened(self)
         self._wait_for_request()
         if self.worker.stopping:
@@ -424,11 +448,13 @@ class HTTPProtocol(asyncio.Protocol):
         self.loop.create_task(self._run(self.cycle))
 
     def _completed(self, request: Request, scope: dict[str, Any]) -> dict[str, Any]:
-        """`scope` with what the connection adds: TLS (scheme, extension), then what a
-        trusted proxy says (which may change the scheme back)."""
+        """`scope` with what the connection adds: TLS (scheme, extension; or TLS at the load
+        balancer, per its PROXY header), then what a trusted proxy's headers say (which
+        may change the scheme back)."""
         if self.tls is not None:
-            scope["scheme"] += "s"  # http → https, ws → wss
             scope.setdefault("extensions", {})["tls"] = self.tls
+        if self.tls is not None or (self.proxy_header is not None and self.proxy_header.tls):
+            scope["scheme"] += "s"  # http → https, ws → wss
         if self.trusted and request.proxy_headers:
             apply_forwarded(scope, forwarded(request.headers, self.worker.proxies))
         return scope

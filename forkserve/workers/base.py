@@ -27,7 +27,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from forkserve import channel, logs
+from forkserve import channel, logs, proxy_protocol
 from forkserve.config import Config
 from forkserve.errors import EXIT_OK
 from forkserve.http import Limits
@@ -54,6 +54,32 @@ STOP_GRACE = 1.0
 # Boot error texts longer than this (a huge traceback) are cut in the middle.
 MAX_ERROR_TEXT = 65536
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+class ProxyHeaderReader:
+    """Reads a PROXY protocol header off a non-blocking socket, consuming not one byte past
+    it (a TLS handshake may follow, read by the ssl module from the socket itself)."""
+
+    __slots__ = ("received",)
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def read(self, sock: socket.socket) -> proxy_protocol.ProxyHeader | None:
+        """The header once complete, None while more bytes are needed.
+
+        Raises ProxyProtocolError for a connection that does not start with a valid header
+        (or closed before it ended), BlockingIOError when nothing can be read now.
+        """
+        peeked = sock.recv(proxy_protocol.MAX_HEADER - len(self.received), socket.MSG_PEEK)
+        if not peeked:
+            raise proxy_protocol.ProxyProtocolError("closed before the PROXY header ended")
+        seen = self.received + peeked
+        header = proxy_protocol.parse(seen)
+        # Everything before the header's end is header: take it off the socket.
+        taken = len(peeked) if header is None else header.length - len(self.received)
+        self.received += sock.recv(taken)
+        return header
 
 
 class BootFailed(Exception):
@@ -167,6 +193,12 @@ class Worker:
                                     exc.strerror, RESOURCE_PAUSE)
                     pause(RESOURCE_PAUSE)
                 return
+            host = peer[0] if isinstance(peer, tuple) else None
+            if self.cfg.proxy_protocol and not self.proxies.trusts(host):
+                error_log.info("closed a connection from %s: a PROXY header is only believed "
+                               "from --forwarded-allow-ips", host or "a unix socket")
+                sock.close()
+                continue
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

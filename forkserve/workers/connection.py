@@ -34,7 +34,9 @@ from forkserve.http.base import (
 )
 from forkserve.logs import access_log, error_log, format_access_line
 from forkserve.proxy import TrustedProxies
+from forkserve.proxy_protocol import ProxyProtocolError
 from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http, tls_environ
+from forkserve.workers.base import ProxyHeaderReader
 from forkserve.wsgi import EnvironFactory, ErrorStream, InputStream, call_app
 
 RECV_SIZE = 65536
@@ -88,11 +90,12 @@ class ClientConnection:
     __slots__ = (
         "sock", "fd", "peer", "proto", "ctx", "environ_factory",
         "method", "status", "reason", "headers", "headers_sent", "sent", "body_done", "_poll",
-        "head_started", "tls", "secure",
+        "head_started", "tls", "secure", "proxy_reader",
     )
 
     def __init__(self, sock: socket.socket, peer: Any, proto: HTTPConnection,
-                 ctx: ServerContext, tls: ssl.SSLContext | None = None) -> None:
+                 ctx: ServerContext, tls: ssl.SSLContext | None = None,
+                 proxy_protocol: bool = False) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
@@ -100,6 +103,7 @@ class ClientConnection:
         self.ctx = ctx
         self.tls = tls  # the context to wrap the socket with, until it is wrapped
         self.secure = False  # self.sock is an SSLSocket
+        self.proxy_reader = ProxyHeaderReader() if proxy_protocol else None
         self.environ_factory = EnvironFactory(sock.getsockname(), peer, ctx.multithread,
                                               ctx.root_path, "https" if tls else "http",
                                               ctx.proxies)
@@ -331,6 +335,8 @@ class ClientConnection:
         Raises ProtocolError when an HTTPS port receives plain HTTP.
         """
         try:
+            if self.proxy_reader is not None and not self._read_proxy_header():
+                return None
             if self.tls is not None:
                 self._handshake()
             data = self.sock.recv(RECV_SIZE)
@@ -343,6 +349,22 @@ class ClientConnection:
             if isinstance(exc, ssl.SSLError):
                 error_log.debug("TLS error from %s: %s", _peer_text(self.peer), exc)
             return b""
+        except ProxyProtocolError as exc:
+            error_log.info("closed a connection from %s: %s", _peer_text(self.peer), exc)
+            return b""
+
+    def _read_proxy_header(self) -> bool:
+        """Read the PROXY protocol header; True once it is read and its client adopted."""
+        header = self.proxy_reader.read(self.sock)
+        if header is None:
+            return False
+        self.proxy_reader = None
+        variables = {"wsgi.url_scheme": "https"} if header.tls else {}
+        if header.client is not None:
+            self.peer = header.client
+            variables.update(REMOTE_ADDR=header.client[0], REMOTE_PORT=str(header.client[1]))
+        self.environ_factory.extend(variables)
+        return True
 
     def _handshake(self) -> None:
         """Advance the TLS handshake; returns once it is complete (the socket is wrapped), or

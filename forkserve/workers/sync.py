@@ -139,7 +139,8 @@ class SyncWorker(Worker):
         self.accept_resume_at = time.monotonic() + seconds
 
     def _take(self, sock: socket.socket, peer: Any) -> None:
-        conn = ClientConnection(sock, peer, new_connection(self.limits), self.ctx, self.tls)
+        conn = ClientConnection(sock, peer, new_connection(self.limits), self.ctx, self.tls,
+                                self.cfg.proxy_protocol)
         self.selector.register(sock, selectors.EVENT_READ, conn)
         self._wait_for_request(conn)
         self._publish()
