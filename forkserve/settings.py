@@ -355,7 +355,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "limit_request_body", ("--limit-request-body",), 100 * 1024 * 1024, _int_at_least(0),
         "Maximum size in bytes of a request body: 413, from Content-Length before anything "
-        "is read, or as soon as a chunked body goes past it. 0 means no limit.",
+        "is read, or from the first chunk size that takes a chunked body past it. 0 means "
+        "no limit.",
         metavar="BYTES",
     ),
     Setting(

@@ -19,6 +19,7 @@ from forkserve.http.base import (
     check_partial_head,
     check_request,
 )
+from forkserve.http.chunked import ChunkedFraming
 
 _Request = h11.Request
 _Data = h11.Data
@@ -38,6 +39,9 @@ class H11Connection:
         self._head_request = False
         self._body_read = 0
         self._head_unchecked = False  # bytes of a request head arrived that were not checked
+        # h11 is lenient in chunk lines: a strict follower sees the same body bytes.
+        self._chunked: ChunkedFraming | None = None
+        self._body_unchecked = b""
 
     @property
     def client_waiting_for_continue(self) -> bool:
@@ -47,9 +51,16 @@ class H11Connection:
         self._h11.receive_data(data)
         if data:
             self._head_unchecked = True
+            if self._chunked is not None:
+                self._body_unchecked += data
 
     def next_event(self) -> Event:
         conn = self._h11
+        if self._body_unchecked:
+            self._chunked.feed(self._body_unchecked)
+            self._body_unchecked = b""
+            if self._chunked.done:
+                self._chunked = None
         if self._head_unchecked and conn.their_state is _IDLE:
             # h11 unfolds obs-fold and lets control bytes through: look at the raw head once.
             buffered = conn.trailing_data[0]
@@ -82,6 +93,10 @@ class H11Connection:
             check_request(request, self._limits)
             self._head_request = event.method == b"HEAD"
             self._body_read = 0
+            if any(name == b"transfer-encoding" for name, _ in request.headers):
+                # check_request let only a final "chunked" through
+                self._chunked = ChunkedFraming(self._limits.head_size, self._limits.body_size)
+                self._body_unchecked = conn.trailing_data[0]
             return request
         if kind is _EndOfMessage:
             return END_OF_MESSAGE
@@ -132,5 +147,7 @@ class H11Connection:
         if conn.our_state is _DONE and conn.their_state is _DONE:
             conn.start_next_cycle()
             self._head_unchecked = True  # a pipelined head may be buffered already
+            self._chunked = None
+            self._body_unchecked = b""
             return True
         return False

@@ -1,0 +1,107 @@
+"""A strict follower of a chunked request body's framing (RFC 9112 §7.1), beside the parser.
+
+A parser that accepts more than the grammar allows in chunk lines (h11 takes control bytes in
+chunk extensions, bare CR, 20-digit sizes, a bare LF ending the trailers) lets a request
+mean one thing to forkserve and another to a proxy in front of it: request smuggling. This
+follower sees the same body bytes as the parser and raises `ProtocolError` at the first
+chunk line, chunk end or trailer field the grammar does not allow. It skips chunk data by
+counting, so its cost is per chunk, not per byte.
+"""
+
+from __future__ import annotations
+
+import re
+
+from forkserve.http.base import ProtocolError
+
+# chunk-size [ chunk-ext ] CRLF, with chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ).
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*" + _TOKEN
+    + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*)\r\n"
+)
+# field-name ":" OWS field-value OWS CRLF, no control bytes but HTAB in the value.
+_TRAILER_FIELD = re.compile(_TOKEN + rb":[\t \x21-\x7e\x80-\xff]*\r\n")
+# A chunk size must fit a signed 64-bit offset, as it does in every proxy worth the name.
+MAX_CHUNK_SIZE = (1 << 63) - 1
+MAX_CHUNK_LINE = 4096
+
+_SIZE, _DATA, _DATA_END, _TRAILERS, _DONE = range(5)
+
+
+class ChunkedFraming:
+    """Follows one chunked body. `feed` every body byte the parser gets, in order (bytes
+    past the body's end are ignored); `done` is true once the last chunk and the trailer
+    section ended. `max_trailers` bounds the trailer section's bytes; `max_body` (0: no
+    limit) the body's, refused with 413 at the chunk line that announces too much."""
+
+    __slots__ = ("_state", "_line", "_remaining", "_trailer_bytes", "_max_trailers",
+                 "_announced", "_max_body")
+
+    def __init__(self, max_trailers: int, max_body: int = 0) -> None:
+        self._state = _SIZE
+        self._line = b""
+        self._remaining = 0
+        self._trailer_bytes = 0
+        self._max_trailers = max_trailers
+        self._announced = 0
+        self._max_body = max_body
+
+    @property
+    def done(self) -> bool:
+        return self._state == _DONE
+
+    def feed(self, data: bytes) -> None:
+        """Follow `data`; raises ProtocolError(400) at the first framing error in it."""
+        position, end = 0, len(data)
+        while position < end and self._state != _DONE:
+            if self._state == _DATA:
+                taken = min(self._remaining, end - position)
+                position += taken
+                self._remaining -= taken
+                if not self._remaining:
+                    self._state = _DATA_END
+                continue
+            newline = data.find(b"\n", position)
+            if newline < 0:
+                self._line += data[position:]
+                self._check_line_length()
+                return
+            line = self._line + data[position:newline + 1]
+            self._line = b""
+            position = newline + 1
+            self._check_line_length(line)
+            self._end_of_line(line)
+
+    def _check_line_length(self, line: bytes | None = None) -> None:
+        size = len(self._line if line is None else line)
+        if self._state == _TRAILERS:
+            if self._trailer_bytes + size > self._max_trailers:
+                raise ProtocolError(431, "chunked trailer section too large")
+        elif size > MAX_CHUNK_LINE:
+            raise ProtocolError(400, "chunk line too long")
+
+    def _end_of_line(self, line: bytes) -> None:
+        if self._state == _SIZE:
+            match = _CHUNK_LINE.fullmatch(line)
+            if match is None:
+                raise ProtocolError(400, f"malformed chunk line {line[:64]!r}")
+            size = int(match.group(1), 16)
+            if size > MAX_CHUNK_SIZE:
+                raise ProtocolError(400, "chunk size out of range")
+            self._announced += size
+            if self._max_body and self._announced > self._max_body:
+                raise ProtocolError(413, "request body too large")
+            self._remaining = size
+            self._state = _DATA if size else _TRAILERS
+        elif self._state == _DATA_END:
+            if line != b"\r\n":
+                raise ProtocolError(400, "chunk data not followed by CRLF")
+            self._state = _SIZE
+        elif line == b"\r\n":
+            self._state = _DONE
+        else:
+            self._trailer_bytes += len(line)
+            if not _TRAILER_FIELD.fullmatch(line):
+                raise ProtocolError(400, f"malformed trailer field {line[:64]!r}")
