@@ -177,7 +177,17 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+async def respond_with(scope, receive, send):
+    """Responds "hello" with the headers the request body lists: JSON [[name, value], ...]."""
+    body, _ = await _read_body(receive)
+    headers = [(name.encode("latin-1"), value.encode("latin-1"))
+               for name, value in json.loads(body)]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
 ROUTES = {
+    "/respond-with": respond_with,
     "/": hello, "/hello": hello, "/pid": pid, "/echo": echo, "/stream": stream,
     "/ignore-body": ignore_body, "/fail": fail, "/fail-midway": fail_midway,
     "/marked": marked, "/sleep": sleep, "/block": block, "/barrier": barrier,

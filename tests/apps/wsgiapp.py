@@ -285,9 +285,17 @@ def body_on_204(environ, start_response):
     return [b"a body where none may be"]
 
 
+def respond_with(environ, start_response):
+    """Responds "hello" with the headers the request body lists: JSON [[name, value], ...]."""
+    headers = json.loads(environ["wsgi.input"].read())
+    start_response("200 OK", [(name, value) for name, value in headers])
+    return [b"hello"]
+
+
 # Routes the validator would refuse before the server gets to: they test the server's checks.
 UNVALIDATED = {"/file": file_app, "/bad-header": bad_header, "/non-latin1": non_latin1,
-               "/short-body": short_body, "/body-on-204": body_on_204}
+               "/short-body": short_body, "/body-on-204": body_on_204,
+               "/respond-with": respond_with}
 
 
 def app(environ, start_response):
