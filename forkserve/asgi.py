@@ -112,12 +112,15 @@ class HTTPCycle:
     The request body arrives through `feed_body`/`feed_end`; `receive()` hands it to the
     app, and `wants_body` tells the protocol whether to keep reading (flow control).
     `send()` writes the response; `on_complete` is called once it is complete (the app may
-    go on running). `close` means the response must end the connection.
+    go on running). `close` means the response must end the connection. A client that
+    sends no byte of a body the app waits for during `body_timeout` seconds is cut off: the
+    connection is closed and the app receives http.disconnect.
     """
 
     def __init__(self, scope: dict[str, Any], conn: HTTPConnection, out: Output, close: bool,
-                 on_complete: Callable[[HTTPCycle], None]) -> None:
+                 on_complete: Callable[[HTTPCycle], None], body_timeout: float) -> None:
         self.scope = scope
+        self.body_timeout = body_timeout
         self.conn = conn
         self.out = out
         self.close = close
@@ -170,7 +173,13 @@ class HTTPCycle:
                 self.out.write(self.conn.send_continue())
             while not self.body and not self.body_complete and not self.client_done:
                 self.out.resume_reading()
-                await self._wait()
+                try:
+                    await asyncio.wait_for(self._wait(), self.body_timeout)
+                except asyncio.TimeoutError:
+                    error_log.info("%s %s: the client sent no body for %g s; closing",
+                                   self.scope["method"], _target(self.scope), self.body_timeout)
+                    self.disconnect()
+                    self.out.close()
             if self.client_done and not self.body:
                 return {"type": "http.disconnect"}
         data = b"".join(self.body) if len(self.body) != 1 else self.body[0]

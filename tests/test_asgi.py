@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import APPS, Reader, closed_by_peer, exchange, forkserve_command
+from conftest import APP_OF, APPS, Reader, closed_by_peer, exchange, forkserve_command
 
 GET = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -277,4 +277,15 @@ def test_a_client_that_stops_reading_is_dropped_after_the_stall_bound(start_serv
         server.wait_for("CLOSED stalled", timeout=20)  # send() gave up; the app was told
     finally:
         sock.close()
+    assert exchange(server, GET % b"/hello").status == 200
+
+
+@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
+def test_a_body_that_stops_arriving_is_dropped_after_the_stall_bound(start_server, interface):
+    server = start_server(APP_OF[interface], "-w", "1", "--timeout", "2")  # stall bound: 1 s
+    with server.connect() as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n0123456789")
+        started = time.monotonic()
+        assert closed_by_peer(sock, timeout=10)
+        assert time.monotonic() - started < 5
     assert exchange(server, GET % b"/hello").status == 200

@@ -442,7 +442,8 @@ class HTTPProtocol(asyncio.Protocol):
         self._cancel_timer()
         self.request = request
         self.started = time.time() if worker.access_log_format else 0.0
-        self.cycle = HTTPCycle(scope, self.conn, self, close, self._response_complete)
+        self.cycle = HTTPCycle(scope, self.conn, self, close, self._response_complete,
+                               worker.io_timeout)
         worker.in_flight += 1
         worker.served += 1
         self.loop.create_task(self._run(self.cycle))
