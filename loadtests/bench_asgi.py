@@ -31,20 +31,22 @@ httptools and uvloop) and gunicorn live in their own virtualenv, ``loadtests/.pe
 uvicorn runs with ``--no-access-log`` (forkserve and gunicorn log no access by default). The
 load generator is ``wrk`` (``apt-get install wrk``), run with keep-alive (its default) as
 ``wrk -t1 -c32 -d5s --latency`` after a 1 s warm-up, against one server at a time, each on a
-fresh port on 127.0.0.1.
+fresh port on 127.0.0.1; without wrk (or with ``--generator loadgen``) it is ``loadgen.py``,
+which also checks every response's body.
 
 The table is printed and written to ``loadtests/out/bench_asgi.md``; each server's log and
-wrk's full output go to ``loadtests/out/bench_asgi-logs/``. The exit status is 0 when every
-server answered every request with a 2xx/3xx and no socket error, 1 otherwise, 2 when a
-prerequisite is missing.
+the generator's full output go to ``loadtests/out/bench_asgi-logs/``. The exit status is 0 when
+every server answered every request with a 2xx/3xx (and, with loadgen.py, the right body) and no
+socket error, 1 otherwise, 2 when a prerequisite is missing.
 
 Only the ratios between servers measured in the same run are meaningful. Absolute requests/s
-depend on the machine, its load at the time, and on wrk sharing the CPUs with the server under
-test; comparing numbers across runs or machines tells you nothing. Even within a run, with
-keep-alive the connections stay with the worker that accepted them, so on a small machine one
-worker may end up with all of them: the notes give each worker's CPU time and flag such a run
-as IMBALANCED; rerun before reading much into its ratio. Look at p50 too: a multi-worker
-asyncio server can sit on a fixed latency floor (tens of ms) that caps its requests/s.
+depend on the machine, its load at the time, and on the load generator sharing the CPUs with
+the server under test; comparing numbers across runs or machines tells you nothing. Even within
+a run, with keep-alive the connections stay with the worker that accepted them, so on a small
+machine one worker may end up with all of them: the notes give each worker's CPU time and flag
+such a run as IMBALANCED; rerun before reading much into its ratio. Look at p50 too: a
+multi-worker asyncio server can sit on a fixed latency floor (tens of ms) that caps its
+requests/s.
 """
 
 from __future__ import annotations
@@ -53,12 +55,9 @@ import argparse
 import functools
 import importlib.metadata
 import os
-import re
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import benchlib as lib
 from benchlib import Row, Server
@@ -66,7 +65,6 @@ from benchlib import Row, Server
 REPORT = lib.OUT_DIR / "bench_asgi.md"
 LOG_DIR = lib.OUT_DIR / "bench_asgi-logs"
 
-APP = "apps:asgi"
 BASELINE = "forkserve-uvloop"
 
 # Modules the peers venv must hold, and the pip requirement that provides each.
@@ -82,9 +80,6 @@ RATIOS = (
     ("forkserve-asyncio", "uvicorn-h11-asyncio",
      "forkserve asgi (asyncio loop) / uvicorn h11 asyncio"),
 )
-
-TITLE = re.compile(r"worker (\d+) \[.*\] (\d+) requests?")
-TITLE_REFRESH = 1.2  # seconds: a forkserve worker's heartbeat tick is at most 1 s
 
 
 # -- servers ------------------------------------------------------------------------------------
@@ -107,56 +102,9 @@ def servers() -> list[Server]:
     ]
 
 
-def server_command(server: Server, apps_dir: Path, workers: int, port: int) -> list[str]:
-    if server.kind == "uvicorn":
-        return [lib.peer_bin("uvicorn"), APP, "--app-dir", str(apps_dir),
-                "--workers", str(workers), *server.extra, "--no-access-log",
-                "--host", lib.HOST, "--port", str(port)]
-    if server.kind == "forkserve":
-        base = lib.forkserve_command()
-    else:
-        base = [lib.peer_bin("gunicorn"), *lib.gunicorn_quiet_flags()]
-    return [*base, APP, "--chdir", str(apps_dir), "-w", str(workers), *server.extra,
-            "-b", f"{lib.HOST}:{port}"]
-
-
-def boot_marker(server: Server, workers: int) -> lib.Boot:
-    """A log line pattern and how many times it must appear once every worker has booted."""
-    if server.kind == "forkserve":
-        return lib.forkserve_boot()
-    if server.kind == "uvicorn":  # once per worker process, after its lifespan startup
-        return lib.Boot(re.compile(r"Application startup complete"), workers)
-    return lib.gunicorn_boot(workers)
-
-
-def forkserve_requests(master: int) -> str | None:
-    """Requests each forkserve worker has served since it booted, read from its process title.
-
-    Workers refresh their title on each heartbeat tick (at most 1 s apart), so wait for one
-    after the load has stopped: the totals are then exact.
-    """
-    time.sleep(TITLE_REFRESH)
-    counts = []
-    for pid in lib.session_processes(master):
-        match = TITLE.search(lib.cmdline(pid).decode(errors="replace"))
-        if match is not None:
-            counts.append((int(match.group(1)), int(match.group(2))))
-    if not counts:
-        return None
-    counts.sort()
-    total = sum(n for _, n in counts) or 1
-    parts = " / ".join(f"worker {w}: {n} ({n / total:.0%})" for w, n in counts)
-    return f"requests served per worker since boot (process titles, incl. warm-up): {parts}"
-
-
-def measure(server: Server, apps_dir: Path, workers: int, wrk: str, connections: int,
-            seconds: int) -> Row:
-    port = lib.free_port()
+def measure(server: Server, app: lib.App, load: lib.Load) -> Row:
     digest = lib.code_digest() if server.kind == "forkserve" else None
-    row = lib.measure(server, server_command(server, apps_dir, workers, port),
-                      boot_marker(server, workers), LOG_DIR / f"{server.key}.log", wrk,
-                      connections, seconds, port,
-                      forkserve_requests if server.kind == "forkserve" else None)
+    row = lib.measure(server, app, load, LOG_DIR / f"{server.key}.log")
     if digest is not None:
         row.notes.append(f"forkserve code digest when started: {digest}")
     return row
@@ -233,27 +181,16 @@ def parse_args(argv: list[str] | None, keys: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    keys = [s.key for s in servers()]
-    args = parse_args(argv, keys)
-    apps_dir: Path = args.apps_dir.resolve()
-    if not lib.check_apps_dir(apps_dir):
-        return lib.EXIT_SETUP
-    wrk = lib.require_wrk()
-    chosen = [s for s in servers() if not args.only or s.key in args.only]
-    lib.install_cleanup()
-
+    args = parse_args(argv, [s.key for s in servers()])
+    apps_dir, chosen = lib.begin(args, servers())
+    generator = lib.require_generator(args.generator)
     source, digest = lib.source_state(), lib.code_digest()
     versions = [f"python {sys.version.split()[0]}",
                 f"{lib.forkserve_version()} ({source}; uvloop {local_version('uvloop')}, "
                 f"h11 {local_version('h11')}, httptools {local_version('httptools')})"]
     skipped: dict[str, str] = {}
     if any(s.kind != "forkserve" for s in chosen):
-        try:
-            peers = lib.ensure_peers_venv(PEER_NEEDS)
-        except (subprocess.SubprocessError, RuntimeError, OSError) as exc:
-            print(f"error: could not set up uvicorn/gunicorn in {lib.PEERS_VENV}: {exc}",
-                  file=sys.stderr)
-            return lib.EXIT_SETUP
+        peers = lib.require_peers(PEER_NEEDS)
         parser = "gunicorn_h1c" if lib.peer_versions(["gunicorn_h1c"])["gunicorn_h1c"] \
             else "pure-Python parser"
         versions += [f"uvicorn {peers['uvicorn']} (httptools {peers['httptools']}, "
@@ -263,12 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             skipped["gunicorn-asgi"] = (f"gunicorn {peers['gunicorn']} has no native ASGI "
                                         "worker, -k asgi needs gunicorn 27+")
             print(f"note: skipping gunicorn-asgi: {skipped['gunicorn-asgi']}", file=sys.stderr)
-    versions.append(lib.wrk_version(wrk))
+    versions.append(generator.version())
 
+    load = lib.Load(generator, args.connections, args.duration, args.workers)
+    app = lib.hello_app(apps_dir, "asgi")
     started = datetime.now(timezone.utc)
-    rows = lib.run_all([s for s in chosen if s.key not in skipped], functools.partial(
-        measure, apps_dir=apps_dir, workers=args.workers, wrk=wrk,
-        connections=args.connections, seconds=args.duration))
+    rows = lib.run_all(functools.partial(measure, server, app, load)
+                       for server in chosen if server.key not in skipped)
     if rows is None:
         return lib.EXIT_INTERRUPTED
 
@@ -280,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (f"# bench_asgi: forkserve vs uvicorn and gunicorn, hello-world ASGI\n\n"
               f"{started:%Y-%m-%d %H:%M} UTC; {args.workers} workers per server; "
-              f"wrk -t1 -c{args.connections} -d{args.duration}s --latency (keep-alive), after a "
+              f"{generator.describe(args.connections, args.duration)}, after a "
               f"{lib.WARMUP_SECONDS} s warm-up; {os.cpu_count()} CPUs; {'; '.join(versions)}.\n"
               f"Only ratios within one run are meaningful.")
-    body = lib.table(rows, "forkserve(uvloop)/peer", functools.partial(ratio_cell, rows))
+    body = lib.table(rows, [("forkserve(uvloop)/peer", functools.partial(ratio_cell, rows))])
     return lib.finish(REPORT, header, body, ratio_lines(rows, [s.key for s in chosen], skipped),
                       rows, extra_notes=extra, ratios_last=True)
 

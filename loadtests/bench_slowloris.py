@@ -75,7 +75,6 @@ import resource
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -86,7 +85,6 @@ from pathlib import Path
 from typing import Any
 
 import benchlib as lib
-from bench_wsgi import boot_marker, server_command
 from benchlib import Server
 
 REPORT = lib.OUT_DIR / "bench_slowloris.md"
@@ -688,14 +686,14 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
-def measure(server: Server, apps_dir: Path, args: argparse.Namespace) -> Result:
+def measure(server: Server, app: lib.App, args: argparse.Namespace) -> Result:
     port = lib.free_port()
-    cmd = server_command(server, apps_dir, args.workers, port)
+    cmd = lib.server_command(server, app, args.workers, port)
     log_path = LOG_DIR / f"{server.key}.log"
     result = Result(server)
     print(f"--- {server.label}: {' '.join(cmd)}", file=sys.stderr)
-    with lib.run_server(cmd, log_path) as running:
-        why = lib.wait_ready(running, port, boot_marker(server, args.workers))
+    with lib.run_server(cmd, log_path, app.dirs) as running:
+        why = lib.wait_ready(running, port, lib.boot_marker(server, args.workers))
         if why is not None:
             result.failure = f"did not start: {why}"
         else:
@@ -916,38 +914,21 @@ def parse_args(argv: list[str] | None, keys: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    keys = [s.key for s in servers(4)]
-    args = parse_args(argv, keys)
-    apps_dir: Path = args.apps_dir.resolve()
-    if not lib.check_apps_dir(apps_dir):
-        return lib.EXIT_SETUP
+    args = parse_args(argv, [s.key for s in servers(4)])
+    apps_dir, chosen = lib.begin(args, servers(args.threads))
     nofile, why = raise_fd_limit(args.slow)
     if why is not None:
         print(f"error: {why}", file=sys.stderr)
         return lib.EXIT_SETUP
-    chosen = [s for s in servers(args.threads) if not args.only or s.key in args.only]
-    lib.install_cleanup()
-
     versions = [f"python {sys.version.split()[0]}", lib.forkserve_version()]
     if any(s.kind == "gunicorn" for s in chosen):
-        try:
-            peers = lib.ensure_peers_venv({"gunicorn": "gunicorn"})
-        except (subprocess.SubprocessError, RuntimeError, OSError) as exc:
-            print(f"error: could not set up gunicorn in {lib.PEERS_VENV}: {exc}",
-                  file=sys.stderr)
-            return lib.EXIT_SETUP
-        versions.append(f"gunicorn {peers['gunicorn']}")
+        versions.append(f"gunicorn {lib.require_peers({'gunicorn': 'gunicorn'})['gunicorn']}")
 
     started = datetime.now(timezone.utc)
-    results: list[Result] = []
-    try:
-        for server in chosen:
-            results.append(measure(server, apps_dir, args))
-    except KeyboardInterrupt:
-        print("interrupted; servers stopped", file=sys.stderr)
+    app = lib.hello_app(apps_dir, "wsgi")
+    results = lib.run_all(functools.partial(measure, server, app, args) for server in chosen)
+    if results is None:
         return lib.EXIT_INTERRUPTED
-    finally:
-        lib.kill_leftovers()
 
     try:
         somaxconn = Path("/proc/sys/net/core/somaxconn").read_text().strip()

@@ -18,19 +18,20 @@ forkserve runs from this interpreter's environment (``sys.executable -m forkserv
 lives in its own virtualenv, ``loadtests/.peers-venv``, created and pip-installed on first use and
 reused afterwards. The load generator is ``wrk`` (``apt-get install wrk``), run with keep-alive
 (its default) as ``wrk -t1 -c32 -d5s --latency`` after a 1 s warm-up, against one server at a
-time, each on a fresh port on 127.0.0.1.
+time, each on a fresh port on 127.0.0.1; without wrk (or with ``--generator loadgen``) it is
+``loadgen.py``, which also checks every response's body.
 
 The table is printed and written to ``loadtests/out/bench_wsgi.md``; each server's log and
-wrk's full output go to ``loadtests/out/bench_wsgi-logs/``. The exit status is 0 when every
-server answered every request with a 2xx/3xx and no socket error, 1 otherwise, 2 when a
-prerequisite is missing.
+the generator's full output go to ``loadtests/out/bench_wsgi-logs/``. The exit status is 0 when
+every server answered every request with a 2xx/3xx (and, with loadgen.py, the right body) and no
+socket error, 1 otherwise, 2 when a prerequisite is missing.
 
 Only the ratios between servers measured in the same run are meaningful. Absolute requests/s
-depend on the machine, its load at the time, and on wrk sharing the CPUs with the server under
-test; comparing numbers across runs or machines tells you nothing. Even within a run, with
-keep-alive the connections stay with the worker that accepted them, so on a small machine one
-worker may end up with all of them: the notes give each worker's CPU time and flag such a run
-as IMBALANCED; rerun before reading much into its ratio.
+depend on the machine, its load at the time, and on the load generator sharing the CPUs with
+the server under test; comparing numbers across runs or machines tells you nothing. Even within
+a run, with keep-alive the connections stay with the worker that accepted them, so on a small
+machine one worker may end up with all of them: the notes give each worker's CPU time and flag
+such a run as IMBALANCED; rerun before reading much into its ratio.
 """
 
 
@@ -39,18 +40,14 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import subprocess
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 
 import benchlib as lib
 from benchlib import Row, Server
 
 REPORT = lib.OUT_DIR / "bench_wsgi.md"
 LOG_DIR = lib.OUT_DIR / "bench_wsgi-logs"
-
-APP = "apps:wsgi"
 
 
 # -- servers ------------------------------------------------------------------------------------
@@ -68,26 +65,8 @@ def servers(threads: int) -> list[Server]:
     ]
 
 
-def server_command(server: Server, apps_dir: Path, workers: int, port: int) -> list[str]:
-    if server.kind == "forkserve":
-        base = lib.forkserve_command()
-    else:
-        base = [lib.peer_bin("gunicorn"), *lib.gunicorn_quiet_flags()]
-    return [*base, APP, "--chdir", str(apps_dir), "-w", str(workers), *server.extra,
-            "-b", f"{lib.HOST}:{port}"]
-
-
-def boot_marker(server: Server, workers: int) -> lib.Boot:
-    """A log line pattern and how many times it must appear once every worker has booted."""
-    return lib.forkserve_boot() if server.kind == "forkserve" else lib.gunicorn_boot(workers)
-
-
-def measure(server: Server, apps_dir: Path, workers: int, wrk: str, connections: int,
-            seconds: int) -> Row:
-    port = lib.free_port()
-    return lib.measure(server, server_command(server, apps_dir, workers, port),
-                       boot_marker(server, workers), LOG_DIR / f"{server.key}.log", wrk,
-                       connections, seconds, port)
+def measure(server: Server, app: lib.App, load: lib.Load) -> Row:
+    return lib.measure(server, app, load, LOG_DIR / f"{server.key}.log")
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -135,39 +114,27 @@ def parse_args(argv: list[str] | None, keys: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    keys = [s.key for s in servers(4)]
-    args = parse_args(argv, keys)
-    apps_dir: Path = args.apps_dir.resolve()
-    if not lib.check_apps_dir(apps_dir):
-        return lib.EXIT_SETUP
-    wrk = lib.require_wrk()
-    chosen = [s for s in servers(args.threads) if not args.only or s.key in args.only]
-    lib.install_cleanup()
-
-    versions = [f"python {sys.version.split()[0]}", lib.forkserve_version(),
-                lib.wrk_version(wrk)]
+    args = parse_args(argv, [s.key for s in servers(4)])
+    apps_dir, chosen = lib.begin(args, servers(args.threads))
+    generator = lib.require_generator(args.generator)
+    versions = [f"python {sys.version.split()[0]}", lib.forkserve_version()]
     if any(s.kind == "gunicorn" for s in chosen):
-        try:
-            peers = lib.ensure_peers_venv({"gunicorn": "gunicorn"})
-        except (subprocess.SubprocessError, RuntimeError, OSError) as exc:
-            print(f"error: could not set up gunicorn in {lib.PEERS_VENV}: {exc}",
-                  file=sys.stderr)
-            return lib.EXIT_SETUP
-        versions.insert(2, f"gunicorn {peers['gunicorn']}")
+        versions.append(f"gunicorn {lib.require_peers({'gunicorn': 'gunicorn'})['gunicorn']}")
+    versions.append(generator.version())
 
+    load = lib.Load(generator, args.connections, args.duration, args.workers)
+    app = lib.hello_app(apps_dir, "wsgi")
     started = datetime.now(timezone.utc)
-    rows = lib.run_all(chosen, functools.partial(
-        measure, apps_dir=apps_dir, workers=args.workers, wrk=wrk,
-        connections=args.connections, seconds=args.duration))
+    rows = lib.run_all(functools.partial(measure, server, app, load) for server in chosen)
     if rows is None:
         return lib.EXIT_INTERRUPTED
 
     header = (f"# bench_wsgi: forkserve vs gunicorn, hello-world WSGI\n\n"
               f"{started:%Y-%m-%d %H:%M} UTC; {args.workers} workers per server; "
-              f"wrk -t1 -c{args.connections} -d{args.duration}s --latency (keep-alive), after a "
+              f"{generator.describe(args.connections, args.duration)}, after a "
               f"{lib.WARMUP_SECONDS} s warm-up; {os.cpu_count()} CPUs; {'; '.join(versions)}.\n"
               f"Only ratios within one run are meaningful.")
-    body = lib.table(rows, "ratio forkserve/peer", functools.partial(ratio_cell, rows))
+    body = lib.table(rows, [("ratio forkserve/peer", functools.partial(ratio_cell, rows))])
     return lib.finish(REPORT, header, body, ratio_lines(rows, args.threads), rows)
 
 

@@ -1,40 +1,46 @@
-"""Shared machinery of the ``loadtests/bench_*.py`` server comparisons (stdlib only).
+"""Shared machinery of the ``loadtests`` server comparisons (stdlib only).
 
-Not run on its own: ``bench_wsgi.py`` and ``bench_asgi.py`` import it (they put this directory
-on ``sys.path`` by being run as scripts). It holds what both need: the peers virtualenv, starting
-each server in its own session and stopping its whole process group whatever happens, waiting for
-it to be ready, running and parsing ``wrk``, the per-worker CPU split, the log summary and the
-markdown table. What differs between the scripts (which servers, their command lines, how each
-says it has booted, which ratios matter) stays in the scripts.
+Not run on its own: ``bench_wsgi.py``, ``bench_asgi.py``, ``bench_slowloris.py`` and ``compare``
+import it (they put this directory on ``sys.path`` by being run as scripts). It holds what they
+need: the peers virtualenv, each server's command line and boot message, starting each server in
+its own session and stopping its whole process group whatever happens, waiting for it to be
+ready, the load generators (``wrk``, or ``loadgen.py`` beside this file) and reading their
+output, what each worker used (CPU, memory, requests), the log summary and the markdown table.
+What differs between the scripts (which servers, which ratios matter) stays in the scripts.
 
 Only the ratios between servers measured in the same run are meaningful.
 """
 
 from __future__ import annotations
 
+import abc
 import argparse
 import atexit
 import contextlib
 import functools
 import hashlib
 import http.client
+import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_APPS_DIR = Path(__file__).resolve().parents[2] / "shared" / "bench"
 PEERS_VENV = HERE / ".peers-venv"
 OUT_DIR = HERE / "out"
+LOADGEN = HERE / "loadgen.py"
 
 EXPECTED_BODY = b"Hello, World!"
 HOST = "127.0.0.1"
@@ -43,18 +49,24 @@ STOP_TIMEOUT = 10.0  # seconds for the master to exit after SIGTERM before the g
 WARMUP_SECONDS = 1
 PIP_TIMEOUT = 300.0
 IMBALANCE_SHARE = 0.75  # flag a run where one worker used more than this share of worker CPU
+SATURATED = 0.9  # flag a run where the generator kept its threads this busy
+TITLE_REFRESH = 1.2  # seconds: a forkserve worker refreshes its title at least every second
 
 EXIT_OK, EXIT_ERRORS, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Processes of a server's session that are not workers, recognised by their command line
-# (uvicorn's multiprocess mode starts multiprocessing's resource tracker next to its workers).
+# (uvicorn's and hypercorn's multiprocess modes start multiprocessing's resource tracker).
 HELPER_CMDLINE = re.compile(rb"multiprocessing\.resource_tracker")
+# forkserve's worker titles: "forkserve: worker 2 [app:app] 1520 requests".
+TITLE = re.compile(r"worker (\d+) \[.*\] (\d+) requests?")
+
+T = TypeVar("T")
 
 # Every server process group started and not yet stopped, so no exit path leaves one behind.
 _LIVE: dict[int, subprocess.Popen[bytes]] = {}
 
 
-# -- servers ------------------------------------------------------------------------------------
+# -- servers and apps ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -63,9 +75,25 @@ class Server:
 
     key: str  # name for --only
     label: str  # name in the table
-    kind: str  # "forkserve", "gunicorn", "uvicorn"
+    kind: str  # "forkserve", "gunicorn", "uvicorn", "hypercorn", "granian"
     extra: tuple[str, ...]  # worker-model arguments
     peer_of: str | None = None  # for a peer row: the key of the forkserve row it pairs with
+
+
+@dataclass(frozen=True)
+class App:
+    """What every server of a run serves: MODULE:VARIABLE, importable from `dirs`, which answers
+    every GET with `body`."""
+
+    name: str
+    target: str
+    body: bytes
+    dirs: tuple[Path, ...]
+
+
+def hello_app(apps_dir: Path, interface: str) -> App:
+    """The shared hello world (``apps.py`` in `apps_dir`) of `interface` ("wsgi" or "asgi")."""
+    return App("hello", f"apps:{interface}", EXPECTED_BODY, (apps_dir,))
 
 
 @dataclass(frozen=True)
@@ -76,6 +104,45 @@ class Boot:
     count: int
 
 
+# kind -> (the log line that says a server or one of its workers booted, whether once per worker)
+BOOT_LINES = {
+    "forkserve": (r"ready: \d+ workers", False),
+    "gunicorn": (r"Booting worker with pid", True),
+    "uvicorn": (r"Application startup complete", True),  # after each worker's lifespan startup
+    "hypercorn": (r"Running on http", True),
+    "granian": (r"Started worker-\d+", True),
+}
+
+
+def boot_marker(server: Server, workers: int) -> Boot:
+    """A log line pattern and how many times it must appear once every worker has booted."""
+    line, per_worker = BOOT_LINES[server.kind]
+    return Boot(re.compile(line), workers if per_worker else 1)
+
+
+def server_command(server: Server, app: App, workers: int, port: int) -> list[str]:
+    """The command line serving `app` with `workers` workers on HOST:`port`.
+
+    The app is found through PYTHONPATH (run_server sets it to `app.dirs`), the same way for
+    every server. Access logs stay off (forkserve, gunicorn, hypercorn and granian log none by
+    default; uvicorn is told).
+    """
+    bind = ["--bind", f"{HOST}:{port}"]
+    if server.kind == "forkserve":
+        head = forkserve_command()
+    elif server.kind == "gunicorn":
+        head = [peer_bin("gunicorn"), *gunicorn_quiet_flags()]
+    elif server.kind == "hypercorn":
+        head = [peer_bin("hypercorn")]
+    elif server.kind == "uvicorn":
+        head, bind = [peer_bin("uvicorn"), "--no-access-log"], ["--host", HOST, "--port", str(port)]
+    elif server.kind == "granian":
+        head, bind = [peer_bin("granian")], ["--host", HOST, "--port", str(port)]
+    else:
+        raise ValueError(f"unknown server kind {server.kind!r}")
+    return [*head, app.target, "--workers", str(workers), *server.extra, *bind]
+
+
 def forkserve_command() -> list[str]:
     """forkserve from this interpreter's environment (with --allow-root when run as root, as
     benchmarks on a test machine often are: forkserve refuses root otherwise)."""
@@ -84,24 +151,7 @@ def forkserve_command() -> list[str]:
     return [*base, "--allow-root"] if os.geteuid() == 0 else base
 
 
-def forkserve_boot() -> Boot:
-    return Boot(re.compile(r"ready: \d+ workers"), 1)
-
-
-def gunicorn_boot(workers: int) -> Boot:
-    return Boot(re.compile(r"Booting worker with pid"), workers)
-
-
 # -- prerequisites ------------------------------------------------------------------------------
-
-
-def require_wrk() -> str:
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        print("error: wrk is not on PATH; it is the load generator this benchmark needs.\n"
-              "Install it with:  apt-get install wrk", file=sys.stderr)
-        sys.exit(EXIT_SETUP)
-    return wrk
 
 
 def check_apps_dir(apps_dir: Path) -> bool:
@@ -176,6 +226,16 @@ def ensure_peers_venv(needs: Mapping[str, str]) -> dict[str, str]:
     return {name: version or "?" for name, version in versions.items()}
 
 
+def require_peers(needs: Mapping[str, str]) -> dict[str, str]:
+    """ensure_peers_venv, or exit with status 2 saying why it could not be set up."""
+    try:
+        return ensure_peers_venv(needs)
+    except (subprocess.SubprocessError, RuntimeError, OSError) as exc:
+        print(f"error: could not set up {', '.join(sorted(set(needs.values())))} in "
+              f"{PEERS_VENV}: {exc}", file=sys.stderr)
+        sys.exit(EXIT_SETUP)
+
+
 @functools.cache
 def gunicorn_quiet_flags() -> tuple[str, ...]:
     """gunicorn >= 24 opens a control socket under ~/.gunicorn; the benchmark does not need it."""
@@ -185,21 +245,224 @@ def gunicorn_quiet_flags() -> tuple[str, ...]:
 
 
 def forkserve_version() -> str:
+    """`forkserve --version`; exits with status 2 when forkserve cannot run from this Python."""
     probe = subprocess.run([*forkserve_command(), "--version"], capture_output=True, text=True,
                            timeout=60)
-    return (probe.stdout or probe.stderr).strip() or "?"
-
-
-def wrk_version(wrk: str) -> str:
-    probe = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=10)
-    first = (probe.stdout or probe.stderr).splitlines()
-    return first[0].split(" [")[0] if first else "?"
+    if probe.returncode != 0:
+        print(f"error: forkserve does not run from {sys.executable} (install it with "
+              f"pip install -e . in this environment): {probe.stderr.strip()[-300:]}",
+              file=sys.stderr)
+        sys.exit(EXIT_SETUP)
+    return probe.stdout.strip()
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
+
+
+# -- load generators ----------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    """What a load generator measured, and what it cost it."""
+
+    rps: float = 0.0
+    requests: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    bad_responses: int = 0  # a non-2xx/3xx (wrk), or a wrong status or body (loadgen)
+    socket_errors: int = 0
+    error_detail: str = ""  # errors by kind, for the notes
+    failure: str | None = None  # the generator did not run or its output could not be read
+    cpu_seconds: float = 0.0  # the generator's own CPU time (user + system)
+    wall_seconds: float = 0.0
+    threads: int = 1  # CPUs the generator can keep busy
+
+    @property
+    def errors(self) -> int:
+        return self.bad_responses + self.socket_errors
+
+    @property
+    def busy(self) -> float:
+        """The share of its threads' time the generator spent on the CPU."""
+        return self.cpu_seconds / (self.wall_seconds * self.threads) if self.wall_seconds else 0.0
+
+    @property
+    def saturated(self) -> bool:
+        """Whether the generator was so busy that it may have limited the rate."""
+        return self.busy >= SATURATED
+
+
+class Generator(abc.ABC):
+    """A keep-alive HTTP/1.1 load generator run as a subprocess, with `threads` threads (or
+    processes)."""
+
+    name = ""
+    ok_statuses: tuple[int, ...] = (0,)  # exit statuses after which the output is read
+
+    def __init__(self, program: str, threads: int = 1) -> None:
+        self.program = program
+        self.threads = threads
+
+    @abc.abstractmethod
+    def command(self, url: str, connections: int, seconds: int) -> list[str]: ...
+
+    @abc.abstractmethod
+    def parse(self, output: str) -> LoadResult: ...
+
+    @abc.abstractmethod
+    def version(self) -> str: ...
+
+    @abc.abstractmethod
+    def describe(self, connections: int, seconds: int) -> str:
+        """The command line as the report shows it."""
+
+    def stdin(self, body: bytes) -> bytes:
+        """What the generator reads on stdin, given the body every response must have."""
+        return b""
+
+    def run(self, port: int, connections: int, seconds: int,
+            body: bytes) -> tuple[LoadResult, str]:
+        """Load 127.0.0.1:`port` for `seconds`; the result and the generator's full output.
+
+        Its CPU time is the change in this process's RUSAGE_CHILDREN, so nothing else may be
+        reaped meanwhile (the servers under test are reaped only once stopped).
+        """
+        cmd = self.command(f"http://{HOST}:{port}/", connections, seconds)
+        before, started = children_cpu(), time.monotonic()
+        try:
+            done = subprocess.run(cmd, input=self.stdin(body), capture_output=True,
+                                  timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            return LoadResult(failure=f"{self.name} did not finish within {seconds + 30} s"), ""
+        wall, cpu = time.monotonic() - started, children_cpu() - before
+        output = (done.stdout + done.stderr).decode(errors="replace")
+        result = self.parse(done.stdout.decode(errors="replace"))
+        if done.returncode not in self.ok_statuses:
+            result.failure = (f"{self.name} exited with status {done.returncode}: "
+                              f"{output.strip()[-200:]}")
+        result.cpu_seconds, result.wall_seconds, result.threads = cpu, wall, self.threads
+        return result, output
+
+
+class Wrk(Generator):
+    """wrk, checking status codes and framing (not bodies)."""
+
+    name = "wrk"
+
+    def command(self, url: str, connections: int, seconds: int) -> list[str]:
+        return [self.program, f"-t{self.threads}", f"-c{connections}", f"-d{seconds}s",
+                "--latency", url]
+
+    def parse(self, output: str) -> LoadResult:
+        return parse_wrk(output)
+
+    def version(self) -> str:
+        probe = subprocess.run([self.program, "--version"], capture_output=True, text=True,
+                               timeout=10)
+        first = (probe.stdout or probe.stderr).splitlines()
+        return first[0].split(" [")[0] if first else "wrk ?"
+
+    def describe(self, connections: int, seconds: int) -> str:
+        return f"wrk -t{self.threads} -c{connections} -d{seconds}s --latency (keep-alive)"
+
+
+class Loadgen(Generator):
+    """loadtests/loadgen.py on this Python, checking every response's status and body."""
+
+    name = "loadgen"
+    ok_statuses = (0, 1)  # 1: it counted errors, which the result says
+
+    def command(self, url: str, connections: int, seconds: int) -> list[str]:
+        return [self.program, str(LOADGEN), url, "-p", str(self.threads), "-c",
+                str(connections), "-d", str(seconds), "--json", "--expect-body-file", "-"]
+
+    def stdin(self, body: bytes) -> bytes:
+        return body
+
+    def parse(self, output: str) -> LoadResult:
+        try:
+            found = json.loads(output)
+        except ValueError:
+            return LoadResult(failure=f"unreadable loadgen output {output.strip()[-200:]!r}")
+        errors = found["errors"]
+        detail = ", ".join(f"{kind} {n}" for kind, n in errors.items() if n)
+        if found["first_error"]:
+            detail += f"; first: {found['first_error']}"
+        bad = errors["status"] + errors["body"]
+        return LoadResult(rps=found["rps"], requests=found["requests"], p50_ms=found["p50_ms"],
+                          p99_ms=found["p99_ms"], bad_responses=bad,
+                          socket_errors=sum(errors.values()) - bad, error_detail=detail)
+
+    def version(self) -> str:
+        return f"loadgen.py (Python {sys.version.split()[0]})"
+
+    def describe(self, connections: int, seconds: int) -> str:
+        return (f"loadgen.py -p {self.threads} -c {connections} -d {seconds} (keep-alive; every "
+                "response's status and body checked)")
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def require_generator(choice: str | None) -> Generator:
+    """The generator asked for; without a choice wrk when installed, else loadgen.py.
+
+    Exits with status 2 when wrk is asked for and not installed.
+    """
+    wrk = shutil.which("wrk")
+    if choice == "loadgen" or (choice is None and wrk is None):
+        if choice is None:
+            print("note: wrk is not installed (apt-get install wrk); using loadtests/loadgen.py",
+                  file=sys.stderr)
+        return Loadgen(sys.executable)
+    if wrk is None:
+        print("error: wrk is not on PATH. Install it with:  apt-get install wrk\n"
+              "(or use --generator loadgen)", file=sys.stderr)
+        sys.exit(EXIT_SETUP)
+    return Wrk(wrk)
+
+
+UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def to_ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if match is None:
+        raise ValueError(f"unreadable latency {text!r}")
+    return float(match.group(1)) * UNITS_MS[match.group(2)]
+
+
+def parse_wrk(output: str) -> LoadResult:
+    result = LoadResult()
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    total = re.search(r"^\s*(\d+) requests in ", output, re.M)
+    if rps is None or total is None:
+        result.failure = "no Requests/sec in wrk output"
+        return result
+    result.rps = float(rps.group(1))
+    result.requests = int(total.group(1))
+    for pct, attr in (("50", "p50_ms"), ("99", "p99_ms")):
+        line = re.search(rf"^\s*{pct}(?:\.0+)?%\s+(\S+)", output, re.M)
+        if line is not None:
+            setattr(result, attr, to_ms(line.group(1)))
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    if non_2xx is not None:
+        result.bad_responses = int(non_2xx.group(1))
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                     output)
+    if sock is not None:
+        counts = [int(n) for n in sock.groups()]
+        result.socket_errors = sum(counts)
+        names = ("connect", "read", "write", "timeout")
+        result.error_detail = ", ".join(
+            f"{name} {n}" for name, n in zip(names, counts, strict=True) if n)
+    return result
 
 
 # -- process handling ---------------------------------------------------------------------------
@@ -301,14 +564,16 @@ class Running:
 
 
 @contextlib.contextmanager
-def run_server(cmd: list[str], log_path: Path) -> Iterator[Running]:
-    """Start `cmd` in its own session; on exit SIGTERM it, then SIGKILL its process group."""
+def run_server(cmd: list[str], log_path: Path, app_dirs: Sequence[Path]) -> Iterator[Running]:
+    """Start `cmd` in its own session with `app_dirs` on PYTHONPATH; on exit SIGTERM it, then
+    SIGKILL its process group."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(d) for d in app_dirs))
     with open(log_path, "wb") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, cwd=REPO)
+                                start_new_session=True, cwd=REPO, env=env)
     _LIVE[proc.pid] = proc
     running = Running(proc, log_path)
     try:
@@ -344,8 +609,9 @@ def stop_server(running: Running) -> None:
         _LIVE.pop(proc.pid, None)
 
 
-def wait_ready(running: Running, port: int, boot: Boot) -> str | None:
-    """Poll until a GET / answers 200 with the expected body and all workers have booted.
+def wait_ready(running: Running, port: int, boot: Boot,
+               body: bytes = EXPECTED_BODY) -> str | None:
+    """Poll until a GET / answers 200 with `body` and all workers have booted.
 
     Returns None when ready, else why not.
     """
@@ -356,7 +622,7 @@ def wait_ready(running: Running, port: int, boot: Boot) -> str | None:
         if running.proc.poll() is not None:
             return f"exited with status {running.proc.returncode} before becoming ready"
         if not answered:
-            answered, last = probe(port)
+            answered, last = probe(port, body)
         if answered and len(boot.marker.findall(read_log(running.log_path))) >= boot.count:
             return None
         time.sleep(0.1)
@@ -365,7 +631,8 @@ def wait_ready(running: Running, port: int, boot: Boot) -> str | None:
     return f"not ready within {READY_TIMEOUT:.0f} s ({last})"
 
 
-def probe(port: int) -> tuple[bool, str]:
+def probe(port: int, body: bytes = EXPECTED_BODY) -> tuple[bool, str]:
+    """One GET / on a new connection: (whether it answered 200 with `body`, what happened)."""
     try:
         with socket.create_connection((HOST, port), timeout=1.0):
             pass
@@ -375,15 +642,15 @@ def probe(port: int) -> tuple[bool, str]:
     try:
         conn.request("GET", "/")
         response = conn.getresponse()
-        body = response.read()
+        got = response.read()
     except (OSError, http.client.HTTPException) as exc:
         return False, f"GET /: {exc!r}"
     finally:
         conn.close()
     if response.status != 200:
         return False, f"GET / answered {response.status}"
-    if body != EXPECTED_BODY:
-        return False, f"GET / answered an unexpected body {body[:60]!r}"
+    if got != body:
+        return False, f"GET / answered an unexpected body {got[:60]!r}"
     return True, "ok"
 
 
@@ -394,88 +661,137 @@ def read_log(path: Path) -> str:
         return ""
 
 
-# -- wrk ----------------------------------------------------------------------------------------
+# -- what the workers used ----------------------------------------------------------------------
 
 
 @dataclass
-class WrkResult:
-    rps: float = 0.0
-    requests: int = 0
-    p50_ms: float | None = None
-    p99_ms: float | None = None
-    non_2xx: int = 0
-    socket_errors: int = 0
-    socket_detail: str = ""
-    failure: str | None = None  # wrk did not run or its output could not be read
+class WorkerStats:
+    """A server's processes over one measured load: the CPU each worker used during it, their
+    memory after it, and (forkserve) the requests each served since it booted."""
+
+    cpu: dict[int, float]  # worker pid -> CPU seconds during the load
+    master_cpu: float | None  # None: the master was gone
+    helpers: int  # multiprocessing helpers, counted nowhere
+    appeared: int  # processes that appeared during the load (respawned workers?)
+    rss_kib: dict[int, int] = field(default_factory=dict)  # worker pid -> VmRSS
+    pss_kib: dict[int, int] = field(default_factory=dict)  # worker pid -> Pss (shared pages split)
+    served: dict[int, int] = field(default_factory=dict)  # worker number -> requests (titles)
 
     @property
-    def errors(self) -> int:
-        return self.non_2xx + self.socket_errors
+    def server_cpu(self) -> float:
+        return sum(self.cpu.values()) + (self.master_cpu or 0.0)
+
+    def shares(self) -> list[float]:
+        """Each worker's share of the workers' CPU time, largest first."""
+        total = sum(self.cpu.values())
+        return sorted((used / total for used in self.cpu.values()), reverse=True) if total else []
+
+    @property
+    def imbalanced(self) -> bool:
+        shares = self.shares()
+        return len(shares) > 1 and shares[0] > IMBALANCE_SHARE
+
+    def cpu_text(self) -> str:
+        parts = sorted(self.cpu.values(), reverse=True)
+        text = f"worker CPU s during run: {' / '.join(f'{s:.2f}' for s in parts) or 'none'}"
+        if self.imbalanced:
+            text += (f" (IMBALANCED: one worker did {self.shares()[0]:.0%} of the work, so req/s"
+                     " here reflects how keep-alive connections landed, not only speed)")
+        if self.master_cpu is not None:
+            text += f"; master {self.master_cpu:.2f}"
+        if self.helpers:
+            text += f"; {self.helpers} multiprocessing helper(s) not counted"
+        if self.appeared:
+            text += f"; {self.appeared} process(es) appeared during the run (respawned workers?)"
+        return text
+
+    def memory_text(self) -> str:
+        def mib(values: Iterable[int]) -> str:
+            return " / ".join(f"{kib / 1024:.1f}" for kib in values)
+
+        if not self.rss_kib:
+            return "worker memory: unavailable"
+        text = (f"worker RSS MiB after the run: {mib(self.rss_kib.values())} "
+                f"(sum {sum(self.rss_kib.values()) / 1024:.1f})")
+        if self.pss_kib:
+            text += f"; PSS sum {sum(self.pss_kib.values()) / 1024:.1f} MiB"
+        return text
+
+    def served_text(self) -> str | None:
+        if not self.served:
+            return None
+        total = sum(self.served.values()) or 1
+        parts = " / ".join(f"worker {w}: {n} ({n / total:.0%})"
+                           for w, n in sorted(self.served.items()))
+        return f"requests served per worker since boot (process titles, incl. warm-up): {parts}"
 
 
-UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+def worker_stats(master: int, before: dict[int, float], after: dict[int, float]) -> WorkerStats:
+    """What each process of the server started as `master` used between the two samples of
+    session_processes, and the workers' memory now."""
+    helpers = [pid for pid in after if pid != master and HELPER_CMDLINE.search(cmdline(pid))]
+    workers = [pid for pid in after if pid != master and pid not in helpers]
+    stats = WorkerStats(cpu={pid: after[pid] - before.get(pid, 0.0) for pid in workers},
+                        master_cpu=after[master] - before.get(master, 0.0)
+                        if master in after else None,
+                        helpers=len(helpers), appeared=len(set(after) - set(before)))
+    for pid in workers:
+        rss = proc_field(pid, "status", "VmRSS")
+        if rss is not None:
+            stats.rss_kib[pid] = rss
+        pss = proc_field(pid, "smaps_rollup", "Pss")
+        if pss is not None:
+            stats.pss_kib[pid] = pss
+    return stats
 
 
-def to_ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
-    if match is None:
-        raise ValueError(f"unreadable latency {text!r}")
-    return float(match.group(1)) * UNITS_MS[match.group(2)]
-
-
-def parse_wrk(output: str) -> WrkResult:
-    result = WrkResult()
-    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
-    total = re.search(r"^\s*(\d+) requests in ", output, re.M)
-    if rps is None or total is None:
-        result.failure = "no Requests/sec in wrk output"
-        return result
-    result.rps = float(rps.group(1))
-    result.requests = int(total.group(1))
-    for pct, attr in (("50", "p50_ms"), ("99", "p99_ms")):
-        line = re.search(rf"^\s*{pct}(?:\.0+)?%\s+(\S+)", output, re.M)
-        if line is not None:
-            setattr(result, attr, to_ms(line.group(1)))
-    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
-    if non_2xx is not None:
-        result.non_2xx = int(non_2xx.group(1))
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
-                     output)
-    if sock is not None:
-        counts = [int(n) for n in sock.groups()]
-        result.socket_errors = sum(counts)
-        names = ("connect", "read", "write", "timeout")
-        result.socket_detail = ", ".join(
-            f"{name} {n}" for name, n in zip(names, counts, strict=True) if n)
-    return result
-
-
-def run_wrk(wrk: str, port: int, connections: int, seconds: int) -> tuple[WrkResult, str]:
-    cmd = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", f"http://{HOST}:{port}/"]
+def proc_field(pid: int, name: str, key: str) -> int | None:
+    """The kB value of line `key:` in /proc/`pid`/`name`, None when unreadable."""
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return WrkResult(failure=f"wrk did not finish within {seconds + 30} s"), ""
-    output = done.stdout + done.stderr
-    result = parse_wrk(output)
-    if done.returncode != 0 and result.failure is None:
-        result.failure = f"wrk exited with status {done.returncode}"
-    elif done.returncode != 0:
-        result.failure = f"wrk exited with status {done.returncode}: {output.strip()[-200:]}"
-    return result, output
+        text = Path("/proc", str(pid), name).read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) if match else None
+
+
+def forkserve_served(master: int) -> dict[int, int]:
+    """Requests each forkserve worker (by number) served since it booted, from its title.
+
+    Workers refresh their title on each heartbeat tick, so this waits for one after the load
+    has stopped: the totals are then exact.
+    """
+    time.sleep(TITLE_REFRESH)
+    served = {}
+    for pid in session_processes(master):
+        match = TITLE.search(cmdline(pid).decode(errors="replace"))
+        if match is not None:
+            served[int(match.group(1))] = int(match.group(2))
+    return served
 
 
 # -- one server ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Load:
+    """The load every server of a run gets."""
+
+    generator: Generator
+    connections: int
+    seconds: int
+    workers: int
+
+
 @dataclass
 class Row:
     server: Server
-    result: WrkResult | None = None
-    failure: str | None = None  # did not start, died, or wrk failed
+    app: App
+    result: LoadResult | None = None
+    failure: str | None = None  # did not start, died, answered wrongly, or the generator failed
     notes: list[str] = field(default_factory=list)
-    wrk_output: str = ""
+    workers: WorkerStats | None = None
+    cross_check: LoadResult | None = None  # a second generator's result on the same server
 
     @property
     def errors(self) -> int:
@@ -486,38 +802,23 @@ class Row:
         return self.failure is not None or self.errors > 0
 
 
-def measure(server: Server, cmd: list[str], boot: Boot, log_path: Path, wrk: str,
-            connections: int, seconds: int, port: int,
-            after_load: Callable[[int], str | None] | None = None) -> Row:
-    """Start `cmd` (listening on `port`), wait until booted, warm up, measure, stop.
+def measure(server: Server, app: App, load: Load, log_path: Path,
+            cross_check: Generator | None = None) -> Row:
+    """Start `server` serving `app`, wait until booted, warm up, measure, stop.
 
-    `after_load`, given the master's pid once the measured load is over and before the server
-    is stopped, may return one more note.
+    With `cross_check`, that generator then loads the same server as long again, for
+    comparison (Row.cross_check).
     """
-    row = Row(server)
-    print(f"--- {server.label}: {' '.join(cmd)}", file=sys.stderr)
-    with run_server(cmd, log_path) as running:
-        why = wait_ready(running, port, boot)
+    row = Row(server, app)
+    port = free_port()
+    cmd = server_command(server, app, load.workers, port)
+    print(f"--- {server.label} [{app.name}]: {' '.join(cmd)}", file=sys.stderr)
+    with run_server(cmd, log_path, app.dirs) as running:
+        why = wait_ready(running, port, boot_marker(server, load.workers), app.body)
         if why is not None:
             row.failure = f"did not start: {why}"
         else:
-            warm, _ = run_wrk(wrk, port, connections, WARMUP_SECONDS)
-            if warm.failure or warm.errors:
-                row.notes.append(f"warm-up: {warm.failure or f'{warm.errors} errors'}")
-            before = session_processes(running.proc.pid)
-            row.result, row.wrk_output = run_wrk(wrk, port, connections, seconds)
-            after = session_processes(running.proc.pid)
-            log_path.with_suffix(".wrk.txt").write_text(row.wrk_output)
-            if row.result.failure:
-                row.failure = row.result.failure
-            if running.proc.poll() is not None:
-                row.failure = f"server exited with status {running.proc.returncode} under load"
-            row.notes.append(cpu_split(running.proc.pid, before, after))
-            extra = after_load(running.proc.pid) if after_load is not None else None
-            if extra:
-                row.notes.append(extra)
-            if row.result.socket_detail:
-                row.notes.append(f"socket errors: {row.result.socket_detail}")
+            load_server(row, running, port, load, cross_check)
     row.notes.extend(running.notes)
     row.notes.append(log_summary(log_path))
     status = row.failure or (f"{row.result.rps:,.0f} req/s, {row.errors} errors"
@@ -526,26 +827,44 @@ def measure(server: Server, cmd: list[str], boot: Boot, log_path: Path, wrk: str
     return row
 
 
-def cpu_split(master: int, before: dict[int, float], after: dict[int, float]) -> str:
-    """CPU seconds each worker (and the master) spent during the measured run."""
-    if not after:
-        return "worker CPU: unavailable"
-    helpers = [pid for pid in after if pid != master and HELPER_CMDLINE.search(cmdline(pid))]
-    used = {pid: after[pid] - before.get(pid, 0.0) for pid in after if pid not in helpers}
-    workers = sorted((pid for pid in used if pid != master), key=lambda pid: -used[pid])
-    parts = [f"{used[pid]:.2f}" for pid in workers]
-    text = f"worker CPU s during run: {' / '.join(parts) or 'none'}"
-    total = sum(used[pid] for pid in workers)
-    if len(workers) > 1 and total > 0 and used[workers[0]] / total > IMBALANCE_SHARE:
-        text += (f" (IMBALANCED: one worker did {used[workers[0]] / total:.0%} of the work, so"
-                 " req/s here reflects how keep-alive connections landed, not only speed)")
-    if master in used:
-        text += f"; master {used[master]:.2f}"
-    if helpers:
-        text += f"; {len(helpers)} multiprocessing helper(s) not counted"
-    new = [pid for pid in after if pid not in before]
-    if new:
-        text += f"; {len(new)} process(es) appeared during the run (respawned workers?)"
+def load_server(row: Row, running: Running, port: int, load: Load,
+                cross_check: Generator | None) -> None:
+    generator, body, master = load.generator, row.app.body, running.proc.pid
+    warm, _ = generator.run(port, load.connections, WARMUP_SECONDS, body)
+    if warm.failure or warm.errors:
+        row.notes.append(f"warm-up: {warm.failure or f'{warm.errors} errors'}")
+    before = session_processes(master)
+    row.result, output = generator.run(port, load.connections, load.seconds, body)
+    after = session_processes(master)
+    running.log_path.with_suffix(f".{generator.name}.txt").write_text(output)
+    if row.result.failure:
+        row.failure = row.result.failure
+    if running.proc.poll() is not None:
+        row.failure = f"server exited with status {running.proc.returncode} under load"
+        return
+    answered, why = probe(port, body)
+    if not answered:
+        row.failure = f"after the load: {why}"
+    row.workers = stats = worker_stats(master, before, after)
+    if row.server.kind == "forkserve":
+        stats.served = forkserve_served(master)
+    row.notes += [stats.cpu_text(), stats.memory_text()]
+    row.notes += filter(None, [stats.served_text(), generator_text(row.result, stats)])
+    if row.result.error_detail:
+        row.notes.append(f"errors: {row.result.error_detail}")
+    if cross_check is not None:
+        row.cross_check, _ = cross_check.run(port, load.connections, load.seconds, body)
+
+
+def generator_text(result: LoadResult, stats: WorkerStats) -> str | None:
+    """The generator's CPU beside the server's, flagged when the generator saturated."""
+    if not result.wall_seconds:
+        return None
+    text = (f"generator CPU {result.cpu_seconds:.2f} s in {result.wall_seconds:.2f} s "
+            f"({result.busy:.0%} of its {result.threads} thread(s)); server CPU "
+            f"{stats.server_cpu:.2f} s; {os.cpu_count()} CPUs")
+    if result.saturated:
+        text += " (GENERATOR SATURATED: the server may be faster than measured)"
     return text
 
 
@@ -556,24 +875,33 @@ NOISE = re.compile(r"Traceback|\b(?:WARNING|ERROR|CRITICAL)\b|\[(?:WARNING|ERROR
 def log_summary(path: Path) -> str:
     lines = read_log(path).splitlines()[1:]  # the first line is the command
     noisy = [line for line in lines if NOISE.search(line)]
-    text = f"log: {len(lines)} lines, {len(noisy)} warning/error lines ({path.relative_to(REPO)})"
+    text = f"log: {len(lines)} lines, {len(noisy)} warning/error lines ({shown(path)})"
     if noisy:
         text += "; first: " + noisy[0].strip()[:160]
     return text
 
 
-def run_all(chosen: Iterable[Server], one: Callable[[Server], Row]) -> list[Row] | None:
-    """Measure each server in turn; None when interrupted. No server outlives this call."""
-    rows: list[Row] = []
+def shown(path: Path) -> str:
+    """`path` relative to the repository when inside it."""
     try:
-        for server in chosen:
-            rows.append(one(server))
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def run_all(jobs: Iterable[Callable[[], T]]) -> list[T] | None:
+    """Run each measurement in turn; their results, or None when interrupted. No server outlives
+    this call."""
+    results: list[T] = []
+    try:
+        for job in jobs:
+            results.append(job())
     except KeyboardInterrupt:
         print("interrupted; servers stopped", file=sys.stderr)
         return None
     finally:
         kill_leftovers()
-    return rows
+    return results
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -583,8 +911,9 @@ def fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} ms"
 
 
-def ratio(rows: dict[str, Row], ours: str, peer: str) -> float | None:
-    a, b = rows.get(ours), rows.get(peer)
+def ratio(rows: Mapping[str, Row], of: str, to: str) -> float | None:
+    """Requests/s of row `of` over row `to`; None unless both measured without failure."""
+    a, b = rows.get(of), rows.get(to)
     if a is None or b is None or a.result is None or b.result is None:
         return None
     if a.failure or b.failure or not b.result.rps:
@@ -596,10 +925,14 @@ def fmt_ratio(value: float | None, missing: str = "-") -> str:
     return missing if value is None else f"{value:.2f}"
 
 
-def table(rows: list[Row], ratio_header: str, ratio_cell: Callable[[Row], str]) -> str:
-    """The markdown table: one line per row, the last column from `ratio_cell`."""
-    lines = [f"| server | req/s | p50 | p99 | errors | {ratio_header} |",
-             "|---|---:|---:|---:|---:|---:|"]
+Column = tuple[str, Callable[[Row], str]]  # header, cell
+
+
+def table(rows: Iterable[Row], columns: Sequence[Column]) -> str:
+    """The markdown table: server, req/s, p50, p99, errors, then `columns`."""
+    lines = ["| server | req/s | p50 | p99 | errors | "
+             + " | ".join(header for header, _ in columns) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(columns)]
     for row in rows:
         if row.result is None or row.result.failure:
             cells = ["-", "-", "-", f"FAILED: {row.failure}"]
@@ -607,11 +940,12 @@ def table(rows: list[Row], ratio_header: str, ratio_cell: Callable[[Row], str]) 
             r = row.result
             errors = str(r.errors)
             if r.errors:
-                errors += f" ({r.non_2xx} non-2xx/3xx, {r.socket_errors} socket)"
+                errors += f" ({r.bad_responses} bad responses, {r.socket_errors} socket)"
             if row.failure:
                 errors += f"; {row.failure}"
             cells = [f"{r.rps:,.0f}", fmt_ms(r.p50_ms), fmt_ms(r.p99_ms), errors]
-        lines.append(f"| {row.server.label} | " + " | ".join(cells) + f" | {ratio_cell(row)} |")
+        cells += [cell(row) for _, cell in columns]
+        lines.append(f"| {row.server.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -621,18 +955,18 @@ def finish(report_path: Path, header: str, body: str, ratios: list[str], rows: l
 
     The ratio lines follow the table, or end the report with `ratios_last`.
     """
-    notes = [*extra_notes, *(f"- {row.server.label}: {note}" for row in rows
+    notes = [*extra_notes, *(f"- {row.server.label} [{row.app.name}]: {note}" for row in rows
                              for note in row.notes)]
     notes_text = "Notes:\n" + "\n".join(notes) if notes else ""
     parts = (header, body, notes_text, "\n".join(ratios)) if ratios_last else (
         header, body, "\n".join(ratios), notes_text)
     report = "\n\n".join(part for part in parts if part)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(report + "\n")
     print()
     print(report)
-    print(f"\nwritten to {report_path.relative_to(REPO)}")
-    failed = [row.server.label for row in rows if row.failed]
+    print(f"\nwritten to {shown(report_path)}")
+    failed = [f"{row.server.label} [{row.app.name}]" for row in rows if row.failed]
     if failed:
         print(f"errors from: {', '.join(failed)}", file=sys.stderr)
         return EXIT_ERRORS
@@ -643,13 +977,16 @@ def finish(report_path: Path, header: str, body: str, ratios: list[str], rows: l
 
 
 def add_common_args(parser: argparse.ArgumentParser, keys: list[str]) -> None:
-    """--apps-dir, --workers, --connections, --duration and --only (one of `keys`)."""
+    """--apps-dir, --workers, --connections, --duration, --generator and --only (of `keys`)."""
     parser.add_argument("--apps-dir", type=Path, default=DEFAULT_APPS_DIR,
                         help=f"directory holding apps.py (default: {DEFAULT_APPS_DIR})")
     parser.add_argument("--workers", type=int, default=2, help="worker processes per server")
-    parser.add_argument("--connections", type=int, default=32, help="wrk -c (default 32)")
+    parser.add_argument("--connections", type=int, default=32,
+                        help="keep-alive connections of the load generator (default 32)")
     parser.add_argument("--duration", type=int, default=5,
-                        help="seconds of measured load per server, wrk -d (default 5)")
+                        help="seconds of measured load per server (default 5)")
+    parser.add_argument("--generator", choices=("wrk", "loadgen"),
+                        help="load generator (default: wrk when installed, else loadgen.py)")
     parser.add_argument("--only", action="append", choices=keys, metavar="NAME",
                         help=f"run only this server; repeatable. One of: {', '.join(keys)}")
 
@@ -659,3 +996,13 @@ def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace,
     for name in names:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+
+
+def begin(args: argparse.Namespace, servers: Iterable[Server]) -> tuple[Path, list[Server]]:
+    """The resolved --apps-dir and the servers --only picks; from here on no server started
+    outlives the process. Exits with status 2 when the apps directory holds no apps.py."""
+    apps_dir: Path = args.apps_dir.resolve()
+    if not check_apps_dir(apps_dir):
+        sys.exit(EXIT_SETUP)
+    install_cleanup()
+    return apps_dir, [s for s in servers if not args.only or s.key in args.only]
