@@ -82,11 +82,13 @@ class Scoreboard:
         return text.decode("latin-1"), time.monotonic() - self._started[number]
 
     def has_lighter_peer(self, number: int, margin: int) -> bool:
-        """Worker: does another available worker hold at least `margin` fewer connections?"""
+        """Worker: does another available worker hold clearly fewer connections: at least
+        `margin` fewer, and at least an eighth fewer? (The relative part keeps workers
+        holding hundreds of connections each from leaving new ones to each other in turn.)"""
         counts = self._counts
         if number >= SLOTS or counts[number] == UNAVAILABLE:
             return False
-        threshold = counts[number] - margin
+        threshold = counts[number] - max(margin, counts[number] >> 3)
         if threshold < 0:
             return False
         return any(counts[slot] <= threshold and slot != number

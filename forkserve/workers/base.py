@@ -40,8 +40,9 @@ from forkserve.sockets import Listener
 DUMP_SIGNAL = signal.SIGUSR2
 # Connections accepted per readiness event at most.
 ACCEPT_BATCH = 16
-# A worker holding this many connections more than an available peer leaves new ones to the
-# peer for ACCEPT_DEFER seconds, then accepts one anyway (the peer may be slow to wake).
+# A worker holding this many connections more than an available peer (and an eighth more, see
+# Scoreboard.has_lighter_peer) leaves new ones to the peer for ACCEPT_DEFER seconds, then
+# accepts one anyway (the peer may be slow to wake).
 BALANCE_MARGIN = 2
 ACCEPT_DEFER = 0.02
 # How long accepting pauses when the process is out of file descriptors or memory.
