@@ -216,6 +216,11 @@ def test_scoreboard_balancing_rules():
     assert not board.has_lighter_peer(2, 2)
     board.set(2, 2)
     assert not board.has_lighter_peer(1, 2)  # 3 vs 2: within the margin
+    board.set(1, 500)
+    board.set(2, 450)
+    assert not board.has_lighter_peer(1, 2)  # 500 vs 450: within an eighth
+    board.set(2, 437)
+    assert board.has_lighter_peer(1, 2)  # 500 vs 437: more than an eighth fewer
     board.serving(2, b"GET /slow HTTP/1.1")
     board.set(1, 9)
     assert not board.has_lighter_peer(1, 2)  # worker 2 is busy in the app
