@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -230,3 +231,16 @@ def test_bad_tls_settings_are_one_line_and_exit_2(pki, args, message, check_only
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_websocket_over_tls(start_server, pki):
+    websockets = pytest.importorskip("websockets")
+    server = start_server("asgiapp:app", "-w", "1", "--certfile", str(pki / "server.pem"))
+
+    async def talk() -> str:
+        async with websockets.connect(f"wss://127.0.0.1:{server.port}/ws/echo",
+                                      ssl=client_context(pki / "ca.pem")) as ws:
+            await ws.send("over tls")
+            return await ws.recv()
+
+    assert asyncio.run(talk()) == "over tls"
