@@ -172,9 +172,10 @@ class HTTPCycle:
             if self.conn.client_waiting_for_continue and not self.head_sent:
                 self.out.write(self.conn.send_continue())
             while not self.body and not self.body_complete and not self.client_done:
+                self.event.clear()  # before resume_reading: the body may come in at once
                 self.out.resume_reading()
                 try:
-                    await asyncio.wait_for(self._wait(), self.body_timeout)
+                    await asyncio.wait_for(self.event.wait(), self.body_timeout)
                 except asyncio.TimeoutError:
                     error_log.info("%s %s: the client sent no body for %g s; closing",
                                    self.scope["method"], _target(self.scope), self.body_timeout)

@@ -5,6 +5,7 @@ and against the asyncio worker with an ASGI app serving the same routes."""
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import socket
@@ -290,3 +291,13 @@ def test_worker_connections_limit_leaves_the_rest_queued(start_server, interface
     finally:
         for sock in held:
             sock.close()
+
+
+def test_a_large_body_is_echoed_whole(http_server):
+    """Megabytes each way: the body is read on demand (flow control), the response streamed."""
+    payload = os.urandom(3 * 1024 * 1024)
+    with http_server.connect() as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(payload)
+                     + payload)
+        response = Reader(sock).response()
+    assert response.status == 200 and response.body == payload
