@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     extra = p50_notes(rows)
     extra += [f"- {key}: SKIPPED, {why}" for key, why in skipped.items()]
-    if lib.code_digest() != digest:
-        extra.append(f"- WARNING: forkserve/ changed during the run (at start: {source}; "
-                     f"at end: {lib.source_state()}); rows may have measured different code")
+    extra += lib.code_change_warning(source, digest)
 
     header = (f"# bench_asgi: forkserve vs uvicorn and gunicorn, hello-world ASGI\n\n"
               f"{started:%Y-%m-%d %H:%M} UTC; {args.workers} workers per server; "

@@ -528,6 +528,15 @@ def source_state() -> str:
     return f"git {head}{dirty}, {state}"
 
 
+def code_change_warning(source: str, digest: str) -> list[str]:
+    """A warning line when forkserve/ no longer has `digest`, the one it had when the run
+    started (at `source`, from source_state), else none."""
+    if code_digest() == digest:
+        return []
+    return [f"- WARNING: forkserve/ changed during the run (at start: {source}; at end: "
+            f"{source_state()}); rows may have measured different code"]
+
+
 def kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)

@@ -30,12 +30,12 @@ How fast it is: against nginx answering a canned 13-byte response (one nginx wor
 connections, a 2-core machine, Python 3.11), one process made about 100k requests/s on one full
 core, about 10 us of CPU per request; wrk ``-t1`` made 185k on one core, about 5.5 us per
 request. Two processes (``-p 2``) gain little on 2 cores, as they take the CPU nginx needs. So
-one process keeps up with any server that answers below roughly 80k requests/s on a core of its
-own, which Python servers do; on a machine where the generator shares the cores with the
-server's workers, it takes about twice the CPU wrk would from them, which lowers the rates it
-measures (by 10-20 % against forkserve and uvicorn on 2 cores). ``loadtests/compare`` reports
-each run's generator CPU, warns when the generator saturates, and with wrk installed compares
-the two on every server.
+one process keeps up with servers that answer below roughly 80k requests/s, which Python servers
+do on small machines; but where it shares the cores with the server's workers it takes about
+twice the CPU wrk would from them. Against forkserve with 2 workers on 2 cores it measured
+about 0.9 of wrk's rate on a quiet machine; on a busy one the run-to-run noise (30 % and more)
+swamps that difference. ``loadtests/compare`` reports each run's generator CPU, warns when the
+generator saturates, and with wrk installed compares the two on every server.
 """
 
 from __future__ import annotations
