@@ -490,6 +490,8 @@ class Master:
         elif kind == channel.BOOT_FAILED:
             status = payload[0] if payload else EXIT_BOOT
             self._boot_failed(worker, status, payload[1:].decode("utf-8", "replace"))
+        elif kind == channel.STUCK and not worker.dump_sent_at:
+            self._dump_then_kill(worker, payload.decode("utf-8", "replace"), time.monotonic())
         elif kind == channel.RECYCLE and not worker.retiring:
             error_log.info("worker %d (pid %d) recycling: %s", worker.number, worker.pid,
                            payload.decode("utf-8", "replace"))
@@ -639,12 +641,17 @@ class Master:
             current = self.scoreboard.current_request(worker.number)
             if current is not None:
                 doing = f", stuck in {current[0]!r} for {current[1]:.1f} s"
-            error_log.error(
-                "worker %d (pid %d) %s for %.1f s (limit %g s)%s; its tracebacks follow, "
-                "then it is killed", worker.number, worker.pid, what, silent, limit, doing)
-            logs.flush()
-            worker.dump_sent_at = now
-            _kill(worker.pid, DUMP_SIGNAL)
+            self._dump_then_kill(worker, f"{what} for {silent:.1f} s (limit {limit:g} s)"
+                                         f"{doing}", now)
+
+    def _dump_then_kill(self, worker: WorkerProcess, why: str, now: float) -> None:
+        """Have a hung worker write every thread's traceback; _check_hung kills it
+        DUMP_GRACE later unless it is heard from again."""
+        error_log.error("worker %d (pid %d) %s; its tracebacks follow, then it is killed",
+                        worker.number, worker.pid, why)
+        logs.flush()
+        worker.dump_sent_at = now
+        _kill(worker.pid, DUMP_SIGNAL)
 
     def _tell_systemd(self, now: float) -> None:
         """READY=1 once a reload is complete, STATUS= now and then, and the watchdog ping

@@ -113,6 +113,25 @@ def test_hung_worker_dumps_traceback_then_is_replaced(start_server):
     assert exchange(server, HELLO).status == 200
 
 
+def test_a_request_stuck_in_a_thread_gets_its_worker_replaced(start_server):
+    """With --threads the loop goes on beating while a pool thread is stuck in the app: the
+    worker itself reports the stuck request, stops beating, and is dumped and replaced."""
+    server = start_server("wsgiapp:app", "-w", "1", "--threads", "2", "--timeout", "1")
+    (old,) = server.workers()
+    mark = server.mark()
+    with server.connect() as stuck:
+        stuck.sendall(b"GET /sleep?s=60&tag=stuck HTTP/1.1\r\nHost: t\r\n\r\n")
+        server.wait_for("SLEEPING stuck", start=mark)
+        assert exchange(server, HELLO).status == 200  # the other thread still serves
+        server.wait_for(rf"worker 1 \(pid {old}\) stuck in 'GET /sleep\?s=60&tag=stuck' in a "
+                        r"thread for [\d.]+ s \(limit 1 s\)", start=mark)
+        server.wait_for(r"line \d+ in sleep", start=mark)  # the stuck thread's traceback
+        server.wait_for(rf"worker 1 \(pid {old}\) killed by SIGKILL \(hung\)", start=mark)
+        server.wait_for(r"worker 1 booted", start=mark)
+    assert old not in server.workers()
+    assert exchange(server, HELLO).status == 200
+
+
 def test_worker_stuck_booting_is_killed_after_boot_timeout(start_server):
     result = subprocess.run(
         forkserve_command() + ["slowboot:app", "-w", "1", "-b", "127.0.0.1:0",

@@ -90,7 +90,7 @@ class ClientConnection:
     __slots__ = (
         "sock", "fd", "peer", "proto", "ctx", "environ_factory",
         "method", "status", "reason", "headers", "headers_sent", "sent", "body_done", "_poll",
-        "head_started", "tls", "secure", "proxy_reader",
+        "head_started", "tls", "secure", "proxy_reader", "started", "request_line",
     )
 
     def __init__(self, sock: socket.socket, peer: Any, proto: HTTPConnection,
@@ -108,6 +108,8 @@ class ClientConnection:
                                               ctx.root_path, "https" if tls else "http",
                                               ctx.proxies)
         self.head_started = False  # the next request's first bytes have arrived
+        self.started = 0.0  # when the request being served began (monotonic)
+        self.request_line = b""
         self.method = b""
         self._poll: select.poll | None = None
         self._reset()
@@ -149,6 +151,8 @@ class ClientConnection:
         """One request-response exchange; False when the connection cannot go on."""
         self._reset()
         self.ctx.served += 1
+        self.started = time.monotonic()
+        self.request_line = request.method + b" " + request.target
         self.method = request.method
         started = time.time() if self.ctx.access_log_format else 0.0
         errors = ErrorStream()

@@ -57,6 +57,7 @@ class SyncWorker(Worker):
         self.selector = selectors.DefaultSelector()
         self.pool = ThreadPoolExecutor(threads, "forkserve") if threads > 1 else None
         self.handed_back: deque[tuple[ClientConnection, str]] = deque()
+        self.in_threads: set[ClientConnection] = set()  # being served by the pool
         self.waiting: dict[ClientConnection, float] = {}  # connection -> when it expires
         self.lingering: dict[ClientConnection, float] = {}
         self.accepting = False
@@ -199,6 +200,7 @@ class SyncWorker(Worker):
             self._after(conn, outcome, registered=True)
             return
         self.selector.unregister(conn.sock)
+        self.in_threads.add(conn)
         self.pool.submit(self._serve_in_thread, conn, request)
         if not self._has_room():
             self._set_accepting(False)  # let other workers take new connections
@@ -223,6 +225,7 @@ class SyncWorker(Worker):
             pass
         while self.handed_back:
             conn, outcome = self.handed_back.popleft()
+            self.in_threads.discard(conn)
             self.in_flight -= 1
             self._after(conn, outcome, registered=False)
 
@@ -257,6 +260,17 @@ class SyncWorker(Worker):
         self.served = self.ctx.served
         super().tick()
         self.next_tick = time.monotonic() + self.tick_interval
+
+    def stuck_request(self) -> str:
+        timeout = self.cfg.timeout
+        if not self.in_threads or timeout <= 0:
+            return ""
+        oldest = min(self.in_threads, key=lambda conn: conn.started)
+        running = time.monotonic() - oldest.started
+        if running <= timeout:
+            return ""
+        return (f"stuck in {oldest.request_line.decode('latin-1')!r} in a thread for "
+                f"{running:.1f} s (limit {timeout:g} s)")
 
     def _heartbeat_if_due(self) -> None:
         if time.monotonic() >= self.next_tick:
