@@ -15,7 +15,7 @@ BOOTED = 1  # the app is loaded; the worker accepts connections
 HEARTBEAT = 2  # payload: requests served so far, requests in flight
 BOOT_FAILED = 3  # payload: exit status byte, then the error text (UTF-8)
 RECYCLE = 4  # payload: why (UTF-8); the worker asks to be replaced, then stopped
-STUCK = 5  # payload: which request is stuck (UTF-8); no heartbeat follows: kill and replace
+STUCK = 5  # payload: which request is stuck (UTF-8); the worker wants a dump and a replacement
 
 _KINDS = frozenset((BOOTED, HEARTBEAT, BOOT_FAILED, RECYCLE, STUCK))
 _HEADER = struct.Struct("!BI")

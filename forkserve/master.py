@@ -490,8 +490,15 @@ class Master:
         elif kind == channel.BOOT_FAILED:
             status = payload[0] if payload else EXIT_BOOT
             self._boot_failed(worker, status, payload[1:].decode("utf-8", "replace"))
-        elif kind == channel.STUCK and not worker.dump_sent_at:
-            self._dump_then_kill(worker, payload.decode("utf-8", "replace"), time.monotonic())
+        elif kind == channel.STUCK and not worker.retiring:
+            # Its loop still serves: it stops once its other requests are done.
+            error_log.error("worker %d (pid %d) %s; its tracebacks follow, then it is "
+                            "replaced", worker.number, worker.pid,
+                            payload.decode("utf-8", "replace"))
+            logs.flush()
+            _kill(worker.pid, DUMP_SIGNAL)
+            worker.retiring = True
+            worker.stop_when_replaced = True
         elif kind == channel.RECYCLE and not worker.retiring:
             error_log.info("worker %d (pid %d) recycling: %s", worker.number, worker.pid,
                            payload.decode("utf-8", "replace"))

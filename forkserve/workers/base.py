@@ -122,7 +122,6 @@ class Worker:
         self._title_served = -1
         self.logs_to_reopen = False
         self.recycling = False
-        self.stuck = False  # the master was told a request is stuck: no more heartbeats
         self.accept_forced = False  # after a deferral ends, accept one even if a peer is lighter
         self.max_requests = (
             cfg.max_requests + random.randint(0, cfg.max_requests_jitter)
@@ -209,18 +208,17 @@ class Worker:
     def tick(self) -> None:
         """Periodic duties: heartbeat with counters, title, logs, recycling, master alive.
 
-        Once a request is stuck (`stuck_request`), the master is told and no heartbeat
-        follows: it dumps this worker's tracebacks and replaces it."""
+        A request stuck past --timeout while the loop runs (`stuck_request`) is reported
+        once: the master has this worker dump its tracebacks and replaces it (TERM once the
+        replacement booted; the worker then stops without waiting for stuck requests)."""
         if os.getppid() != self.master_pid:
             raise MasterGone("the master is gone")
-        if self.stuck:
-            return
-        stuck = self.stuck_request()
-        if stuck:
-            self.stuck = True
-            self._send(channel.encode(channel.STUCK, stuck.encode("utf-8", "replace")))
-            return
         self._send(channel.heartbeat(self.served, self.in_flight))
+        if not self.recycling:
+            stuck = self.stuck_request()
+            if stuck:
+                self.recycling = True
+                self._send(channel.encode(channel.STUCK, stuck.encode("utf-8", "replace")))
         if self.served != self._title_served:
             self.set_title()
         if self.logs_to_reopen:
@@ -235,8 +233,8 @@ class Worker:
                 self._send(channel.encode(channel.RECYCLE, reason.encode()))
 
     def stuck_request(self) -> str:
-        """What says this worker is hung although its loop runs (a request past --timeout
-        in a thread), or "" if nothing is."""
+        """A request this worker's loop cannot end, running past --timeout (in a thread),
+        or "" if none is."""
         return ""
 
     def _recycle_reason(self) -> str:

@@ -76,7 +76,8 @@ class SyncWorker(Worker):
     def _loop(self) -> None:
         select = self.selector.select
         self.next_tick = 0.0
-        while self.alive or self.in_flight or self.waiting or self.lingering:
+        while self.alive or self.waiting or self.lingering or (
+                self.in_flight > len(self._stuck_in_threads())):
             now = time.monotonic()
             if now >= self.next_tick:
                 self.tick()
@@ -262,15 +263,20 @@ class SyncWorker(Worker):
         self.next_tick = time.monotonic() + self.tick_interval
 
     def stuck_request(self) -> str:
+        stuck = self._stuck_in_threads()
+        if not stuck:
+            return ""
+        oldest = min(stuck, key=lambda conn: conn.started)
+        return (f"stuck in {oldest.request_line.decode('latin-1')!r} in a thread for "
+                f"{time.monotonic() - oldest.started:.1f} s (limit {self.cfg.timeout:g} s)")
+
+    def _stuck_in_threads(self) -> list[ClientConnection]:
+        """Connections whose request has run in a pool thread past --timeout."""
         timeout = self.cfg.timeout
         if not self.in_threads or timeout <= 0:
-            return ""
-        oldest = min(self.in_threads, key=lambda conn: conn.started)
-        running = time.monotonic() - oldest.started
-        if running <= timeout:
-            return ""
-        return (f"stuck in {oldest.request_line.decode('latin-1')!r} in a thread for "
-                f"{running:.1f} s (limit {timeout:g} s)")
+            return []
+        since = time.monotonic() - timeout
+        return [conn for conn in self.in_threads if conn.started < since]
 
     def _heartbeat_if_due(self) -> None:
         if time.monotonic() >= self.next_tick:
