@@ -1,0 +1,69 @@
+"""loadtests/fuzz_server.py in brief: a short run against each test app keeps every invariant,
+and the checker does fail a server that answers what it should refuse."""
+
+from __future__ import annotations
+
+import re
+import socketserver
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "loadtests" / "fuzz_server.py"
+
+# Found by fuzz_server.py and reported: on ASGI, a connection reset before connection_made
+# raises there (and leaks its socket under uvloop); a complete request buffered behind
+# another gets http.disconnect instead of its body once the client half-closes; a body
+# arriving in the loop iteration of the app's first receive() is not noticed (Python < 3.12).
+ASGI_OPEN_BUGS = pytest.mark.xfail(reason="ASGI bugs found by fuzz_server.py, being fixed",
+                                   strict=False)
+
+
+def fuzz(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), "--seed", "7", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("app", ["wsgi", pytest.param("asgi", marks=ASGI_OPEN_BUGS)])
+def test_a_short_run_keeps_every_invariant(app):
+    result = fuzz("--app", app, "--duration", "3", "--batch", "40", timeout=18)
+    assert result.returncode == 0, result.stdout + result.stderr
+    exchanges = re.search(r"summary: (\d+) exchanges", result.stdout)
+    assert exchanges and int(exchanges.group(1)) >= 40, result.stdout
+
+
+class AnswersEveryHead(socketserver.BaseRequestHandler):
+    """A 200 for every request head, whatever the framing says: malformed requests are
+    answered, and the bodies that look like requests too (desync)."""
+
+    def handle(self) -> None:
+        self.request.settimeout(0.3)
+        buffered = b""
+        try:
+            while data := self.request.recv(65536):
+                buffered += data
+                while b"\r\n\r\n" in buffered:
+                    buffered = buffered.split(b"\r\n\r\n", 1)[1]
+                    self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except OSError:
+            pass
+
+
+@pytest.mark.timeout(20)
+def test_a_server_that_answers_malformed_requests_fails_the_run():
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), AnswersEveryHead)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        result = fuzz("--target", address, "--duration", "1", "--batch", "30", timeout=18)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FINDING accepted-malformed" in result.stdout
+    assert "FINDING wrong-answer" in result.stdout
