@@ -282,8 +282,9 @@ class Master:
         try:
             tls = server_context(cfg)
         except ConfigError as exc:
-            error_log.error("HUP: configuration not reloaded: %s", exc)
-            return
+            # E.g. a key readable by root only, after --user: the rest still reloads.
+            error_log.error("HUP: %s; the new workers keep the certificate in use", exc)
+            tls = self.tls
         if (tls is None) != (self.tls is None):
             error_log.warning("HUP: turning TLS on or off needs a restart or a USR2 upgrade; "
                               "keeping it %s", "off" if self.tls is None else "on")

@@ -48,6 +48,8 @@ class TrustedProxies:
             address = ipaddress.ip_address(host)
         except ValueError:
             return False
+        if address.version == 6 and address.ipv4_mapped:  # an IPv4 peer of a [::] socket
+            address = address.ipv4_mapped
         return any(address in network for network in self.networks)
 
 

@@ -58,7 +58,10 @@ def server_context(cfg: Any) -> ssl.SSLContext | None:
             except OSError as exc:  # OpenSSL's own message would not name the file
                 raise ConfigError(f"cannot read {flag} {path}: {exc.strerror}") from None
     try:
-        context.load_cert_chain(cfg.certfile, cfg.keyfile)
+        context.load_cert_chain(cfg.certfile, cfg.keyfile, password=_no_passphrase)
+    except EncryptedKey:
+        raise ConfigError(f"the private key in {cfg.keyfile or cfg.certfile} is encrypted; "
+                          "give it unencrypted (readable by root only)") from None
     except OSError as exc:  # ssl.SSLError included: no key, not PEM, key does not match
         files = cfg.certfile + (f" and --keyfile {cfg.keyfile}" if cfg.keyfile else "")
         raise ConfigError(f"cannot load --certfile {files}: {_reason(exc)}") from None
@@ -78,8 +81,18 @@ def server_context(cfg: Any) -> ssl.SSLContext | None:
             raise ConfigError(f"cannot load --ca-certs {cfg.ca_certs}: {_reason(exc)}") \
                 from None
     context.verify_mode = CLIENT_CERT_MODES[cfg.client_cert]
+    context.options |= ssl.OP_NO_RENEGOTIATION  # client renegotiation: a cheap CPU drain
     context.set_alpn_protocols(ALPN_PROTOCOLS)
     return context
+
+
+class EncryptedKey(Exception):
+    """The private key needs a passphrase."""
+
+
+def _no_passphrase() -> str:
+    # Without a callback OpenSSL would prompt on the terminal and block the master.
+    raise EncryptedKey
 
 
 def _reason(exc: OSError) -> str:

@@ -290,3 +290,21 @@ def test_python_dash_m_works(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert result.stdout.startswith("forkserve ")
+
+
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_an_idle_connection_may_bring_one_request_while_stopping(start_server, threads):
+    """A client that sends a request just as its worker stops is served, not reset: open
+    connections get STOP_GRACE to bring one. The connection has been idle longer than
+    --timeout, so a stale request start would look stuck to the thread check."""
+    server = start_server("wsgiapp:app", "-w", "1", "--threads", threads, "--timeout", "1")
+    (worker,) = server.workers()
+    with server.connect() as sock:
+        sock.sendall(HELLO)
+        reader = Reader(sock)
+        assert reader.response().status == 200  # the worker holds this connection now
+        time.sleep(1.5)  # a duration under test (idle past --timeout), not a synchronisation
+        os.kill(worker, signal.SIGTERM)
+        sock.sendall(HELLO)
+        assert reader.response().status == 200
+        assert closed_by_peer(sock)

@@ -70,5 +70,7 @@ def test_trusted_proxies_spec():
     assert not TRUST_LOCAL.trusts("192.0.2.1")
     assert TrustedProxies("*").trusts("192.0.2.1")
     assert not TrustedProxies("127.0.0.1").trusts(None)  # unix sockets only with 'unix'
+    assert TRUST_LOCAL.trusts("::ffff:10.1.2.3")  # an IPv4 peer of a dual-stack [::] socket
+    assert not TRUST_LOCAL.trusts("::ffff:192.0.2.1")
     with pytest.raises(ConfigError):
         TrustedProxies("not-an-ip")

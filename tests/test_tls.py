@@ -14,6 +14,7 @@ import time
 import pytest
 import trustme
 from conftest import APP_OF, APPS, Reader, closed_by_peer, forkserve_command
+from cryptography.hazmat.primitives import serialization
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,6 +37,10 @@ def pki(tmp_path_factory):
     other.private_key_and_cert_chain_pem.write_to_path(str(folder / "other-server.pem"))
     stranger = other_ca.issue_cert("mallory@example.com", common_name="mallory")
     stranger.private_key_and_cert_chain_pem.write_to_path(str(folder / "stranger.pem"))
+    key = serialization.load_pem_private_key(server.private_key_pem.bytes(), None)
+    (folder / "encrypted.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")) + server.cert_chain_pems[0].bytes())
     return folder
 
 
@@ -49,9 +54,11 @@ def client_context(cafile, certfile=None, maximum=None) -> ssl.SSLContext:
     return context
 
 
-def tls_connect(server, context: ssl.SSLContext) -> ssl.SSLSocket:
+def tls_connect(server, context: ssl.SSLContext, strict_eof: bool = False) -> ssl.SSLSocket:
+    """A TLS connection; with `strict_eof` an end without close_notify raises SSLEOFError."""
     raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    return context.wrap_socket(raw, server_hostname="127.0.0.1")
+    return context.wrap_socket(raw, server_hostname="127.0.0.1",
+                               suppress_ragged_eofs=not strict_eof)
 
 
 def get(sock: ssl.SSLSocket, path: str, body: bytes = b"") -> tuple:
@@ -195,11 +202,16 @@ def test_hup_reloads_the_certificate(start_server, pki, tmp_path):
         assert get(sock, "/hello").status == 200
     with pytest.raises(ssl.SSLCertVerificationError):
         tls_connect(server, ours)
-    # A broken certificate on HUP: said so, and the running workers keep the good one.
+    # A broken certificate on HUP: said so, and the workers keep the good one (the rest of
+    # the configuration still reloads).
     cert.write_text("not a certificate\n")
+    old = server.workers()
     mark = server.mark()
     os.kill(server.pid, signal.SIGHUP)
-    server.wait_for(r"HUP: configuration not reloaded: cannot load --certfile", start=mark)
+    server.wait_for(r"HUP: cannot load --certfile .*; the new workers keep the certificate in "
+                    r"use", start=mark)
+    for pid in old:
+        server.wait_for(rf"\(pid {pid}\) exited", start=mark)
     with tls_connect(server, theirs) as sock:
         assert get(sock, "/hello").status == 200
 
@@ -212,6 +224,7 @@ def test_hup_reloads_the_certificate(start_server, pki, tmp_path):
     (["--certfile", "{pki}/server-cert.pem"], "cannot load --certfile"),
     (["--certfile", "{pki}/server-cert.pem", "--keyfile", "{pki}/stranger.pem"],
      "key values mismatch"),
+    (["--certfile", "{pki}/encrypted.pem"], "is encrypted; give it unencrypted"),
     (["--keyfile", "{pki}/server-key.pem"], "--keyfile needs --certfile"),
     (["--client-cert", "required"], "--client-cert needs --certfile"),
     (["--certfile", "{pki}/server.pem", "--client-cert", "required"],
@@ -244,3 +257,18 @@ def test_websocket_over_tls(start_server, pki):
             return await ws.recv()
 
     assert asyncio.run(talk()) == "over tls"
+
+
+def test_connections_closed_after_a_response_do_not_upset_the_worker(start_server, interface,
+                                                                   pki):
+    """Closing requests (Connection: close, HTTP/1.0) one after another on one worker: the
+    worker's loop must forget each TLS socket, whose descriptor is then reused."""
+    server = start_server(APP_OF[interface], "-w", "1", "--certfile", str(pki / "server.pem"))
+    context = client_context(pki / "ca.pem")
+    for request in [b"GET /hello HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                    b"GET /hello HTTP/1.0\r\n\r\n"] * 3:
+        with tls_connect(server, context, strict_eof=True) as sock:
+            sock.sendall(request)
+            assert Reader(sock).response().status == 200
+            assert sock.recv(1) == b""  # a close_notify, not a bare end of the connection
+    assert "Traceback" not in server.log

@@ -80,7 +80,8 @@ class ChunkedFraming:
             if self._trailer_bytes + size > self._max_trailers:
                 raise ProtocolError(431, "chunked trailer section too large")
         elif size > MAX_CHUNK_LINE:
-            raise ProtocolError(400, "chunk line too long")
+            raise ProtocolError(400, "chunk data not followed by CRLF" if self._state == _DATA_END
+                                else "chunk line too long")
 
     def _end_of_line(self, line: bytes) -> None:
         if self._state == _SIZE:

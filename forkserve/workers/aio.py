@@ -151,9 +151,9 @@ class AsyncioWorker(Worker):
         self.stopped.set()
 
     async def _drain(self) -> None:
-        """Wait for open connections to finish (the master bounds this by
-        --graceful-timeout)."""
-        if self.connections:
+        """Wait for open connections to finish, and accepted ones still reading a PROXY
+        header or doing a TLS handshake (the master bounds this by --graceful-timeout)."""
+        if self.connections or self.accepted:
             await self.all_closed.wait()
 
     # -- accepting ------------------------------------------------------------------------------
@@ -190,31 +190,34 @@ class AsyncioWorker(Worker):
     def _has_room(self) -> bool:
         return len(self.connections) + self.accepted < self.cfg.worker_connections
 
-    async def _readable(self, sock: socket.socket) -> None:
-        """Wait until `sock` is readable, at most --header-timeout (else --keep-alive):
-        raises TimeoutError after that."""
+    async def _readable(self, sock: socket.socket, timeout: float) -> None:
+        """Wait until `sock` is readable; raises TimeoutError after `timeout` seconds."""
         ready = self.loop.create_future()
         fd = sock.fileno()
         self.loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
         try:
-            await asyncio.wait_for(ready, self.cfg.header_timeout or self.cfg.keep_alive or None)
+            await asyncio.wait_for(ready, max(0.0, timeout))
         finally:
             self.loop.remove_reader(fd)
 
-    async def _proxy_header(self, sock: socket.socket) -> ProxyHeader:
-        """Read the PROXY protocol header the connection must start with."""
+    async def _proxy_header(self, sock: socket.socket, deadline: float) -> ProxyHeader:
+        """Read the PROXY protocol header the connection must start with, by `deadline`
+        (loop time)."""
         reader = ProxyHeaderReader()
         while True:
-            await self._readable(sock)
-            header = reader.read(sock)
+            try:
+                header = reader.read(sock)
+            except BlockingIOError:
+                header = None
             if header is not None:
                 return header
+            await self._readable(sock, deadline - self.loop.time())
 
-    async def _starts_tls(self, sock: socket.socket) -> bool:
-        """Wait for the client's first byte: True if it starts a TLS handshake. A client
-        speaking plain HTTP is answered 400 (in plain text) and the socket closed; one that
-        sends nothing in time, or leaves, is closed."""
-        await self._readable(sock)
+    async def _starts_tls(self, sock: socket.socket, deadline: float) -> bool:
+        """Wait for the first byte of the client's TLS handshake (by `deadline`, loop time):
+        True when it comes. A client speaking plain HTTP is answered 400 (in plain text)
+        and the socket closed; one that leaves is closed."""
+        await self._readable(sock, deadline - self.loop.time())
         first = sock.recv(1, socket.MSG_PEEK)
         if first and not is_plain_http(first):
             return True
@@ -232,20 +235,27 @@ class AsyncioWorker(Worker):
         return False
 
     async def _connect(self, sock: socket.socket) -> None:
-        """Run an HTTPProtocol on an accepted socket, after the TLS handshake on an HTTPS
-        server (bounded by --header-timeout, as a request head is)."""
+        """Run an HTTPProtocol on an accepted socket; first read its PROXY header and do the
+        TLS handshake when the server wants them. As in the sync worker, the client has
+        --keep-alive to send its first byte, then --header-timeout for all that (the request
+        head's own bound starts once the protocol runs)."""
         tls = self.tls
         header = None
+        deadline = 0.0  # for the PROXY header and the TLS handshake (loop time)
         try:
-            if self.cfg.proxy_protocol:
-                header = await self._proxy_header(sock)
-            if tls is not None and not await self._starts_tls(sock):
-                return
+            if self.cfg.proxy_protocol or tls is not None:
+                cfg = self.cfg
+                await self._readable(sock, cfg.keep_alive or 1.0)
+                deadline = self.loop.time() + (cfg.header_timeout or cfg.keep_alive or 1.0)
+                if cfg.proxy_protocol:
+                    header = await self._proxy_header(sock, deadline)
+                if tls is not None and not await self._starts_tls(sock, deadline):
+                    return
             await self.loop.connect_accepted_socket(
                 lambda: HTTPProtocol(self, header), sock, ssl=tls,
-                ssl_handshake_timeout=(self.cfg.header_timeout or None) if tls else None)
+                ssl_handshake_timeout=max(0.001, deadline - self.loop.time()) if tls else None)
         except (OSError, asyncio.TimeoutError, ProxyProtocolError) as exc:
-            if isinstance(exc, ssl.SSLError):
+            if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLZeroReturnError):
                 error_log.debug("TLS handshake failed: %s", exc)
             elif isinstance(exc, ProxyProtocolError):
                 error_log.info("closed a connection: %s", exc)
@@ -253,7 +263,9 @@ class AsyncioWorker(Worker):
         finally:
             self.accepted -= 1
             self._publish()
-            if not self.accepting and not self.stopping and self._has_room():
+            if self.stopping:
+                self._check_all_closed()
+            elif not self.accepting and self._has_room():
                 self._set_accepting(True)
 
     def _publish(self) -> None:
@@ -266,10 +278,13 @@ class AsyncioWorker(Worker):
         self.connections.discard(protocol)
         self._publish()
         if self.stopping:
-            if not self.connections:
-                self.all_closed.set()
+            self._check_all_closed()
         elif not self.accepting and self._has_room():
             self._set_accepting(True)
+
+    def _check_all_closed(self) -> None:
+        if not self.connections and not self.accepted:
+            self.all_closed.set()
 
 
 class HTTPProtocol(asyncio.Protocol):

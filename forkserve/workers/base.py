@@ -70,10 +70,13 @@ class ProxyHeaderReader:
         """The header once complete, None while more bytes are needed.
 
         Raises ProxyProtocolError for a connection that does not start with a valid header
-        (or closed before it ended), BlockingIOError when nothing can be read now.
+        (or closed before it ended), BlockingIOError when nothing can be read now, another
+        OSError when it closed without sending a byte.
         """
         peeked = sock.recv(proxy_protocol.MAX_HEADER - len(self.received), socket.MSG_PEEK)
         if not peeked:
+            if not self.received:  # a load balancer's TCP health check: nothing to report
+                raise ConnectionAbortedError("closed before sending anything")
             raise proxy_protocol.ProxyProtocolError("closed before the PROXY header ended")
         seen = self.received + peeked
         header = proxy_protocol.parse(seen)

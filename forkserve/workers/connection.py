@@ -147,12 +147,16 @@ class ClientConnection:
                 return DONE
             request = event
 
+    def begin(self, request: Request) -> None:
+        """Note when `request` began and what it is (for the stuck-request check)."""
+        self.started = time.monotonic()
+        self.request_line = request.method + b" " + request.target
+
     def _serve_one(self, request: Request) -> bool:
         """One request-response exchange; False when the connection cannot go on."""
         self._reset()
         self.ctx.served += 1
-        self.started = time.monotonic()
-        self.request_line = request.method + b" " + request.target
+        self.begin(request)
         self.method = request.method
         started = time.time() if self.ctx.access_log_format else 0.0
         errors = ErrorStream()
@@ -350,7 +354,7 @@ class ClientConnection:
         except (BlockingIOError, ssl.SSLWantReadError):
             return None
         except OSError as exc:  # a reset, a failed handshake, TLS garbage
-            if isinstance(exc, ssl.SSLError):
+            if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLZeroReturnError):
                 error_log.debug("TLS error from %s: %s", _peer_text(self.peer), exc)
             return b""
         except ProxyProtocolError as exc:
@@ -466,6 +470,7 @@ class ClientConnection:
         if self.body_done:
             self.close()
             return DONE
+        self._close_notify()
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -474,10 +479,21 @@ class ClientConnection:
         return LINGER
 
     def close(self) -> None:
+        self._close_notify()
         try:
             self.sock.close()
         except OSError:
             pass
+
+    def _close_notify(self) -> None:
+        """On TLS, say the response is complete (close_notify), so that a client reading to
+        the end of the connection can tell it from a cut one. Never waits for the reply."""
+        if self.secure:
+            self.secure = False
+            try:
+                self.sock.unwrap()
+            except (OSError, ValueError):
+                pass  # the client's own close_notify is not waited for; or it is gone
 
 
 def _peer_text(peer: Any) -> str:

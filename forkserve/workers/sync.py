@@ -143,7 +143,7 @@ class SyncWorker(Worker):
     def _take(self, sock: socket.socket, peer: Any) -> None:
         conn = ClientConnection(sock, peer, new_connection(self.limits), self.ctx, self.tls,
                                 self.cfg.proxy_protocol)
-        self.selector.register(sock, selectors.EVENT_READ, conn)
+        self.selector.register(conn.fd, selectors.EVENT_READ, conn)
         self._wait_for_request(conn)
         self._publish()
         if not self._has_room():
@@ -200,7 +200,8 @@ class SyncWorker(Worker):
             self.in_flight -= 1
             self._after(conn, outcome, registered=True)
             return
-        self.selector.unregister(conn.sock)
+        self.selector.unregister(conn.fd)
+        conn.begin(request)  # it counts from now, waiting for a free thread included
         self.in_threads.add(conn)
         self.pool.submit(self._serve_in_thread, conn, request)
         if not self._has_room():
@@ -237,7 +238,7 @@ class SyncWorker(Worker):
                 self._forget(conn)
             return
         if not registered:
-            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            self.selector.register(conn.fd, selectors.EVENT_READ, conn)
         if outcome == READ:
             self._wait_for_request(conn)
         elif outcome == LINGER:
@@ -251,7 +252,7 @@ class SyncWorker(Worker):
         self.waiting.pop(conn, None)
         self.lingering.pop(conn, None)
         try:
-            self.selector.unregister(conn.sock)
+            self.selector.unregister(conn.fd)
         except (KeyError, ValueError):
             pass
 
