@@ -164,7 +164,12 @@ class HTTPCycle:
     # -- the app's receive and send ------------------------------------------------------------
 
     async def receive(self) -> Message:
-        if self.client_done or self.response_complete or self.body_delivered:
+        """The next piece of the request body; once it was all delivered (or the client
+        went away before sending the rest), http.disconnect when the client leaves or the
+        response is complete. Body bytes that arrived are delivered even if the client has
+        half-closed the connection since."""
+        if self.body_delivered or self.response_complete or self.disconnected or (
+                self.client_done and not self.body and not self.body_complete):
             while not self.client_done and not self.response_complete:
                 await self._wait()  # nothing more to receive until the client goes away
             return {"type": "http.disconnect"}
@@ -181,7 +186,7 @@ class HTTPCycle:
                                    self.scope["method"], _target(self.scope), self.body_timeout)
                     self.disconnect()
                     self.out.close()
-            if self.client_done and not self.body:
+            if not self.body and not self.body_complete:  # gone, or cut off by the bound
                 return {"type": "http.disconnect"}
         data = b"".join(self.body) if len(self.body) != 1 else self.body[0]
         self.body.clear()
@@ -279,7 +284,7 @@ class HTTPCycle:
         if not self.head_sent:
             self.status = 500
             self.head_sent = True
-            self.out.write(error_response(500))
+            self.out.write(error_response(500, head=self.scope["method"] == "HEAD"))
         self.failed = True
         self.out.close()
         self._completed()

@@ -9,6 +9,7 @@ import os
 import re
 import resource
 import socket
+import struct
 import time
 
 import pytest
@@ -301,3 +302,60 @@ def test_a_large_body_is_echoed_whole(http_server):
                      + payload)
         response = Reader(sock).response()
     assert response.status == 200 and response.body == payload
+
+
+def test_pipelined_body_then_half_close_is_answered(http_server):
+    """Body bytes that arrived are delivered even though the client half-closed since."""
+    with http_server.connect() as sock:
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n"
+                     b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
+        sock.shutdown(socket.SHUT_WR)
+        reader = Reader(sock)
+        assert reader.response().body == b"Hello, World!"
+        second = reader.response()
+        assert second.status == 200 and second.body == b"hello"
+
+
+def test_a_500_to_head_has_no_body(http_server):
+    with http_server.connect() as sock:
+        sock.sendall(b"HEAD /fail HTTP/1.1\r\nHost: t\r\n\r\n")
+        reader = Reader(sock)
+        assert reader.response(head_request=True).status == 500
+        assert reader.read_to_eof() == b""
+
+
+def test_an_unread_body_is_discarded_then_the_next_request_refused(http_server):
+    """The app answered without reading the body; the rest of the body is discarded and a
+    malformed request after it is refused, once."""
+    with http_server.connect() as sock:
+        sock.sendall(b"POST /hello HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+        reader = Reader(sock)
+        assert reader.response().status == 200
+        sock.sendall(b"defghij" + b"GET /hello HTTP/1.1\r\nHost: a/b\r\n\r\n")
+        assert reader.response().status == 400
+        assert reader.read_to_eof() == b""
+    assert exchange(http_server, GET % b"/hello").status == 200
+    assert "Traceback" not in http_server.log and "Fatal error" not in http_server.log
+
+
+def test_an_unread_body_that_never_ends_is_cut_off(start_server, interface):
+    server = start_server(APP_OF[interface], "-w", "1", "--timeout", "2")  # stall bound: 1 s
+    with server.connect() as sock:
+        sock.sendall(b"POST /hello HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n0123456789")
+        assert Reader(sock).response().status == 200
+        started = time.monotonic()
+        assert closed_by_peer(sock, timeout=10)
+        assert time.monotonic() - started < 5
+
+
+def test_connections_reset_at_once_leak_nothing(start_server, interface):
+    server = start_server(APP_OF[interface], "-w", "1")
+    (worker,) = server.workers()
+    before = len(os.listdir(f"/proc/{worker}/fd"))
+    for _ in range(300):
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, likely before the worker has accepted it
+    assert exchange(server, GET % b"/hello").status == 200
+    assert len(os.listdir(f"/proc/{worker}/fd")) <= before + 5
+    assert "Traceback" not in server.log

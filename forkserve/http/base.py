@@ -181,6 +181,20 @@ def check_head_bytes(head: bytes) -> None:
             raise ProtocolError(400, "more than one Content-Length")
 
 
+# RFC 9112 §3.2: besides origin-form ("/path?query"), absolute-form, "*" for OPTIONS, and
+# authority-form ("host:port") for CONNECT.
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*([/?][^#]*)?")
+
+
+def _other_target_form(request: Request) -> bool:
+    target = request.target
+    if request.method == b"OPTIONS" and target == b"*":
+        return True
+    if request.method == b"CONNECT":
+        return _HOST.fullmatch(target) is not None and b":" in target
+    return _ABSOLUTE_FORM.fullmatch(target) is not None
+
+
 def check_request(request: Request, limits: Limits) -> None:
     """Refuse a parsed request head that breaks a limit or is ambiguous to frame."""
     if request.http_version not in (b"1.1", b"1.0"):
@@ -188,6 +202,8 @@ def check_request(request: Request, limits: Limits) -> None:
     # method SP target SP HTTP/x.y
     if len(request.method) + len(request.target) + 10 > limits.request_line:
         raise ProtocolError(414, "request line too long")
+    if request.target[:1] != b"/" and not _other_target_form(request):
+        raise ProtocolError(400, "invalid request target")
     headers = request.headers
     if len(headers) > limits.header_count:
         raise ProtocolError(431, "too many header fields")
@@ -275,8 +291,9 @@ def complete_headers(headers: list[tuple[bytes, bytes]], status: int, body_lengt
     return headers + extra if extra else headers
 
 
-def error_response(status: int, detail: str = "") -> bytes:
-    """A complete `status` response that closes the connection, for refused requests."""
+def error_response(status: int, detail: str = "", head: bool = False) -> bytes:
+    """A complete `status` response that closes the connection, for refused requests; the
+    answer to a HEAD request (`head`) has no body."""
     phrase = HTTPStatus(status).phrase.encode("ascii")
     body = phrase + (b": " + detail.encode("utf-8") if detail else b"") + b"\n"
     return b"".join((
@@ -287,5 +304,5 @@ def error_response(status: int, detail: str = "") -> bytes:
         b"Date: " + http_date() + b"\r\n",
         b"Server: " + _server_header + b"\r\n" if _server_header else b"",
         b"\r\n",
-        body,
+        b"" if head else body,
     ))

@@ -41,7 +41,13 @@ from forkserve.proxy_protocol import ProxyHeader, ProxyProtocolError
 from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http, tls_extension
 from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
 from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade, websocket_scope
-from forkserve.workers.base import STOP_GRACE, BootFailed, ProxyHeaderReader, Worker
+from forkserve.workers.base import (
+    MAX_DRAIN,
+    STOP_GRACE,
+    BootFailed,
+    ProxyHeaderReader,
+    Worker,
+)
 
 # Open WebSockets are closed this many seconds before --graceful-timeout ends.
 WS_CLOSE_MARGIN = 1.0
@@ -301,6 +307,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.request: Request | None = None
         self.started = 0.0
         self.discarding = False  # reading and dropping a body the app did not read
+        self.discarded = 0
         self.reading_paused = False
         self.writable = asyncio.Event()
         self.writable.set()
@@ -321,6 +328,10 @@ class HTTPProtocol(asyncio.Protocol):
         local = transport.get_extra_info("sockname")
         if sock is not None and sock.family == socket.AF_UNIX:
             self.client, self.server = None, (local or "", None)
+        elif peer is None or local is None:  # reset before the transport could ask
+            self.closed = True
+            transport.abort()
+            return
         else:
             self.client, self.server = tuple(peer[:2]), tuple(local[:2])
         self.trusted = self.worker.proxies.trusts(self.client[0] if self.client else None)
@@ -412,7 +423,8 @@ class HTTPProtocol(asyncio.Protocol):
     def _process(self) -> None:
         """Pull events from the parser until it needs bytes or must wait for a response."""
         conn = self.conn
-        while not self.closed:
+        transport = self.transport
+        while not self.closed and not transport.is_closing():
             cycle = self.cycle
             if cycle is not None and cycle.body_complete and not self.discarding:
                 return  # the request is read; the next one waits for this response
@@ -429,9 +441,15 @@ class HTTPProtocol(asyncio.Protocol):
             if kind is Data:
                 if not self.discarding:
                     cycle.feed_body(event.data)
+                else:
+                    self.discarded += len(event.data)
+                    if self.discarded > MAX_DRAIN:
+                        self.close()
+                        return
             elif event is END_OF_MESSAGE:
                 if self.discarding:
                     self.discarding = False
+                    self._cancel_timer()
                     self._next_cycle()
                 else:
                     cycle.feed_end()
@@ -527,7 +545,11 @@ class HTTPProtocol(asyncio.Protocol):
             if self.conn.client_waiting_for_continue:
                 self.close()  # it never sent the body; the response said Connection: close
                 return
-            self.discarding = True  # read the rest of the body, then go on
+            # Read the rest of the body (at most MAX_DRAIN bytes, with no stall longer than
+            # the I/O bound), then go on.
+            self.discarding = True
+            self.discarded = 0
+            self.timer = self.loop.call_later(self.worker.io_timeout, self.close)
             self.resume_reading()
             self._process()
             return

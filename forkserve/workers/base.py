@@ -49,6 +49,9 @@ ACCEPT_DEFER = 0.02
 RESOURCE_PAUSE = 0.5
 # The I/O stall bound when --timeout is 0.
 DEFAULT_IO_TIMEOUT = 60.0
+# Bytes of a request body the app left unread that are read and discarded to keep the
+# connection alive; a longer rest closes it.
+MAX_DRAIN = 1 << 20
 # On a graceful stop, how long open connections may still bring a request (answered with
 # Connection: close). A client that sent one just as we stopped is served, not reset.
 STOP_GRACE = 1.0

@@ -36,12 +36,10 @@ from forkserve.logs import access_log, error_log, format_access_line
 from forkserve.proxy import TrustedProxies
 from forkserve.proxy_protocol import ProxyProtocolError
 from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http, tls_environ
-from forkserve.workers.base import ProxyHeaderReader
+from forkserve.workers.base import MAX_DRAIN, ProxyHeaderReader
 from forkserve.wsgi import EnvironFactory, ErrorStream, InputStream, call_app
 
 RECV_SIZE = 65536
-# Bytes of an unread request body we read and discard to keep a connection alive.
-MAX_DRAIN = 1 << 20
 # Piece size when a file is copied through TLS instead of sent with sendfile().
 SENDFILE_COPY_SIZE = 256 * 1024
 # While waiting on a slow client, the inline worker heartbeats this often (seconds).
@@ -189,7 +187,7 @@ class ClientConnection:
         self.status = status
         self.headers_sent = True
         try:
-            self.sendall(error_response(status, explain))
+            self.sendall(error_response(status, explain, head=self.method == b"HEAD"))
         except ClientGone:
             pass
 
@@ -228,6 +226,7 @@ class ClientConnection:
         """Answer a malformed request with its status and close; returns LINGER or DONE."""
         error_log.debug("refused request from %s: %s %s", _peer_text(self.peer), exc.status,
                         exc.detail)
+        self.method = b""  # (not the method of the request before it)
         self._send_error(exc.status, exc.explain)
         self.body_done = False  # what follows a refused head is unread: linger
         return self.close_after_error()
