@@ -14,21 +14,13 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "loadtests" / "fuzz_server.py"
 
-# Found by fuzz_server.py and reported: on ASGI, a connection reset before connection_made
-# raises there (and leaks its socket under uvloop); a complete request buffered behind
-# another gets http.disconnect instead of its body once the client half-closes; a body
-# arriving in the loop iteration of the app's first receive() is not noticed (Python < 3.12).
-ASGI_OPEN_BUGS = pytest.mark.xfail(reason="ASGI bugs found by fuzz_server.py, being fixed",
-                                   strict=False)
-
-
 def fuzz(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(SCRIPT), "--seed", "7", *args],
                           capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.timeout(20)
-@pytest.mark.parametrize("app", ["wsgi", pytest.param("asgi", marks=ASGI_OPEN_BUGS)])
+@pytest.mark.parametrize("app", ["wsgi", "asgi"])
 def test_a_short_run_keeps_every_invariant(app):
     result = fuzz("--app", app, "--duration", "3", "--batch", "40", timeout=18)
     assert result.returncode == 0, result.stdout + result.stderr
