@@ -359,3 +359,17 @@ def test_connections_reset_at_once_leak_nothing(start_server, interface):
     assert exchange(server, GET % b"/hello").status == 200
     assert len(os.listdir(f"/proc/{worker}/fd")) <= before + 5
     assert "Traceback" not in server.log
+
+
+def test_a_closing_response_does_not_wait_for_the_rest_of_the_body(http_server):
+    """Connection: close and an unfinished body the app did not read: the connection ends
+    right after the response (our side shut at once; the rest is not waited for)."""
+    with http_server.connect() as sock:
+        sock.sendall(b"POST /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                     b"Content-Length: 100000\r\n\r\n0123456789")
+        reader = Reader(sock)
+        response = reader.response()
+        assert response.status == 200 and response.header("connection") == "close"
+        started = time.monotonic()
+        assert closed_by_peer(sock, timeout=10)
+        assert time.monotonic() - started < 4  # at most the 2 s linger, not the stall bound

@@ -115,7 +115,8 @@ class HTTPConnection(Protocol):
     Writing: `send_response` (head), `send_data`/`send_file` (body, framed as the head
     chose: Content-Length, chunked, or until close for HTTP/1.0), `send_end`. A HEAD request's
     body is swallowed. After `send_end`, `start_next_cycle()` tells whether the connection can
-    carry another request (the request body must have been read to its end first).
+    carry another request (the request body must have been read to its end first), and
+    `will_close()` whether it cannot, whatever the client still sends.
     """
 
     client_waiting_for_continue: bool
@@ -135,6 +136,11 @@ class HTTPConnection(Protocol):
     def send_end(self, trailers: list[tuple[bytes, bytes]] = ()) -> bytes: ...
 
     def start_next_cycle(self) -> bool: ...
+
+    def will_close(self) -> bool:
+        """After `send_end`: this response ends the connection (it said Connection: close,
+        or the client asked for that, or spoke HTTP/1.0)."""
+        ...
 
     def trailing_data(self) -> bytes:
         """Bytes received past the current request, for a protocol switch (WebSocket)."""

@@ -28,6 +28,7 @@ _NEED_DATA = h11.NEED_DATA
 _PAUSED = h11.PAUSED
 _IDLE = h11.IDLE
 _DONE = h11.DONE
+_MUST_CLOSE = h11.MUST_CLOSE
 
 
 class H11Connection:
@@ -141,6 +142,9 @@ class H11Connection:
 
     def trailing_data(self) -> bytes:
         return self._h11.trailing_data[0]
+
+    def will_close(self) -> bool:
+        return self._h11.our_state is _MUST_CLOSE
 
     def start_next_cycle(self) -> bool:
         conn = self._h11

@@ -42,6 +42,7 @@ from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http, tls_extension
 from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
 from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade, websocket_scope
 from forkserve.workers.base import (
+    LINGER_SECONDS,
     MAX_DRAIN,
     STOP_GRACE,
     BootFailed,
@@ -545,6 +546,9 @@ class HTTPProtocol(asyncio.Protocol):
             if self.conn.client_waiting_for_continue:
                 self.close()  # it never sent the body; the response said Connection: close
                 return
+            if self.conn.will_close():
+                self._linger()
+                return
             # Read the rest of the body (at most MAX_DRAIN bytes, with no stall longer than
             # the I/O bound), then go on.
             self.discarding = True
@@ -554,6 +558,19 @@ class HTTPProtocol(asyncio.Protocol):
             self._process()
             return
         self._next_cycle()
+
+    def _linger(self) -> None:
+        """The response ended the connection but the client is still sending a body: shut
+        our side and discard what comes for a moment (closing with unread bytes would make
+        the kernel reset the connection, and the client could lose the response)."""
+        if not self.transport.can_write_eof():  # TLS
+            self.close()
+            return
+        self.transport.write_eof()
+        self.discarding = True
+        self.timer = self.loop.call_later(LINGER_SECONDS, self.close)
+        self.resume_reading()
+        self._process()
 
     def _next_cycle(self) -> None:
         self.cycle = None

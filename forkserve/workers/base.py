@@ -49,6 +49,8 @@ ACCEPT_DEFER = 0.02
 RESOURCE_PAUSE = 0.5
 # The I/O stall bound when --timeout is 0.
 DEFAULT_IO_TIMEOUT = 60.0
+# How long a lingering close (our side shut, the client's bytes discarded) may last.
+LINGER_SECONDS = 2.0
 # Bytes of a request body the app left unread that are read and discarded to keep the
 # connection alive; a longer rest closes it.
 MAX_DRAIN = 1 << 20

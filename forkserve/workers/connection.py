@@ -180,7 +180,8 @@ class ClientConnection:
         if started:
             self._log_access(request, environ, started)
         if go_on and not self.body_done:
-            return self._drain()
+            # The rest of the body is read only to go on with the next request.
+            return False if self.proto.will_close() else self._drain()
         return go_on
 
     def _send_error(self, status: int, explain: str = "") -> None:

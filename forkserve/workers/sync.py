@@ -21,7 +21,7 @@ from forkserve.http import new_connection
 from forkserve.http.base import NEED_DATA, ProtocolError, Request
 from forkserve.logs import error_log
 from forkserve.scoreboard import UNAVAILABLE
-from forkserve.workers.base import STOP_GRACE, Worker
+from forkserve.workers.base import LINGER_SECONDS, STOP_GRACE, Worker
 from forkserve.workers.connection import (
     DONE,
     LINGER,
@@ -29,9 +29,6 @@ from forkserve.workers.connection import (
     ClientConnection,
     ServerContext,
 )
-
-# How long a lingering close waits for the client to stop sending.
-LINGER_SECONDS = 2.0
 
 _ACCEPT = "accept"
 _WAKEUP = "wakeup"
