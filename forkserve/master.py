@@ -493,11 +493,7 @@ class Master:
             self._boot_failed(worker, status, payload[1:].decode("utf-8", "replace"))
         elif kind == channel.STUCK and not worker.retiring:
             # Its loop still serves: it stops once its other requests are done.
-            error_log.error("worker %d (pid %d) %s; its tracebacks follow, then it is "
-                            "replaced", worker.number, worker.pid,
-                            payload.decode("utf-8", "replace"))
-            logs.flush()
-            _kill(worker.pid, DUMP_SIGNAL)
+            self._dump(worker, payload.decode("utf-8", "replace"), "replaced")
             worker.retiring = True
             worker.stop_when_replaced = True
         elif kind == channel.RECYCLE and not worker.retiring:
@@ -649,16 +645,15 @@ class Master:
             current = self.scoreboard.current_request(worker.number)
             if current is not None:
                 doing = f", stuck in {current[0]!r} for {current[1]:.1f} s"
-            self._dump_then_kill(worker, f"{what} for {silent:.1f} s (limit {limit:g} s)"
-                                         f"{doing}", now)
+            self._dump(worker, f"{what} for {silent:.1f} s (limit {limit:g} s){doing}", "killed")
+            worker.dump_sent_at = now  # killed DUMP_GRACE later unless heard from again
 
-    def _dump_then_kill(self, worker: WorkerProcess, why: str, now: float) -> None:
-        """Have a hung worker write every thread's traceback; _check_hung kills it
-        DUMP_GRACE later unless it is heard from again."""
-        error_log.error("worker %d (pid %d) %s; its tracebacks follow, then it is killed",
-                        worker.number, worker.pid, why)
+    def _dump(self, worker: WorkerProcess, why: str, then: str) -> None:
+        """Say why `worker` is hung and what follows (`then`), and have it write every
+        thread's traceback to the error log."""
+        error_log.error("worker %d (pid %d) %s; its tracebacks follow, then it is %s",
+                        worker.number, worker.pid, why, then)
         logs.flush()
-        worker.dump_sent_at = now
         _kill(worker.pid, DUMP_SIGNAL)
 
     def _tell_systemd(self, now: float) -> None:

@@ -149,11 +149,15 @@ _SHORT_NAMES = {
 
 
 def _cipher_suite_id(context: ssl.SSLContext, name: str) -> int | None:
-    """The 16-bit IANA number of the cipher suite OpenSSL calls `name`."""
-    for cipher in context.get_ciphers():
-        if cipher["name"] == name:
-            return cipher["id"] & 0xFFFF
-    return None
+    """The 16-bit IANA number of the cipher suite OpenSSL calls `name` (numbers do not
+    change with the context, so the table is read once, not on every connection)."""
+    if name not in _CIPHER_SUITE_IDS:
+        _CIPHER_SUITE_IDS.update((cipher["name"], cipher["id"] & 0xFFFF)
+                                 for cipher in context.get_ciphers())
+    return _CIPHER_SUITE_IDS.get(name)
+
+
+_CIPHER_SUITE_IDS: dict[str, int] = {}
 
 
 def _rfc4514(cert: dict[str, Any]) -> str | None:

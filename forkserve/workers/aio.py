@@ -252,8 +252,8 @@ class AsyncioWorker(Worker):
         try:
             if self.cfg.proxy_protocol or tls is not None:
                 cfg = self.cfg
-                await self._readable(sock, cfg.keep_alive or 1.0)
-                deadline = self.loop.time() + (cfg.header_timeout or cfg.keep_alive or 1.0)
+                await self._readable(sock, self.idle_timeout)
+                deadline = self.loop.time() + (cfg.header_timeout or self.idle_timeout)
                 if cfg.proxy_protocol:
                     header = await self._proxy_header(sock, deadline)
                 if tls is not None and not await self._starts_tls(sock, deadline):
@@ -424,8 +424,7 @@ class HTTPProtocol(asyncio.Protocol):
     def _process(self) -> None:
         """Pull events from the parser until it needs bytes or must wait for a response."""
         conn = self.conn
-        transport = self.transport
-        while not self.closed and not transport.is_closing():
+        while not self.closing:
             cycle = self.cycle
             if cycle is not None and cycle.body_complete and not self.discarding:
                 return  # the request is read; the next one waits for this response
@@ -546,29 +545,25 @@ class HTTPProtocol(asyncio.Protocol):
             if self.conn.client_waiting_for_continue:
                 self.close()  # it never sent the body; the response said Connection: close
                 return
-            if self.conn.will_close():
-                self._linger()
-                return
-            # Read the rest of the body (at most MAX_DRAIN bytes, with no stall longer than
-            # the I/O bound), then go on.
-            self.discarding = True
-            self.discarded = 0
-            self.timer = self.loop.call_later(self.worker.io_timeout, self.close)
-            self.resume_reading()
-            self._process()
+            if not self.conn.will_close():
+                self._discard_body(self.worker.io_timeout)  # then go on with the next request
+            elif self.transport.can_write_eof():
+                # The response ended the connection: shut our side, and discard what comes
+                # for a moment (closing with unread bytes would make the kernel reset the
+                # connection, and the client could lose the response).
+                self.transport.write_eof()
+                self._discard_body(LINGER_SECONDS)
+            else:  # TLS cannot half-close
+                self.close()
             return
         self._next_cycle()
 
-    def _linger(self) -> None:
-        """The response ended the connection but the client is still sending a body: shut
-        our side and discard what comes for a moment (closing with unread bytes would make
-        the kernel reset the connection, and the client could lose the response)."""
-        if not self.transport.can_write_eof():  # TLS
-            self.close()
-            return
-        self.transport.write_eof()
+    def _discard_body(self, seconds: float) -> None:
+        """Read and drop the rest of a body the app did not read: at most MAX_DRAIN bytes,
+        for at most `seconds`, after which the connection is closed."""
         self.discarding = True
-        self.timer = self.loop.call_later(LINGER_SECONDS, self.close)
+        self.discarded = 0
+        self.timer = self.loop.call_later(seconds, self.close)
         self.resume_reading()
         self._process()
 
@@ -613,9 +608,9 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _wait_for_request(self) -> None:
         self.head_started = False
-        keep_alive = self.worker.cfg.keep_alive or 1.0
+        worker = self.worker
         self.timer = self.loop.call_later(
-            STOP_GRACE if self.worker.stopping else keep_alive, self.close)
+            STOP_GRACE if worker.stopping else worker.idle_timeout, self.close)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

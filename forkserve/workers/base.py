@@ -145,6 +145,9 @@ class Worker:
             body_size=cfg.limit_request_body,
         )
         self.proxies = TrustedProxies(cfg.forwarded_allow_ips)
+        # How long a connection may wait idle for its next request (--keep-alive 0: a moment
+        # for the first one).
+        self.idle_timeout = cfg.keep_alive or 1.0
         # How long one read or write may wait on a slow client while a request is served.
         self.io_timeout = timeout / 2 if timeout > 0 else DEFAULT_IO_TIMEOUT
         set_server_header(cfg.server_header)

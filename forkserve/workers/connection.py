@@ -88,7 +88,7 @@ class ClientConnection:
     __slots__ = (
         "sock", "fd", "peer", "proto", "ctx", "environ_factory",
         "method", "status", "reason", "headers", "headers_sent", "sent", "body_done", "_poll",
-        "head_started", "tls", "secure", "proxy_reader", "started", "request_line",
+        "head_started", "tls", "secure", "proxy_reader", "started", "request",
     )
 
     def __init__(self, sock: socket.socket, peer: Any, proto: HTTPConnection,
@@ -106,8 +106,8 @@ class ClientConnection:
                                               ctx.root_path, "https" if tls else "http",
                                               ctx.proxies)
         self.head_started = False  # the next request's first bytes have arrived
-        self.started = 0.0  # when the request being served began (monotonic)
-        self.request_line = b""
+        self.started = 0.0  # when `request`, served in a pool thread, began (monotonic)
+        self.request: Request | None = None
         self.method = b""
         self._poll: select.poll | None = None
         self._reset()
@@ -144,17 +144,17 @@ class ClientConnection:
                 self.close()
                 return DONE
             request = event
+            self.begin(request)  # (the worker noted the first when handing it to a thread)
 
     def begin(self, request: Request) -> None:
-        """Note when `request` began and what it is (for the stuck-request check)."""
+        """Note when `request` began, for the stuck-request check of pool threads."""
         self.started = time.monotonic()
-        self.request_line = request.method + b" " + request.target
+        self.request = request
 
     def _serve_one(self, request: Request) -> bool:
         """One request-response exchange; False when the connection cannot go on."""
         self._reset()
         self.ctx.served += 1
-        self.begin(request)
         self.method = request.method
         started = time.time() if self.ctx.access_log_format else 0.0
         errors = ErrorStream()

@@ -150,7 +150,7 @@ class SyncWorker(Worker):
 
     def _wait_for_request(self, conn: ClientConnection) -> None:
         conn.head_started = False
-        expires = time.monotonic() + (self.cfg.keep_alive or 1.0)
+        expires = time.monotonic() + self.idle_timeout
         self.waiting[conn] = min(expires, self.stop_deadline) if self.stop_deadline else expires
 
     def _readable(self, conn: ClientConnection) -> None:
@@ -265,7 +265,8 @@ class SyncWorker(Worker):
         if not stuck:
             return ""
         oldest = min(stuck, key=lambda conn: conn.started)
-        return (f"stuck in {oldest.request_line.decode('latin-1')!r} in a thread for "
+        line = (oldest.request.method + b" " + oldest.request.target).decode("latin-1")
+        return (f"stuck in {line!r} in a thread for "
                 f"{time.monotonic() - oldest.started:.1f} s (limit {self.cfg.timeout:g} s)")
 
     def _stuck_in_threads(self) -> list[ClientConnection]:
