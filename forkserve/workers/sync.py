@@ -21,7 +21,7 @@ from forkserve.http import new_connection
 from forkserve.http.base import NEED_DATA, ProtocolError, Request
 from forkserve.logs import error_log
 from forkserve.scoreboard import UNAVAILABLE
-from forkserve.workers.base import LINGER_SECONDS, STOP_GRACE, Worker
+from forkserve.workers.base import BALANCE_MARGIN, LINGER_SECONDS, STOP_GRACE, Worker
 from forkserve.workers.connection import (
     DONE,
     LINGER,
@@ -82,14 +82,18 @@ class SyncWorker(Worker):
             if not self.alive:
                 self._begin_stop()
             wake_at = self.next_tick
+            self._publish()
             if self.accept_resume_at:
+                # A deferral ends at its time, or as soon as no peer is lighter any more (this
+                # worker's own connections closed): never idle while connections queue.
                 if now >= self.accept_resume_at:
-                    self._resume_accepting()
+                    self._resume_accepting(forced=True)
+                elif not self.scoreboard.has_lighter_peer(self.number, BALANCE_MARGIN):
+                    self._resume_accepting(forced=False)
                 else:
                     wake_at = min(wake_at, self.accept_resume_at)
             elif not self.accepting and self.alive and self._has_room():
                 self._set_accepting(True)
-            self._publish()
             for key, _ in select(max(0.0, wake_at - now)):
                 data = key.data
                 if type(data) is ClientConnection:
@@ -119,9 +123,11 @@ class SyncWorker(Worker):
             load = len(self.waiting) + len(self.lingering) + self.in_flight
         self.scoreboard.set(self.number, load)
 
-    def _resume_accepting(self) -> None:
+    def _resume_accepting(self, forced: bool) -> None:
+        """End a deferral; `forced`: accept one connection even if a peer is lighter (it may
+        be slow to wake)."""
         self.accept_resume_at = 0.0
-        self.accept_forced = True
+        self.accept_forced = forced
         if self.alive and self._has_room():
             self._set_accepting(True)
 
