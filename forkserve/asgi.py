@@ -1,5 +1,10 @@
 """The ASGI interface (ASGI 3, HTTP spec 2.4, lifespan spec 2.0): scope, receive/send, lifespan.
 
+HTTP scopes say spec_version 2.3, as uvicorn's do, although `send` raises an OSError once the
+request is over as 2.4 asks: told 2.4, Starlette's StreamingResponse and FileResponse stop
+watching `receive()` for http.disconnect, and learn that the client left (or that the server
+is stopping) only at their next `send`, which may be much later for a stream of events.
+
 No socket I/O happens here. The worker's protocol feeds an `HTTPCycle` what the parser
 read (`feed_body`, `feed_end`, `disconnect`) and gives it an `Output` to write to; the
 cycle turns the app's `send` messages into bytes through the same sans-I/O HTTP connection
@@ -13,13 +18,14 @@ import traceback
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, Protocol
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes
 
 from forkserve.http.base import HTTPConnection, Request, complete_headers, error_response
 from forkserve.logs import error_log
 from forkserve.proxy import Forwarded
 
 ASGI = {"version": "3.0", "spec_version": "2.4"}
+ASGI_HTTP = {"version": "3.0", "spec_version": "2.3"}  # see the module's docstring
 Message = dict[str, Any]
 ASGIApp = Callable[[dict, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
                    Awaitable[None]]
@@ -58,8 +64,9 @@ class Output(Protocol):
 
 def http_scope(request: Request, client: Any, server: Any, root_path: str,
                state: dict[str, Any] | None) -> dict[str, Any]:
-    """The scope of an HTTP request (ASGI HTTP spec 2.4)."""
+    """The scope of an HTTP request (ASGI HTTP spec 2.4, announced as 2.3)."""
     scope = connection_scope("http", request, client, server, root_path, state)
+    scope["asgi"] = ASGI_HTTP
     scope["method"] = request.method.decode("ascii")
     scope["extensions"] = {"http.response.trailers": {}}
     return scope
@@ -67,12 +74,21 @@ def http_scope(request: Request, client: Any, server: Any, root_path: str,
 
 def connection_scope(kind: str, request: Request, client: Any, server: Any, root_path: str,
                      state: dict[str, Any] | None) -> dict[str, Any]:
-    """What the HTTP and WebSocket scopes share (`kind` is 'http' or 'websocket')."""
+    """What the HTTP and WebSocket scopes share (`kind` is 'http' or 'websocket').
+
+    `path` and `raw_path` include `root_path`, as the ASGI spec and Starlette want: a target
+    that starts with it is taken as it is, and one that does not (a proxy stripped the
+    prefix) gets it prepended, as uvicorn does (uvicorn prepends it to every target).
+    """
     raw_path, _, query = request.target.partition(b"?")
     if b"://" in raw_path and not raw_path.startswith(b"/"):  # absolute form
         raw_path = b"/" + raw_path.split(b"://", 1)[1].partition(b"/")[2]
     path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode(
         "utf-8", "replace")
+    if root_path and path[:1] == "/" and path != root_path \
+            and not path.startswith(root_path + "/"):
+        path = root_path + path
+        raw_path = quote(root_path).encode("ascii") + raw_path
     scope = {
         "type": kind,
         "asgi": ASGI,
@@ -115,6 +131,11 @@ class HTTPCycle:
     go on running). `close` means the response must end the connection. A client that
     sends no byte of a body the app waits for during `body_timeout` seconds is cut off: the
     connection is closed and the app receives http.disconnect.
+
+    The request is over for the app when the client leaves (`disconnect`; also its EOF once
+    the response is under way, see `client_eof`) or the server ends it (`stop`, `interrupt`):
+    `receive()` then says http.disconnect and `send()` raises ClientDisconnected. An app that
+    stops for that is not at fault (`run`).
     """
 
     def __init__(self, scope: dict[str, Any], conn: HTTPConnection, out: Output, close: bool,
@@ -131,6 +152,10 @@ class HTTPCycle:
         self.body_delivered = False
         self.disconnected = False  # the connection is gone: send() raises
         self.client_done = False  # the client sent EOF: receive() says http.disconnect
+        self.interrupted = False  # the server ended the request: as if the client had left
+        self.stopping = False  # the server is stopping: an event stream is interrupted
+        self.told_disconnect = False  # receive() said http.disconnect before the response ended
+        self.event_stream = False  # the response is text/event-stream (SSE)
         self.event = asyncio.Event()
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -156,27 +181,52 @@ class HTTPCycle:
         self.disconnected = self.client_done = True
         self.event.set()
 
-    def client_eof(self) -> None:
-        """The client will send nothing more; a response may still reach it."""
+    def client_eof(self) -> bool:
+        """The client will send nothing more. Before the response is under way a response
+        may still reach it (a client may half-close and wait for the answer): receive() says
+        http.disconnect once the body was delivered. Once the response is under way it has
+        left: the cycle is disconnected, and True returned (drop the connection)."""
+        if self.head_sent and not self.response_complete:
+            self.disconnect()
+            return True
         self.client_done = True
         self.event.set()
+        return False
+
+    def stop(self) -> None:
+        """The server stops gracefully. A response may finish, except an event stream (SSE),
+        which has no end to wait for: it is interrupted now, or once its head is out."""
+        self.stopping = True
+        if self.event_stream and self.head_sent:
+            self.interrupt()
+
+    def interrupt(self) -> None:
+        """The server ends the request: the app gets http.disconnect and `send()` raises.
+        Once the app returns, an event stream is ended properly and other unfinished
+        responses are cut (see `_end_early`)."""
+        if not self.response_complete:
+            self.interrupted = True
+            self.event.set()
 
     # -- the app's receive and send ------------------------------------------------------------
 
     async def receive(self) -> Message:
         """The next piece of the request body; once it was all delivered (or the client
-        went away before sending the rest), http.disconnect when the client leaves or the
-        response is complete. Body bytes that arrived are delivered even if the client has
-        half-closed the connection since."""
-        if self.body_delivered or self.response_complete or self.disconnected or (
-                self.client_done and not self.body and not self.body_complete):
-            while not self.client_done and not self.response_complete:
-                await self._wait()  # nothing more to receive until the client goes away
-            return {"type": "http.disconnect"}
+        went away before sending the rest), http.disconnect when the client leaves, the
+        server ends the request or the response is complete. Body bytes that arrived are
+        delivered even if the client has half-closed the connection since."""
+        if self.body_delivered or self.response_complete or self.disconnected \
+                or self.interrupted or (
+                    self.client_done and not self.body and not self.body_complete):
+            while not self.client_done and not self.response_complete \
+                    and not self.interrupted:
+                await self._wait()  # nothing more to receive until the request is over
+            return self._disconnect_message()
         if not self.body and not self.body_complete:
             if self.conn.client_waiting_for_continue and not self.head_sent:
                 self.out.write(self.conn.send_continue())
-            while not self.body and not self.body_complete and not self.client_done:
+            while not self.body and not self.body_complete and not self.client_done \
+                    and not self.interrupted:
                 self.event.clear()  # before resume_reading: the body may come in at once
                 self.out.resume_reading()
                 try:
@@ -186,14 +236,19 @@ class HTTPCycle:
                                    self.scope["method"], _target(self.scope), self.body_timeout)
                     self.disconnect()
                     self.out.close()
-            if not self.body and not self.body_complete:  # gone, or cut off by the bound
-                return {"type": "http.disconnect"}
+            if not self.body and not self.body_complete:  # gone, cut off, or ended by us
+                return self._disconnect_message()
         data = b"".join(self.body) if len(self.body) != 1 else self.body[0]
         self.body.clear()
         self.buffered = 0
         self.out.resume_reading()
         self.body_delivered = self.body_complete
         return {"type": "http.request", "body": data, "more_body": not self.body_complete}
+
+    def _disconnect_message(self) -> Message:
+        if not self.response_complete:
+            self.told_disconnect = True
+        return {"type": "http.disconnect"}
 
     async def _wait(self) -> None:
         self.event.clear()
@@ -208,6 +263,8 @@ class HTTPCycle:
         if self.disconnected or self.out.closing:
             self.disconnected = True
             raise ClientDisconnected("the client closed the connection")
+        if self.interrupted:
+            raise ClientDisconnected("the server ended the request: it is stopping")
         kind = message["type"]
         if not self.response_started:
             if kind != "http.response.start":
@@ -215,6 +272,7 @@ class HTTPCycle:
             self.status = _status(message["status"])
             self.headers = _headers(message.get("headers", ()))
             self.trailers = bool(message.get("trailers", False))
+            self.event_stream = _is_event_stream(self.headers)
             self.response_started = True
             return
         if self.response_complete:
@@ -223,6 +281,8 @@ class HTTPCycle:
             body = message.get("body", b"")
             more = message.get("more_body", False)
             self._send_body(bytes(body) if type(body) is not bytes else body, more)
+            if self.stopping and self.event_stream:
+                self.interrupt()  # it began while the server was stopping: this is its end
             await self.out.drain()
         elif kind == "http.response.trailers" and self.trailers and self.head_sent:
             trailers = _headers(message.get("headers", ()))
@@ -259,32 +319,64 @@ class HTTPCycle:
     # -- running the app -----------------------------------------------------------------------
 
     async def run(self, app: ASGIApp) -> None:
-        """Call the app; answer 500 (or drop the connection) if it fails to respond."""
+        """Call the app; answer 500 (or drop the connection) if it fails to respond.
+
+        An app that stops because the request is over (it raises what `send()` raised, even
+        wrapped, as Starlette's ClientDisconnect does; or returns unfinished after receive()
+        said http.disconnect) is not at fault: that is logged at debug level only, and the
+        response ended as well as it can be (`_end_early`)."""
         scope = self.scope
         try:
             await app(scope, self.receive, self.send)
-        except ClientDisconnected:
-            return
-        except Exception:
-            error_log.error("error handling %s %s\n%s", scope["method"], _target(scope),
-                            traceback.format_exc().rstrip())
-            self._fail()
-            return
-        if not self.response_complete and not self.disconnected:
-            error_log.error("error handling %s %s: the app returned without %s",
-                            scope["method"], _target(scope),
-                            "completing the response" if self.response_started
-                            else "starting a response")
-            self._fail()
+        except Exception as exc:
+            if not _raised_by_send(exc):
+                error_log.error("error handling %s %s\n%s", scope["method"], _target(scope),
+                                traceback.format_exc().rstrip())
+                self._fail(500)
+                return
+            error_log.debug("%s %s ended early: %s: %s", scope["method"], _target(scope),
+                            type(exc).__name__, exc)
+        else:
+            if self.response_complete or self.disconnected:
+                return
+            unfinished = "completing the response" if self.response_started \
+                else "starting a response"
+            if not self.told_disconnect:
+                error_log.error("error handling %s %s: the app returned without %s",
+                                scope["method"], _target(scope), unfinished)
+                self._fail(500)
+                return
+            error_log.debug("%s %s ended early: told http.disconnect, the app returned "
+                            "without %s", scope["method"], _target(scope), unfinished)
+        self._end_early()
 
-    def _fail(self) -> None:
-        """A 500 if nothing went out yet; else the response is cut by closing."""
+    def _end_early(self) -> None:
+        """The app stopped because the request is over before its response is. An event
+        stream the server interrupted is ended properly if its framing allows (chunked, or
+        until the connection closes); any other unfinished response is cut, so the client
+        sees it is incomplete. Nothing sent yet: a 503 if the server ended the request."""
+        if self.disconnected or self.response_complete:
+            return
+        if self.interrupted and self.event_stream and self.head_sent:
+            try:
+                end = self.conn.send_end()
+            except ValueError:  # short of its Content-Length: only a cut can say so
+                pass
+            else:
+                self.out.write(end)
+                self.out.close()
+                self._completed()
+                return
+        self._fail(503 if self.interrupted else 500)
+
+    def _fail(self, status: int) -> None:
+        """`status` if nothing went out yet; else the response is cut by closing."""
         if self.disconnected or self.response_complete:
             return
         if not self.head_sent:
-            self.status = 500
+            self.status = status
             self.head_sent = True
-            self.out.write(error_response(500, head=self.scope["method"] == "HEAD"))
+            self.out.write(error_response(status, head=self.scope["method"] == "HEAD"))
         self.failed = True
         self.out.close()
         self._completed()
@@ -315,6 +407,32 @@ def _headers(headers: Any) -> list[tuple[bytes, bytes]]:
             raise RuntimeError(f"response header name and value must be bytes: {header!r}")
         out.append((name, value))
     return out
+
+
+def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.partition(b";")[0].strip().lower() == b"text/event-stream"
+    return False
+
+
+def _raised_by_send(exc: BaseException) -> bool:
+    """Is `exc` the ClientDisconnected that `send()` raised, or does it come from one (its
+    cause or context, or a member of an exception group, at any depth)?"""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        item = pending.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ClientDisconnected):
+            return True
+        pending += [item.__cause__, item.__context__]
+        members = getattr(item, "exceptions", None)  # an exception group (or its backport)
+        if isinstance(members, tuple):
+            pending += [member for member in members if isinstance(member, BaseException)]
+    return False
 
 
 def _target(scope: dict[str, Any]) -> str:
@@ -370,6 +488,11 @@ class Lifespan:
                  "state": self.state}
         try:
             await self.app(scope, self._queue.get, self._send)
+        except asyncio.CancelledError:
+            # The worker is ending without a lifespan shutdown (a quick stop): not an error
+            # of the app's.
+            error_log.debug("lifespan of the app cancelled: the worker is stopping")
+            raise
         except BaseException as exc:
             if self._started.is_set():
                 error_log.error("lifespan of the app raised:\n%s", traceback.format_exc())

@@ -16,8 +16,9 @@ HEARTBEAT = 2  # payload: requests served so far, requests in flight
 BOOT_FAILED = 3  # payload: exit status byte, then the error text (UTF-8)
 RECYCLE = 4  # payload: why (UTF-8); the worker asks to be replaced, then stopped
 STUCK = 5  # payload: which request is stuck (UTF-8); the worker wants a dump and a replacement
+STOPPING = 6  # payload: the number of the stop signal (TERM, INT, QUIT) the worker received
 
-_KINDS = frozenset((BOOTED, HEARTBEAT, BOOT_FAILED, RECYCLE, STUCK))
+_KINDS = frozenset((BOOTED, HEARTBEAT, BOOT_FAILED, RECYCLE, STUCK, STOPPING))
 _HEADER = struct.Struct("!BI")
 _COUNTERS = struct.Struct("!QI")
 MAX_PAYLOAD = 1 << 20
@@ -42,6 +43,12 @@ def read_counters(payload: bytes) -> tuple[int, int]:
     if len(payload) != _COUNTERS.size:
         raise ChannelError(f"heartbeat payload of {len(payload)} bytes")
     return _COUNTERS.unpack(payload)
+
+
+def stopping(signum: int) -> bytes:
+    """A STOPPING frame: the worker got stop signal `signum` and is exiting (a signal sent by
+    the master, or to the worker or its whole process group by someone else)."""
+    return encode(STOPPING, bytes((signum,)))
 
 
 def boot_failed(status: int, text: str) -> bytes:

@@ -4,8 +4,8 @@ The whole supervision story is one loop (`Master.run`):
 
     start missing workers (not before a crash-loop backoff ends)
     wait on one selector: the signal wakeup pipe and one pipe per worker
-    reap exited workers
     act on queued signals, in order
+    reap exited workers
     dump and kill hung workers; stop workers whose replacements have booted
     when stopping: wait for workers, SIGKILL them at the deadline
 
@@ -77,7 +77,7 @@ class WorkerProcess:
 
     __slots__ = ("number", "pid", "fd", "reader", "booted", "started", "booted_at",
                  "last_seen", "served", "in_flight", "retiring", "stop_when_replaced",
-                 "dump_sent_at", "pipe_closed_at", "killed", "kill_reason")
+                 "dump_sent_at", "pipe_closed_at", "killed", "kill_reason", "stop_signal")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -95,6 +95,7 @@ class WorkerProcess:
         self.pipe_closed_at = 0.0  # when EOF was read on its pipe
         self.killed = False  # SIGKILLed by the master
         self.kill_reason = ""
+        self.stop_signal = 0  # the stop signal it said it received (0: none)
 
 
 class Master:
@@ -174,8 +175,8 @@ class Master:
             if self.stop_deadline is None:
                 self._spawn_missing()
             self._wait()
-            self._reap()
             self._act_on_signals()
+            self._reap()
             now = time.monotonic()
             if self.stop_deadline is None:
                 self._check_hung(now)
@@ -235,6 +236,10 @@ class Master:
             pass
 
     def _act_on_signals(self) -> None:
+        # Signals that came after the wait are taken too: Ctrl-C and `kill -- -PGID` reach
+        # the workers with the master, and a worker that exits at once must be reaped as
+        # part of the stop, not as a crash.
+        self._read_signals(self._wakeup_fds[0])
         while self.signals:
             signum = self.signals.popleft()
             if signum == signal.SIGCHLD:
@@ -496,6 +501,8 @@ class Master:
             self._dump(worker, payload.decode("utf-8", "replace"), "replaced")
             worker.retiring = True
             worker.stop_when_replaced = True
+        elif kind == channel.STOPPING and payload:
+            worker.stop_signal = payload[0]
         elif kind == channel.RECYCLE and not worker.retiring:
             error_log.info("worker %d (pid %d) recycling: %s", worker.number, worker.pid,
                            payload.decode("utf-8", "replace"))
@@ -577,6 +584,11 @@ class Master:
             how += f" ({worker.kill_reason})"
         if worker.retiring or self.stop_deadline is not None:
             error_log.info("worker %d (pid %d) %s", worker.number, worker.pid, how)
+            return
+        if worker.stop_signal:
+            error_log.info("worker %d (pid %d) %s on %s sent to it, not by the master; "
+                           "starting a replacement", worker.number, worker.pid, how,
+                           signal.Signals(worker.stop_signal).name)
             return
         if not worker.booted:
             self._boot_failed(worker, EXIT_BOOT, f"the worker {how} before loading the app")

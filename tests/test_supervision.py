@@ -11,6 +11,7 @@ import time
 
 import pytest
 from conftest import (
+    APP_OF,
     APPS,
     LISTENING,
     READY,
@@ -25,6 +26,13 @@ from conftest import (
 from test_process import wait_gone
 
 HELLO = b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def problems(server: Server) -> list[str]:
+    """The ERROR and WARNING lines of the server's log, less what the test apps write to
+    wsgi.errors themselves (SLEEPING tags)."""
+    return [line for line in server.lines if re.search(r"\[(ERROR|WARNING)\]", line)
+            and "SLEEPING" not in line]
 
 
 def get(server: Server, path: bytes) -> bytes:
@@ -319,6 +327,41 @@ def test_term_lets_slow_requests_finish(start_server):
         assert response.status == 200
         sock.close()
     assert server.wait_exit() == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGQUIT],
+                         ids=["INT", "TERM", "QUIT"])
+def test_signal_to_the_whole_process_group_is_a_clean_stop(start_server, interface, signum):
+    # What Ctrl-C does in a terminal (INT), and `kill -TERM -- -PGID` or `timeout`: every
+    # process of the group gets the signal at once, the workers before the master can act.
+    server = start_server(APP_OF[interface], "-w", "2")
+    with server.connect() as sock:
+        sock.sendall(b"GET /sleep?s=1&tag=slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        server.wait_for("SLEEPING slow")
+        os.killpg(server.pid, signum)
+        assert server.wait_exit() == 0
+        if signum == signal.SIGTERM:  # graceful: the request in flight completes
+            assert Reader(sock).response().status == 200
+    assert not problems(server), server.log
+    assert "not by the master" not in server.log  # reaped as part of the stop
+    assert re.search(rf"{signum.name}: (graceful|quick) stop of 2 workers", server.log)
+
+
+def test_worker_sent_term_directly_finishes_its_request_and_is_replaced(start_server,
+                                                                        interface):
+    server = start_server(APP_OF[interface], "-w", "1")
+    [worker] = server.workers()
+    mark = server.mark()
+    with server.connect() as sock:
+        sock.sendall(b"GET /sleep?s=1&tag=slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        server.wait_for("SLEEPING slow")
+        os.kill(worker, signal.SIGTERM)
+        assert Reader(sock).response().status == 200
+    server.wait_for(rf"worker 1 \(pid {worker}\) exited with status 0 on SIGTERM sent to it, "
+                    r"not by the master; starting a replacement", start=mark)
+    server.wait_for(r"worker 1 booted", start=mark)
+    assert exchange(server, HELLO).status == 200
+    assert not problems(server), server.log
 
 
 def test_graceful_timeout_kills_requests_that_take_too_long(start_server):

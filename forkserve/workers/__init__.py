@@ -22,11 +22,17 @@ from typing import Any
 from forkserve import logs
 from forkserve.app import detect_interface, load_app
 from forkserve.config import Config
-from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, ConfigError
+from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_OK, ConfigError
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
 from forkserve.workers.aio import AsyncioWorker
-from forkserve.workers.base import DUMP_SIGNAL, Worker, report_boot_failure
+from forkserve.workers.base import (
+    DUMP_SIGNAL,
+    StopNow,
+    Worker,
+    report_boot_failure,
+    tell_master_stopping,
+)
 from forkserve.workers.sync import SyncWorker
 
 
@@ -41,12 +47,14 @@ def run_worker(cfg: Config, listeners: list[Listener], channel_fd: int, number: 
     raised). `hook(name, worker)` runs the post_fork hook once the app is loaded and the
     worker_exit hook after it stopped serving.
     """
-    _boot_signals()
+    _boot_signals(channel_fd)
     try:
         if app is None:
             app = load_app(cfg.app, cfg.chdir)
         interface = detect_interface(app, cfg.interface)
         kind = worker_kind(cfg.worker_class, interface)
+    except StopNow:
+        return EXIT_OK  # told to stop while loading: not a boot failure
     except ConfigError as exc:
         return report_boot_failure(channel_fd, EXIT_CONFIG, str(exc))
     except BaseException:  # the app's own import or factory raised (even SystemExit)
@@ -73,20 +81,22 @@ def _worker_class(kind: str) -> type[Worker]:
     return SyncWorker if kind == "sync" else AsyncioWorker
 
 
-def _boot_signals() -> None:
-    """While the app loads: TERM, INT and QUIT end the child; USR2 dumps its tracebacks (the
-    master sends it to a worker stuck past --boot-timeout); the signals the master forwards
-    to running workers (USR1) or never sends them are ignored."""
+def _boot_signals(channel_fd: int) -> None:
+    """While the app loads: TERM, INT and QUIT end the child (status 0, the master told);
+    USR2 dumps its tracebacks (the master sends it to a worker stuck past --boot-timeout);
+    the signals the master forwards to running workers (USR1) or never sends them are
+    ignored."""
+
+    def exit_now(signum: int, frame: Any) -> None:
+        tell_master_stopping(channel_fd, signum)
+        raise StopNow
+
     signal.set_wakeup_fd(-1)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        signal.signal(signum, _exit_now)
+        signal.signal(signum, exit_now)
     for signum in (signal.SIGUSR1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
                    signal.SIGWINCH):
         signal.signal(signum, signal.SIG_IGN)
     faulthandler.register(DUMP_SIGNAL, file=logs.error_stream() or sys.stderr,
                           all_threads=True, chain=False)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())  # the master blocked them around fork
-
-
-def _exit_now(signum: int, frame: Any) -> None:
-    raise SystemExit(0)

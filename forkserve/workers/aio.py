@@ -50,7 +50,8 @@ from forkserve.workers.base import (
     Worker,
 )
 
-# Open WebSockets are closed this many seconds before --graceful-timeout ends.
+# On a graceful stop, open WebSockets are closed, and requests still running ended, this many
+# seconds before --graceful-timeout ends (then lifespan shutdown can still run).
 WS_CLOSE_MARGIN = 1.0
 # How long lifespan shutdown may take on a graceful stop.
 LIFESPAN_SHUTDOWN_SECONDS = 10.0
@@ -120,7 +121,7 @@ class AsyncioWorker(Worker):
     # -- signals, heartbeat, stopping ---------------------------------------------------------
 
     def _graceful_stop(self, signum: int, frame: Any) -> None:
-        self.alive = False
+        super()._graceful_stop(signum, frame)
         # uvloop replaces the signal wakeup fd with its own while it runs, so wake the loop
         # explicitly rather than through the worker's wakeup pipe.
         if self.accepting:
@@ -155,7 +156,13 @@ class AsyncioWorker(Worker):
             listener.sock.close()
         for protocol in list(self.connections):
             protocol.begin_stop()
+        self.loop.call_later(max(0.0, self.cfg.graceful_timeout - WS_CLOSE_MARGIN),
+                             self._stop_deadline)
         self.stopped.set()
+
+    def _stop_deadline(self) -> None:
+        for protocol in list(self.connections):
+            protocol.end_now()
 
     async def _drain(self) -> None:
         """Wait for open connections to finish, and accepted ones still reading a PROXY
@@ -368,8 +375,9 @@ class HTTPProtocol(asyncio.Protocol):
             self.ws.receive_data(None)
             return False
         self.conn.receive_data(b"")
-        if self.cycle is not None:
-            self.cycle.client_eof()
+        if self.cycle is not None and self.cycle.client_eof():
+            self.transport.abort()  # it left during the response: drop what waits for it
+            return False
         self._process()
         # Keep our side open to finish a response in progress (TLS cannot half-close).
         return self.tls is None
@@ -477,6 +485,8 @@ class HTTPProtocol(asyncio.Protocol):
         self.started = time.time() if worker.access_log_format else 0.0
         self.cycle = HTTPCycle(scope, self.conn, self, close, self._response_complete,
                                worker.io_timeout)
+        if worker.stopping:
+            self.cycle.stop()
         worker.in_flight += 1
         worker.served += 1
         self.loop.create_task(self._run(self.cycle))
@@ -526,8 +536,6 @@ class HTTPProtocol(asyncio.Protocol):
         worker.in_flight += 1
         worker.served += 1
         self.loop.create_task(self._run_websocket(self.ws, self.conn.trailing_data()))
-        if worker.stopping:
-            self.begin_stop()
 
     async def _run_websocket(self, session: WebSocketSession, leftover: bytes) -> None:
         if leftover:
@@ -539,7 +547,7 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _response_complete(self, cycle: HTTPCycle) -> None:
         self._log_access(cycle)
-        if self.closed or cycle.failed:
+        if self.closing or cycle.failed:
             return
         if not cycle.body_complete:
             if self.conn.client_waiting_for_continue:
@@ -618,15 +626,22 @@ class HTTPProtocol(asyncio.Protocol):
             self.timer = None
 
     def begin_stop(self) -> None:
-        """Graceful stop: a request in progress finishes; an idle connection gets STOP_GRACE
-        seconds to bring one more (answered with Connection: close); a WebSocket is closed
-        with 1012 (service restart) shortly before --graceful-timeout runs out."""
-        if self.ws is not None:
-            delay = max(0.0, self.worker.cfg.graceful_timeout - WS_CLOSE_MARGIN)
-            self.loop.call_later(delay, self.ws.close, SERVICE_RESTART, "server restarting")
-        elif self.cycle is None:
+        """Graceful stop: a request in progress finishes, but an event stream (SSE) is ended
+        (`HTTPCycle.stop`); an idle connection gets STOP_GRACE seconds to bring one more
+        (answered with Connection: close). A WebSocket stays open until `end_now`."""
+        if self.cycle is not None:
+            self.cycle.stop()
+        elif self.ws is None:
             self._cancel_timer()
             self._wait_for_request()
+
+    def end_now(self) -> None:
+        """--graceful-timeout is about to run out: a WebSocket is closed with 1012 (service
+        restart), a request still running is ended (`HTTPCycle.interrupt`)."""
+        if self.ws is not None:
+            self.ws.close(SERVICE_RESTART, "server restarting")
+        elif self.cycle is not None:
+            self.cycle.interrupt()
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:

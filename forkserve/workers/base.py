@@ -101,6 +101,15 @@ class BootFailed(Exception):
         self.text = text
 
 
+class StopNow(SystemExit):
+    """Raised by the INT/QUIT handler (and any stop signal while the app loads) to end the
+    worker at once, exit status 0. A SystemExit so that it unwinds asyncio's loop too; code
+    that catches the app's own SystemExit must let this one through."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_OK)
+
+
 class MasterGone(Exception):
     """The master exited or the pipe to it broke: the worker must stop."""
 
@@ -285,10 +294,22 @@ class Worker:
         self.logs_to_reopen = True
 
     def _graceful_stop(self, signum: int, frame: Any) -> None:
+        tell_master_stopping(self.channel_fd, signum)
         self.alive = False
 
     def _quick_stop(self, signum: int, frame: Any) -> None:
-        raise SystemExit(EXIT_OK)
+        tell_master_stopping(self.channel_fd, signum)
+        raise StopNow
+
+
+def tell_master_stopping(channel_fd: int, signum: int) -> None:
+    """Say that stop signal `signum` arrived, so that the master takes the exit that follows
+    for a stop (Ctrl-C reaches every process of the group) rather than a crash. Safe in a
+    signal handler: one small frame is one atomic write."""
+    try:
+        channel.send(channel_fd, channel.stopping(signum))
+    except OSError:
+        pass  # the master is gone: nobody to tell
 
 
 def report_boot_failure(channel_fd: int, status: int, text: str) -> int:
