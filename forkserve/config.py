@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `forkserve` argument parser; its errors raise ConfigError instead of exiting."""
     parser = _Parser(
         prog="forkserve",
-        description="Serve a WSGI app with a preforking master and one worker per CPU.",
+        description="Serve a WSGI or ASGI app with a preforking master and one worker per CPU.",
         allow_abbrev=False,
     )
     parser.add_argument(
@@ -237,8 +237,8 @@ def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for setting in SETTINGS:
         text = environ.get(setting.env)
-        if text is None:
-            continue
+        if text is None or not (text.strip() or setting.empty_is_value):
+            continue  # empty, as compose files and templates write unset values: unset
         try:
             if setting.repeat:
                 values[setting.name] = [setting.parse(item.strip())
@@ -247,8 +247,8 @@ def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
                 values[setting.name] = setting.parse(text)
         except ValueError as exc:
             raise ConfigError(f"environment variable {setting.env}: {exc}") from None
-    if environ.get(APP_ENV):
-        values["app"] = environ[APP_ENV]
+    if environ.get(APP_ENV, "").strip():
+        values["app"] = environ[APP_ENV].strip()
     return values
 
 

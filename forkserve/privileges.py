@@ -16,7 +16,8 @@ def check_root(user: str | None, allow_root: bool, app: str) -> None:
     app is forkserve's own static page, so trying forkserve out works anywhere."""
     if os.geteuid() == 0 and user is None and not allow_root and app != DEFAULT_APP:
         raise ConfigError("refusing to run as root: add --user USER to switch to it once the "
-                          "sockets are bound, or --allow-root if you mean it")
+                          "sockets are bound; in a container, set a non-root USER in the "
+                          "image (or runAsUser in Kubernetes); or --allow-root if you mean it")
 
 
 def resolve(user: str | None, group: str | None) -> tuple[int, int] | None:

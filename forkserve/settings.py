@@ -148,6 +148,8 @@ class Setting:
     section: str = "server"
     # A typed value from a config file back to the text `parse` takes (umask: 0o22 → "22").
     to_text: Callable[[Any], str] = str
+    # Is an empty environment variable a value? Otherwise it counts as unset.
+    empty_is_value: bool = False
 
     @property
     def env(self) -> str:
@@ -369,7 +371,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "server_header", ("--server-header",), "forkserve", _header_value,
         "Value of the Server response header (the app's own wins); empty to send none.",
-        metavar="TEXT",
+        metavar="TEXT", empty_is_value=True,
     ),
     Setting(
         "chdir", ("--chdir",), None, _directory,

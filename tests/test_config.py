@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -164,3 +165,24 @@ def test_check_config_refuses_what_would_not_start():
                             cwd=APPS, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "no module named 'nope_module'" in result.stderr
+
+
+def test_empty_environment_variables_count_as_unset(tmp_path):
+    # What compose files and shell templates write for unset values.
+    empty = {"FORKSERVE_WORKERS": "", "FORKSERVE_TIMEOUT": " ", "FORKSERVE_BIND": "",
+             "FORKSERVE_APP": "", "FORKSERVE_CONFIG": "", "FORKSERVE_LOG_LEVEL": ""}
+    defaults = parse_args([], environ={})
+    cfg = parse_args([], environ=empty)
+    assert (cfg.workers, cfg.timeout, cfg.bind, cfg.app, cfg.log_level) == (
+        defaults.workers, defaults.timeout, defaults.bind, defaults.app, defaults.log_level)
+    result = subprocess.run(forkserve_command() + ["--check-config"], cwd=tmp_path,
+                            env=dict(os.environ, **empty), capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_help_says_it_serves_wsgi_and_asgi():
+    result = subprocess.run(forkserve_command() + ["--help"], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0
+    assert "Serve a WSGI or ASGI app" in result.stdout

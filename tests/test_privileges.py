@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import socket
 import stat
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import APPS, Reader, forkserve_command
@@ -28,8 +32,9 @@ def test_root_without_user_is_refused():
                             cwd=APPS, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert result.stderr == ("forkserve: error: refusing to run as root: add --user USER to "
-                             "switch to it once the sockets are bound, or --allow-root if you "
-                             "mean it\n")
+                             "switch to it once the sockets are bound; in a container, set a "
+                             "non-root USER in the image (or runAsUser in Kubernetes); or "
+                             "--allow-root if you mean it\n")
 
 
 @root_only
@@ -38,15 +43,28 @@ def test_the_demo_app_may_run_as_root(start_server):
     assert uids(server.pid)[0] == 0
 
 
+@pytest.fixture
+def public_apps() -> Iterator[Path]:
+    """A folder every user can read holding a copy of importmark.py: the checkout (and so
+    tests/apps) may sit in a private folder (mode 0700, as root's home or `mktemp -d`) that a
+    worker running as nobody cannot read."""
+    folder = Path(tempfile.mkdtemp(prefix="forkserve-public-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        shutil.copy(APPS / "importmark.py", folder)
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
 @root_only
-def test_user_and_group_drop_after_binding(start_server, tmp_path):
+def test_user_and_group_drop_after_binding(start_server, tmp_path, public_apps):
     nobody = pwd.getpwnam("nobody")
-    os.chmod(tmp_path, 0o755)
     path = tmp_path / "fs.sock"
     # importmark needs no compiled module: in CI the interpreter's own directory may be closed
     # to other users (a pyenv under /root), which only imports after the drop would notice.
     server = start_server("importmark:app", "-w", "2", "--user", "nobody", "--umask", "007",
-                          "-b", f"unix:{path}", "-b", "127.0.0.1:0")
+                          "-b", f"unix:{path}", "-b", "127.0.0.1:0", cwd=public_apps)
     assert uids(server.pid) == (nobody.pw_uid, nobody.pw_gid)
     for worker in server.workers():
         assert uids(worker) == (nobody.pw_uid, nobody.pw_gid)
