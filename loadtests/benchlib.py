@@ -21,9 +21,11 @@ import functools
 import hashlib
 import http.client
 import json
+import math
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -297,18 +299,30 @@ class LoadResult:
 
 
 class Generator(abc.ABC):
-    """A keep-alive HTTP/1.1 load generator run as a subprocess, with `threads` threads (or
-    processes)."""
+    """An HTTP/1.1 load generator run as a subprocess, with `threads` threads (or processes):
+    keep-alive, or with `fresh` a new connection for every request (sent with Connection:
+    close)."""
 
     name = ""
+    shown = ""  # its name in the report
+    checks = ""  # what it checks beyond statuses and framing, for the report
     ok_statuses: tuple[int, ...] = (0,)  # exit statuses after which the output is read
 
     def __init__(self, program: str, threads: int = 1) -> None:
         self.program = program
         self.threads = threads
 
+    @property
     @abc.abstractmethod
-    def command(self, url: str, connections: int, seconds: int) -> list[str]: ...
+    def head(self) -> list[str]:
+        """The command line before the load's options."""
+
+    @abc.abstractmethod
+    def options(self, connections: int, seconds: int, fresh: bool) -> list[str]:
+        """The options that set the load."""
+
+    def command(self, url: str, connections: int, seconds: int, fresh: bool) -> list[str]:
+        return [*self.head, *self.options(connections, seconds, fresh), url]
 
     @abc.abstractmethod
     def parse(self, output: str) -> LoadResult: ...
@@ -316,22 +330,24 @@ class Generator(abc.ABC):
     @abc.abstractmethod
     def version(self) -> str: ...
 
-    @abc.abstractmethod
-    def describe(self, connections: int, seconds: int) -> str:
+    def describe(self, connections: int, seconds: int, fresh: bool = False) -> str:
         """The command line as the report shows it."""
+        how = "a new connection for every request, Connection: close" if fresh else "keep-alive"
+        return (f"{self.shown} {shlex.join(self.options(connections, seconds, fresh))} "
+                f"({how}{self.checks})")
 
     def stdin(self, body: bytes) -> bytes:
         """What the generator reads on stdin, given the body every response must have."""
         return b""
 
-    def run(self, port: int, connections: int, seconds: int,
-            body: bytes) -> tuple[LoadResult, str]:
+    def run(self, port: int, connections: int, seconds: int, body: bytes,
+            fresh: bool = False) -> tuple[LoadResult, str]:
         """Load 127.0.0.1:`port` for `seconds`; the result and the generator's full output.
 
         Its CPU time is the change in this process's RUSAGE_CHILDREN, so nothing else may be
         reaped meanwhile (the servers under test are reaped only once stopped).
         """
-        cmd = self.command(f"http://{HOST}:{port}/", connections, seconds)
+        cmd = self.command(f"http://{HOST}:{port}/", connections, seconds, fresh)
         before, started = children_cpu(), time.monotonic()
         try:
             done = subprocess.run(cmd, input=self.stdin(body), capture_output=True,
@@ -351,11 +367,15 @@ class Generator(abc.ABC):
 class Wrk(Generator):
     """wrk, checking status codes and framing (not bodies)."""
 
-    name = "wrk"
+    name = shown = "wrk"
 
-    def command(self, url: str, connections: int, seconds: int) -> list[str]:
-        return [self.program, f"-t{self.threads}", f"-c{connections}", f"-d{seconds}s",
-                "--latency", url]
+    @property
+    def head(self) -> list[str]:
+        return [self.program]
+
+    def options(self, connections: int, seconds: int, fresh: bool) -> list[str]:
+        close = ["-H", "Connection: close"] if fresh else []
+        return [f"-t{self.threads}", f"-c{connections}", f"-d{seconds}s", "--latency", *close]
 
     def parse(self, output: str) -> LoadResult:
         return parse_wrk(output)
@@ -366,19 +386,21 @@ class Wrk(Generator):
         first = (probe.stdout or probe.stderr).splitlines()
         return first[0].split(" [")[0] if first else "wrk ?"
 
-    def describe(self, connections: int, seconds: int) -> str:
-        return f"wrk -t{self.threads} -c{connections} -d{seconds}s --latency (keep-alive)"
-
 
 class Loadgen(Generator):
     """loadtests/loadgen.py on this Python, checking every response's status and body."""
 
-    name = "loadgen"
+    name, shown = "loadgen", "loadgen.py"
+    checks = "; every response's status and body checked"
     ok_statuses = (0, 1)  # 1: it counted errors, which the result says
 
-    def command(self, url: str, connections: int, seconds: int) -> list[str]:
-        return [self.program, str(LOADGEN), url, "-p", str(self.threads), "-c",
-                str(connections), "-d", str(seconds), "--json", "--expect-body-file", "-"]
+    @property
+    def head(self) -> list[str]:
+        return [self.program, str(LOADGEN), "--json", "--expect-body-file", "-"]
+
+    def options(self, connections: int, seconds: int, fresh: bool) -> list[str]:
+        return ["-p", str(self.threads), "-c", str(connections), "-d", str(seconds),
+                *(["--fresh"] if fresh else [])]
 
     def stdin(self, body: bytes) -> bytes:
         return body
@@ -399,10 +421,6 @@ class Loadgen(Generator):
 
     def version(self) -> str:
         return f"loadgen.py (Python {sys.version.split()[0]})"
-
-    def describe(self, connections: int, seconds: int) -> str:
-        return (f"loadgen.py -p {self.threads} -c {connections} -d {seconds} (keep-alive; every "
-                "response's status and body checked)")
 
 
 def children_cpu() -> float:
@@ -692,8 +710,20 @@ class WorkerStats:
 
     def shares(self) -> list[float]:
         """Each worker's share of the workers' CPU time, largest first."""
-        total = sum(self.cpu.values())
-        return sorted((used / total for used in self.cpu.values()), reverse=True) if total else []
+        return proportions(self.cpu.values())
+
+    def served_shares(self) -> list[float]:
+        """Each worker's share of the requests served (forkserve), largest first."""
+        return proportions(self.served.values())
+
+    @property
+    def served_spread(self) -> float | None:
+        """Requests of the busiest worker over the least busy one's (inf when that one served
+        none); None without per-worker counts or with one worker."""
+        if len(self.served) < 2:
+            return None
+        low, high = min(self.served.values()), max(self.served.values())
+        return high / low if low else math.inf
 
     @property
     def imbalanced(self) -> bool:
@@ -705,7 +735,7 @@ class WorkerStats:
         text = f"worker CPU s during run: {' / '.join(f'{s:.2f}' for s in parts) or 'none'}"
         if self.imbalanced:
             text += (f" (IMBALANCED: one worker did {self.shares()[0]:.0%} of the work, so req/s"
-                     " here reflects how keep-alive connections landed, not only speed)")
+                     " here reflects how connections landed on the workers, not only speed)")
         if self.master_cpu is not None:
             text += f"; master {self.master_cpu:.2f}"
         if self.helpers:
@@ -732,7 +762,21 @@ class WorkerStats:
         total = sum(self.served.values()) or 1
         parts = " / ".join(f"worker {w}: {n} ({n / total:.0%})"
                            for w, n in sorted(self.served.items()))
-        return f"requests served per worker since boot (process titles, incl. warm-up): {parts}"
+        text = f"requests served per worker since boot (process titles, incl. warm-up): {parts}"
+        if self.served_spread is not None:
+            text += f"; busiest/least busy {fmt_spread(self.served_spread)}"
+        return text
+
+
+def proportions(values: Iterable[float]) -> list[float]:
+    """Each value's share of their sum, largest first (none when the sum is 0)."""
+    values = list(values)
+    total = sum(values)
+    return sorted((value / total for value in values), reverse=True) if total else []
+
+
+def fmt_spread(value: float) -> str:
+    return "inf (one worker served none)" if math.isinf(value) else f"{value:.2f}"
 
 
 def worker_stats(master: int, before: dict[int, float], after: dict[int, float]) -> WorkerStats:
@@ -790,6 +834,7 @@ class Load:
     connections: int
     seconds: int
     workers: int
+    fresh: bool = False  # a new connection for every request (Connection: close)
 
 
 @dataclass
@@ -801,6 +846,12 @@ class Row:
     notes: list[str] = field(default_factory=list)
     workers: WorkerStats | None = None
     cross_check: LoadResult | None = None  # a second generator's result on the same server
+    fresh: bool = False  # measured with a new connection for every request
+
+    @property
+    def name(self) -> str:
+        """The server, app and (when not keep-alive) load, as the notes and warnings say."""
+        return f"{self.server.label} [{self.app.name}{', fresh' if self.fresh else ''}]"
 
     @property
     def errors(self) -> int:
@@ -818,10 +869,10 @@ def measure(server: Server, app: App, load: Load, log_path: Path,
     With `cross_check`, that generator then loads the same server as long again, for
     comparison (Row.cross_check).
     """
-    row = Row(server, app)
+    row = Row(server, app, fresh=load.fresh)
     port = free_port()
     cmd = server_command(server, app, load.workers, port)
-    print(f"--- {server.label} [{app.name}]: {' '.join(cmd)}", file=sys.stderr)
+    print(f"--- {row.name}: {' '.join(cmd)}", file=sys.stderr)
     with run_server(cmd, log_path, app.dirs) as running:
         why = wait_ready(running, port, boot_marker(server, load.workers), app.body)
         if why is not None:
@@ -838,12 +889,14 @@ def measure(server: Server, app: App, load: Load, log_path: Path,
 
 def load_server(row: Row, running: Running, port: int, load: Load,
                 cross_check: Generator | None) -> None:
-    generator, body, master = load.generator, row.app.body, running.proc.pid
-    warm, _ = generator.run(port, load.connections, WARMUP_SECONDS, body)
+    generator, master = load.generator, running.proc.pid
+    run = functools.partial(generator.run, port, load.connections, body=row.app.body,
+                            fresh=load.fresh)
+    warm, _ = run(WARMUP_SECONDS)
     if warm.failure or warm.errors:
         row.notes.append(f"warm-up: {warm.failure or f'{warm.errors} errors'}")
     before = session_processes(master)
-    row.result, output = generator.run(port, load.connections, load.seconds, body)
+    row.result, output = run(load.seconds)
     after = session_processes(master)
     running.log_path.with_suffix(f".{generator.name}.txt").write_text(output)
     if row.result.failure:
@@ -851,7 +904,7 @@ def load_server(row: Row, running: Running, port: int, load: Load,
     if running.proc.poll() is not None:
         row.failure = f"server exited with status {running.proc.returncode} under load"
         return
-    answered, why = probe(port, body)
+    answered, why = probe(port, row.app.body)
     if not answered:
         row.failure = f"after the load: {why}"
     row.workers = stats = worker_stats(master, before, after)
@@ -862,7 +915,8 @@ def load_server(row: Row, running: Running, port: int, load: Load,
     if row.result.error_detail:
         row.notes.append(f"errors: {row.result.error_detail}")
     if cross_check is not None:
-        row.cross_check, _ = cross_check.run(port, load.connections, load.seconds, body)
+        row.cross_check, _ = cross_check.run(port, load.connections, load.seconds, row.app.body,
+                                             load.fresh)
 
 
 def generator_text(result: LoadResult, stats: WorkerStats) -> str | None:
@@ -964,8 +1018,7 @@ def finish(report_path: Path, header: str, body: str, ratios: list[str], rows: l
 
     The ratio lines follow the table, or end the report with `ratios_last`.
     """
-    notes = [*extra_notes, *(f"- {row.server.label} [{row.app.name}]: {note}" for row in rows
-                             for note in row.notes)]
+    notes = [*extra_notes, *(f"- {row.name}: {note}" for row in rows for note in row.notes)]
     notes_text = "Notes:\n" + "\n".join(notes) if notes else ""
     parts = (header, body, notes_text, "\n".join(ratios)) if ratios_last else (
         header, body, "\n".join(ratios), notes_text)
@@ -975,7 +1028,7 @@ def finish(report_path: Path, header: str, body: str, ratios: list[str], rows: l
     print()
     print(report)
     print(f"\nwritten to {shown(report_path)}")
-    failed = [f"{row.server.label} [{row.app.name}]" for row in rows if row.failed]
+    failed = [row.name for row in rows if row.failed]
     if failed:
         print(f"errors from: {', '.join(failed)}", file=sys.stderr)
         return EXIT_ERRORS
@@ -1004,7 +1057,7 @@ def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace,
                      names: Iterable[str]) -> None:
     for name in names:
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
 
 
 def begin(args: argparse.Namespace, servers: Iterable[Server]) -> tuple[Path, list[Server]]:

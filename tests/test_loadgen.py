@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,31 +20,39 @@ pytestmark = pytest.mark.timeout(15)
 LOADGEN = Path(__file__).resolve().parents[1] / "loadtests" / "loadgen.py"
 
 
-def loadgen(url: str, seconds: float, expect: bytes | None = None) -> tuple[int, dict[str, Any]]:
-    """Run loadgen.py with 4 connections in 2 processes; its exit status and JSON result."""
+def loadgen(url: str, seconds: float, expect: bytes | None = None,
+            fresh: bool = False) -> tuple[int, dict[str, Any]]:
+    """Run loadgen.py with 4 connections in 2 processes (new ones for every request with
+    `fresh`); its exit status and JSON result."""
     cmd = [sys.executable, str(LOADGEN), url, "-c", "4", "-p", "2", "-d", str(seconds),
            "--timeout", "2", "--json"]
     if expect is not None:
         cmd += ["--expect-body-file", "-"]
+    if fresh:
+        cmd.append("--fresh")
     done = subprocess.run(cmd, input=expect or b"", capture_output=True, timeout=seconds + 10)
     return done.returncode, json.loads(done.stdout)
 
 
+@pytest.mark.parametrize("fresh", [False, True], ids=["keep-alive", "fresh"])
 @pytest.mark.parametrize(("path", "expect"), [("/hello", b"Hello, World!"),
                                               ("/stream?n=4", None)])  # chunked
-def test_counts_requests_and_no_errors(wsgi_server, path, expect):
-    status, result = loadgen(f"http://127.0.0.1:{wsgi_server.port}{path}", 1.5, expect)
+def test_counts_requests_and_no_errors(wsgi_server, path, expect, fresh):
+    status, result = loadgen(f"http://127.0.0.1:{wsgi_server.port}{path}", 1.5, expect, fresh)
     assert status == 0, result
     assert result["requests"] > 50
     assert result["rps"] == pytest.approx(result["requests"] / 1.5)
     assert not any(result["errors"].values()), result
     assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["max_ms"]
+    assert result["fresh"] is fresh
+    assert result["reconnects"] == 0  # forkserve keeps connections open unless asked to close
 
 
+@pytest.mark.parametrize("fresh", [False, True], ids=["keep-alive", "fresh"])
 @pytest.mark.parametrize(("path", "expect", "kind"), [("/pid", b"Hello, World!", "body"),
                                                       ("/no-such-page", None, "status")])
-def test_wrong_answers_are_errors(wsgi_server, path, expect, kind):
-    status, result = loadgen(f"http://127.0.0.1:{wsgi_server.port}{path}", 0.5, expect)
+def test_wrong_answers_are_errors(wsgi_server, path, expect, kind, fresh):
+    status, result = loadgen(f"http://127.0.0.1:{wsgi_server.port}{path}", 0.5, expect, fresh)
     assert status == 1
     assert result["errors"][kind] > 0
     assert result["requests"] == 0
@@ -55,3 +67,82 @@ def test_closed_port_is_connect_errors():
     assert status == 1
     assert result["errors"]["connect"] > 0
     assert result["requests"] == 0
+
+
+class OneShotHandler(socketserver.BaseRequestHandler):
+    """Reads one request head and answers it without closing (nor saying Connection: close);
+    then notes what else arrives before the client closes: nothing, from a fresh-mode client."""
+
+    server: Recorder
+
+    def handle(self) -> None:
+        self.request.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.request.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        head, _, after = data.partition(b"\r\n\r\n")
+        with self.server.lock:
+            self.server.heads.append(head)
+        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\nHello, World!")
+        try:
+            while chunk := self.request.recv(4096):
+                after += chunk
+        except OSError:
+            after += b"<no close>"
+        with self.server.lock:
+            self.server.after.append(after)
+
+
+class Recorder(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), OneShotHandler)
+        self.lock = threading.Lock()
+        self.heads: list[bytes] = []  # the request head of each connection
+        self.after: list[bytes] = []  # what came on each connection the client closed
+
+    def counts(self) -> tuple[int, int]:
+        """Connections that sent a request, and of those the ones the client has closed."""
+        with self.lock:
+            return len(self.heads), len(self.after)
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    server = Recorder()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_fresh_sends_one_request_per_connection_and_closes_it(recorder, tmp_path):
+    # The server never closes and never says Connection: close: the client must close.
+    url = f"http://127.0.0.1:{recorder.server_address[1]}/"
+    expect = tmp_path / "body"
+    expect.write_bytes(b"Hello, World!")
+    cmd = [sys.executable, str(LOADGEN), url, "-c", "4", "-d", "1", "--timeout", "2", "--json",
+           "--fresh", "--expect-body-file", str(expect)]
+    with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as proc:
+        time.sleep(0.8)  # inside the measured second
+        opened, closed = recorder.counts()
+        out = proc.communicate(timeout=10)[0]
+    result = json.loads(out)
+    assert proc.returncode == 0, result
+    assert result["requests"] > 50
+    assert opened > 50
+    assert opened - closed < max(20, opened // 4), (opened, closed)  # closed as it went
+    with recorder.lock:
+        heads, after = list(recorder.heads), list(recorder.after)
+    assert len(heads) >= result["requests"]
+    assert all(b"\r\nconnection: close" in head.lower() for head in heads), heads[:3]
+    assert not any(after), [extra for extra in after if extra][:3]

@@ -1,7 +1,10 @@
-"""loadtests/run end to end: a few seconds of locust against each app, and one scenario."""
+"""loadtests/run end to end: a few seconds of locust against each app, and one scenario;
+loadtests/compare: forkserve alone under both loads, briefly."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -9,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("locust", reason="locust is not installed (pip install -e '.[test]')")
+LOADTESTS = Path(__file__).resolve().parents[1] / "loadtests"
+RUN = LOADTESTS / "run"
+COMPARE = LOADTESTS / "compare"
 
-RUN = Path(__file__).resolve().parents[1] / "loadtests" / "run"
+needs_locust = pytest.mark.skipif(importlib.util.find_spec("locust") is None,
+                                  reason="locust is not installed (pip install -e '.[test]')")
 
 # The summary rows each tag makes, as "TYPE NAME" in the endpoint table.
 ENDPOINTS = {
@@ -38,6 +44,7 @@ def requests_of(summary: str, endpoint: str) -> int:
     return int(match[1])
 
 
+@needs_locust
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("app", ["wsgi", "asgi"])
 def test_short_run_serves_every_endpoint(tmp_path, app):
@@ -55,6 +62,7 @@ def test_short_run_serves_every_endpoint(tmp_path, app):
     assert re.search(r"^load +\d+ +0 +0 .* ok ", summary, re.MULTILINE), summary
 
 
+@needs_locust
 @pytest.mark.timeout(30)
 def test_hup_scenario_under_load_loses_nothing(tmp_path):
     result = run(tmp_path, "--scenario", "hup", "--users", "6", "--duration", "5s",
@@ -63,3 +71,54 @@ def test_hup_scenario_under_load_loses_nothing(tmp_path):
     assert "replaced 2 workers" in (tmp_path / "hup" / "server.log").read_text()
     assert re.search(r"^hup +\d+ +0 +0 .* ok +[\d.]+ s at", result.stdout, re.MULTILINE), \
         result.stdout[-2000:]
+
+
+# The hello-world apps of ../shared/bench/apps.py, so that the test needs nothing outside the
+# repository.
+HELLO_APPS = """
+def wsgi(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "13")])
+    return [b"Hello, World!"]
+
+
+async def asgi(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"13")]})
+    await send({"type": "http.response.body", "body": b"Hello, World!"})
+"""
+
+
+@pytest.mark.timeout(60)
+def test_compare_reports_keepalive_and_fresh_loads(tmp_path):
+    apps = tmp_path / "apps"
+    apps.mkdir()
+    (apps / "apps.py").write_text(HELLO_APPS)
+    out = tmp_path / "out"
+    # loadgen checks every body; --loads in this order puts the fresh table first.
+    result = subprocess.run(
+        [sys.executable, str(COMPARE), "--generator", "loadgen", "--duration", "1", "--apps",
+         "hello", "--loads", "fresh,keepalive", "--fresh-connections", "3", "--connections", "4",
+         "--only", "forkserve-sync", "--apps-dir", str(apps), "--out", str(out)],
+        capture_output=True, text=True, timeout=55)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (out / "compare.md").read_text()
+    fresh = report.index("## hello, fresh connections, 3 at once (one request each, "
+                         "Connection: close)")
+    keepalive = report.index("## hello, keep-alive, 4 connections")
+    assert fresh < keepalive
+    assert "loadgen.py -p 1 -c 3 -d 1 --fresh (a new connection for every request" in report
+    # Each table's forkserve row: req/s, ..., baseline, CPU shares, request shares (spread).
+    rows = re.findall(r"^\| forkserve sync \| ([\d,]+) \|.*\| baseline \| .*?\| "
+                      r"(\d+% / \d+% \()", report, re.MULTILINE)
+    assert len(rows) == 2, report
+    assert all(int(rps.replace(",", "")) > 0 for rps, _ in rows), rows
+    assert "forkserve sync [hello, fresh]: requests served per worker" in report
+    assert "busiest/least busy" in report
+    for load, fresh_mode in (("fresh", True), ("keepalive", False)):
+        output = (out / "logs" / f"hello-{load}-forkserve-sync.loadgen.txt").read_text()
+        measured = json.loads(output.splitlines()[0])
+        assert measured["fresh"] is fresh_mode
+        assert measured["requests"] > 0
+        assert not any(measured["errors"].values()), measured
