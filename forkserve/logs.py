@@ -43,12 +43,53 @@ def setup(level: str, error_logfile: str, access_logfile: str | None) -> None:
         access_log.addHandler(_handler(access_logfile, sys.stdout, "%(message)s"))
 
 
+class _ReportsFailures:
+    """A handler mix-in: a record that cannot be written (a full disk, a closed pipe) is
+    counted and dropped, the first failure of an episode is reported in one line on the
+    original stderr, and the count is logged once writing works again; the stdlib would
+    print a traceback to stderr for every record."""
+
+    lost = 0
+    _failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed = False
+        super().emit(record)  # type: ignore[misc]  # calls handleError() on failure
+        if not self._failed and self.lost:
+            lost, self.lost = self.lost, 0
+            super().emit(logging.makeLogRecord({  # type: ignore[misc]
+                "name": record.name, "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": f"{lost} log records were lost while the log could not be written"}))
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (stdlib's name)
+        self._failed = True
+        if not self.lost:
+            error = sys.exc_info()[1]
+            try:
+                sys.__stderr__.write(f"forkserve: cannot write to {self.name}: {error}; "
+                                     "dropping log records until it works again\n")
+                sys.__stderr__.flush()
+            except (OSError, ValueError, AttributeError):
+                pass  # stderr is what fails: nowhere left to say it
+        self.lost += 1
+
+
+class _StreamHandler(_ReportsFailures, logging.StreamHandler):
+    pass
+
+
+class _FileHandler(_ReportsFailures, logging.FileHandler):
+    pass
+
+
 def _handler(target: str, stream, fmt: str) -> logging.Handler:
     handler: logging.Handler
     if target == "-":
-        handler = logging.StreamHandler(stream)
+        handler = _StreamHandler(stream)
+        handler.set_name("stderr" if stream is sys.stderr else "stdout")
     else:
-        handler = logging.FileHandler(target, encoding="utf-8")
+        handler = _FileHandler(target, encoding="utf-8")
+        handler.set_name(target)
     handler.setFormatter(logging.Formatter(fmt, DATE_FORMAT))
     return handler
 
@@ -62,14 +103,24 @@ def error_stream():
     return None
 
 
-def reopen() -> None:
-    """Reopen log files (after logrotate moved them away); streams are left as they are."""
+def reopen() -> list[str]:
+    """Reopen log files (after logrotate moved them away); streams are left as they are.
+
+    A file that cannot be opened again (its folder gone, no permission) keeps the stream in
+    use; returns what failed ("PATH: reason" each), for the caller to report."""
+    failed = []
     for logger in (error_log, access_log):
         for handler in logger.handlers:
             if isinstance(handler, logging.FileHandler):
+                try:
+                    stream = handler._open()
+                except OSError as exc:
+                    failed.append(f"{handler.baseFilename}: {exc.strerror}")
+                    continue
                 with handler.lock:
                     handler.stream.close()
-                    handler.stream = handler._open()
+                    handler.stream = stream
+    return failed
 
 
 def flush() -> None:

@@ -68,6 +68,8 @@ BACKOFF_MAX = 30.0
 MAX_BOOT_FAILURES = 5
 # How often systemd gets a STATUS= line (when it changed).
 STATUS_INTERVAL = 5.0
+# A loop that wakes this much later than it asked was stopped, not busy.
+LATE_SECONDS = 2.0
 # With --timeout 0, workers silent this long stop the watchdog pings.
 WATCHDOG_STALE = 10.0
 
@@ -117,10 +119,12 @@ class Master:
         self.app: Callable[..., Any] | None = None  # set with --preload
         self.tls: ssl.SSLContext | None = None  # inherited by the workers forked next
         self.stop_deadline: float | None = None
+        self.turn_due = 0.0  # when the loop's current wait was due to end at the latest
         self.exit_status = EXIT_OK
         self.ready = False
         self.started = time.monotonic()
-        self.failures = 0  # consecutive worker failures (crash soon after boot, boot failure)
+        self.failures = 0  # consecutive boot failures (and deaths before taking a connection)
+        self.fork_failures = 0  # consecutive failed fork() calls
         self.spawn_not_before = 0.0
         self.boot_errors_seen: set[str] = set()
         self.notify = Notifier()
@@ -195,11 +199,31 @@ class Master:
             timeout = min(timeout, self.notify.watchdog_interval)
         if self.spawn_not_before:
             timeout = max(0.0, min(timeout, self.spawn_not_before - time.monotonic()))
+        self.turn_due = time.monotonic() + timeout
+        self._read_ready(timeout)
+
+    def _read_ready(self, timeout: float) -> None:
+        """Read the signals and worker pipes that are ready within `timeout` seconds."""
         for key, _ in self.selector.select(timeout):
             if key.data is None:
                 self._read_signals(key.fd)
             else:
                 self._read_channel(key.data)
+
+    def _forgive_silence(self, now: float) -> None:
+        """If this turn of the loop came much later than its wait allowed, the master was
+        stopped (SIGSTOP, or a frozen cgroup as `docker pause` does): what workers sent
+        meanwhile is read first (epoll returns nothing after such a stop), and the time the
+        master did not watch is not counted as their silence."""
+        late = now - self.turn_due
+        if late <= LATE_SECONDS:
+            return
+        error_log.warning("the master's loop was stopped for %.1f s (SIGSTOP or a frozen "
+                          "cgroup?); that time does not count against the workers", late)
+        for worker in self.workers.values():
+            worker.last_seen += late
+            worker.started += late
+        self._read_ready(0)
 
     def _preload(self) -> bool:
         """Load the app here so workers inherit it; False (with exit_status set) if it fails."""
@@ -259,9 +283,13 @@ class Master:
             elif signum == signal.SIGTTOU:
                 self._shrink(name)
             elif signum == signal.SIGUSR1:
-                logs.reopen()
                 self._signal_workers(signal.SIGUSR1)
-                error_log.info("%s: log files reopened", name)
+                failed = logs.reopen()
+                for reason in failed:
+                    error_log.error("%s: cannot reopen log file %s; still writing to the file "
+                                    "it replaced", name, reason)
+                if not failed:
+                    error_log.info("%s: log files reopened", name)
             elif signum == signal.SIGUSR2:
                 self.upgrade()
             elif signum == signal.SIGWINCH:
@@ -400,10 +428,12 @@ class Master:
             while number in taken:
                 number += 1
             taken.add(number)
-            self._spawn(WorkerProcess(number))
+            if not self._spawn(WorkerProcess(number)):
+                break
         self._set_title()
 
-    def _spawn(self, worker: WorkerProcess) -> None:
+    def _spawn(self, worker: WorkerProcess) -> bool:
+        """Fork `worker`; False if fork() failed (retried after a growing delay)."""
         self.call_hook("pre_fork", self, worker)
         read_fd, write_fd = os.pipe()
         self.scoreboard.join(worker.number)
@@ -415,9 +445,13 @@ class Master:
             os.close(read_fd)
             os.close(write_fd)
             self.scoreboard.leave(worker.number)
-            error_log.error("cannot fork worker %d: %s", worker.number, exc.strerror)
-            self._backoff()
-            return
+            self.fork_failures += 1
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.fork_failures - 1))
+            if self.fork_failures == 1:  # once per episode: a process limit can last
+                error_log.error("cannot fork worker %d: %s; retrying in %.1f s, then less "
+                                "often", worker.number, exc.strerror, delay)
+            self.spawn_not_before = time.monotonic() + delay
+            return False
         if pid == 0:
             self._become_worker(worker.number, read_fd, write_fd)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -429,6 +463,10 @@ class Master:
         self.workers[pid] = worker
         self.selector.register(read_fd, selectors.EVENT_READ, worker)
         error_log.debug("started worker %d (pid %d)", worker.number, pid)
+        if self.fork_failures:
+            error_log.info("fork works again, after %d failed attempts", self.fork_failures)
+            self.fork_failures = 0
+        return True
 
     def _become_worker(self, number: int, read_fd: int, write_fd: int) -> None:
         """In the forked child: drop the master's state, run a worker, never return."""
@@ -593,11 +631,21 @@ class Master:
         if not worker.booted:
             self._boot_failed(worker, EXIT_BOOT, f"the worker {how} before loading the app")
             return
-        error_log.error("worker %d (pid %d) %s", worker.number, worker.pid, how)
-        if time.monotonic() - worker.booted_at >= STABLE_SECONDS:
-            self.failures = 1
-        else:
-            self.failures += 1
+        current = self.scoreboard.current_request(worker.number)
+        if current is not None:
+            how += f" while serving {current[0]!r} ({current[1]:.1f} s in)"
+        if self.scoreboard.took_traffic(worker.number) \
+                or time.monotonic() - worker.booted_at >= STABLE_SECONDS:
+            # A request killed it (a crash in a C extension, os._exit, the OOM killer), not
+            # its boot: replace it at once, or a few deadly requests would leave no worker.
+            error_log.error("worker %d (pid %d) %s; replacing it", worker.number, worker.pid,
+                            how)
+            self.failures = 0
+            self.spawn_not_before = 0.0
+            return
+        error_log.error("worker %d (pid %d) %s right after booting, before taking a "
+                        "connection", worker.number, worker.pid, how)
+        self.failures += 1
         self._backoff()
 
     def _unwatch(self, worker: WorkerProcess) -> None:
@@ -630,6 +678,7 @@ class Master:
     def _check_hung(self, now: float) -> None:
         """Dump the tracebacks of workers silent past --timeout (or not booted past
         --boot-timeout), then SIGKILL them."""
+        self._forgive_silence(now)
         for worker in list(self.workers.values()):
             if worker.killed:
                 continue

@@ -7,7 +7,9 @@ holds clearly more connections than an idle peer and leave the next connection t
 for a moment (see `SyncWorker._accept`).
 
 A worker that calls the app from its loop also records the request it is serving, so that
-when it hangs the master can say which request it was stuck on, and for how long.
+when it hangs or dies the master can say which request it was in, and for how long. A worker
+also marks its slot once it has accepted its first connection: a worker that dies after
+taking traffic is replaced at once, one that dies before is treated as failing to boot.
 
 The master creates it before forking (an anonymous shared mapping, inherited by every worker),
 marks a slot live when it starts a worker and absent when the worker is gone. Each worker
@@ -31,12 +33,13 @@ class Scoreboard:
     """
 
     def __init__(self) -> None:
-        self._map = mmap.mmap(-1, SLOTS * (4 + 8 + 4 + REQUEST_TEXT))
+        self._map = mmap.mmap(-1, SLOTS * (4 + 8 + 4 + 1 + REQUEST_TEXT))
         view = memoryview(self._map)
         self._counts = view[:4 * SLOTS].cast("I")
         self._started = view[4 * SLOTS:12 * SLOTS].cast("d")  # when the request began
         self._lengths = view[12 * SLOTS:16 * SLOTS].cast("I")  # of its text; 0: none
-        self._text = 16 * SLOTS  # where the texts begin in the map
+        self._took_traffic = view[16 * SLOTS:17 * SLOTS]  # 1 once it accepted a connection
+        self._text = 17 * SLOTS  # where the texts begin in the map
         for slot in range(1, SLOTS):
             self._counts[slot] = UNAVAILABLE
         self._counts[0] = 0
@@ -46,6 +49,7 @@ class Scoreboard:
         if number < SLOTS:
             self._counts[number] = UNAVAILABLE
             self._lengths[number] = 0
+            self._took_traffic[number] = 0
             self._counts[0] = max(self._counts[0], number)
 
     def leave(self, number: int) -> None:
@@ -57,6 +61,15 @@ class Scoreboard:
         """Worker: it holds `connections` connections (UNAVAILABLE while it cannot accept)."""
         if number < SLOTS:
             self._counts[number] = connections
+
+    def mark_took_traffic(self, number: int) -> None:
+        """Worker: it accepted its first connection."""
+        if number < SLOTS:
+            self._took_traffic[number] = 1
+
+    def took_traffic(self, number: int) -> bool:
+        """Master: has worker `number` ever accepted a connection? (Untracked slots: yes.)"""
+        return number >= SLOTS or bool(self._took_traffic[number])
 
     def serving(self, number: int, request_line: bytes) -> None:
         """Worker: its loop is now calling the app for `request_line` (not accepting)."""

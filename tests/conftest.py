@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -200,6 +201,20 @@ def start_server() -> Iterator[Callable[..., Server]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def public_apps() -> Iterator[Path]:
+    """A folder every user can read holding a copy of importmark.py: the checkout (and so
+    tests/apps) may sit in a private folder (mode 0700, as root's home or `mktemp -d`) that a
+    worker running as nobody cannot read."""
+    folder = Path(tempfile.mkdtemp(prefix="forkserve-public-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        shutil.copy(APPS / "importmark.py", folder)
+        yield folder
+    finally:
+        shutil.rmtree(folder)
 
 
 @pytest.fixture

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import socket
 import stat
 import subprocess
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import APPS, Reader, forkserve_command
@@ -41,20 +37,6 @@ def test_root_without_user_is_refused():
 def test_the_demo_app_may_run_as_root(start_server):
     server = start_server("-w", "1", env={"FORKSERVE_ALLOW_ROOT": None})
     assert uids(server.pid)[0] == 0
-
-
-@pytest.fixture
-def public_apps() -> Iterator[Path]:
-    """A folder every user can read holding a copy of importmark.py: the checkout (and so
-    tests/apps) may sit in a private folder (mode 0700, as root's home or `mktemp -d`) that a
-    worker running as nobody cannot read."""
-    folder = Path(tempfile.mkdtemp(prefix="forkserve-public-", dir="/tmp"))
-    try:
-        folder.chmod(0o755)
-        shutil.copy(APPS / "importmark.py", folder)
-        yield folder
-    finally:
-        shutil.rmtree(folder)
 
 
 @root_only

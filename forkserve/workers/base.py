@@ -140,6 +140,7 @@ class Worker:
         self.logs_to_reopen = False
         self.recycling = False
         self.accept_forced = False  # after a deferral ends, accept one even if a peer is lighter
+        self.took_traffic = False  # accepted a connection yet (told to the master once)
         self.max_requests = (
             cfg.max_requests + random.randint(0, cfg.max_requests_jitter)
             if cfg.max_requests else 0
@@ -214,6 +215,9 @@ class Worker:
                                     exc.strerror, RESOURCE_PAUSE)
                     pause(RESOURCE_PAUSE)
                 return
+            if not self.took_traffic:
+                self.took_traffic = True
+                self.scoreboard.mark_took_traffic(self.number)
             host = peer[0] if isinstance(peer, tuple) else None
             if self.cfg.proxy_protocol and not self.proxies.trusts(host):
                 error_log.info("closed a connection from %s: a PROXY header is only believed "
@@ -243,9 +247,10 @@ class Worker:
             self.set_title()
         if self.logs_to_reopen:
             self.logs_to_reopen = False
-            logs.reopen()
+            failed = logs.reopen()  # the master reports a failure, once
             self._register_dump()
-            error_log.info("worker %d reopened its log files", self.number)
+            if not failed:
+                error_log.info("worker %d reopened its log files", self.number)
         if not self.recycling:
             reason = self._recycle_reason()
             if reason:

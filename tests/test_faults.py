@@ -1,0 +1,163 @@
+"""Faults an operator meets: requests that kill their worker, fork failures, a stopped master,
+log files that cannot be written or reopened. Real processes, limits and file systems."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import READY, exchange
+
+HELLO = b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n"
+CRASH = b"GET /crash HTTP/1.1\r\nHost: t\r\n\r\n"
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (limits, mounts, --user)")
+
+
+def _wait_in_file(path: Path, pattern: str, timeout: float = 15.0) -> str:
+    """Block until `path` holds a line matching `pattern` (the process writes it); return the
+    file's text."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        if regex.search(text):
+            return text
+        assert time.monotonic() < deadline, f"{pattern!r} never appeared in {path}:\n{text}"
+        time.sleep(0.02)  # a file offers nothing to block on
+
+
+def test_requests_that_kill_their_worker_do_not_cause_an_outage(start_server):
+    # os._exit in a request is what a segfault in a C extension looks like to the master.
+    server = start_server("wsgiapp:app", "-w", "2")
+    for _ in range(12):
+        with server.connect() as sock:
+            sock.sendall(CRASH)
+            assert sock.recv(1) == b""  # the worker died without answering
+        began = time.monotonic()
+        assert exchange(server, HELLO).status == 200
+        # Without a crash-loop backoff in the way, the next request waits one respawn at
+        # most (before: 0.5 s, then 1, 2, 4... and 9 s or more with no worker at all).
+        assert time.monotonic() - began < 5.0
+    assert "failures in a row" not in server.log
+    assert len(re.findall(r"exited with status 3 while serving 'GET /crash' \([\d.]+ s in\); "
+                          r"replacing it", server.log)) == 12
+
+
+def test_worker_dying_right_after_boot_still_backs_off(start_server):
+    # crashloop's workers die 0.3 s after booting without ever taking a connection: that is
+    # a boot problem, and respawning it in a tight loop would be a fork bomb.
+    server = start_server("crashloop:app", "-w", "1")
+    server.wait_for(r"right after booting, before taking a connection")
+    server.wait_for(r"3 failures in a row: next worker starts in 1\.0 s")
+
+
+@root_only
+@pytest.mark.timeout(30)
+def test_fork_failures_back_off_and_recover(start_server, public_apps):
+    # As root the process limit does not apply; as nobody (after the drop) it does. The
+    # limit of 3 holds the master, one worker and a process of ours: the second worker cannot
+    # be forked until ours ends.
+    def limit_processes() -> None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (3, 3))
+
+    if subprocess.run(["pgrep", "-u", "nobody"], capture_output=True).returncode == 0:
+        pytest.skip("processes of user nobody already run here: the limit would be off")
+    occupant = subprocess.Popen(["sleep", "60"], user="nobody")
+    try:
+        server = start_server("importmark:app", "-w", "2", "--user", "nobody", ready=False,
+                              cwd=public_apps, preexec_fn=limit_processes)
+        server.wait_for(r"cannot fork worker 2: Resource temporarily unavailable; retrying "
+                        r"in 0\.5 s")
+        master_cpu_before = _cpu_seconds(server.pid)
+        time.sleep(2.0)  # the window over which the retry rate is measured
+        assert len(re.findall("cannot fork", server.log)) == 1  # once per episode
+        assert _cpu_seconds(server.pid) - master_cpu_before < 0.5  # no busy loop
+    finally:
+        occupant.kill()
+        occupant.wait()
+    server.wait_for(r"fork works again, after \d+ failed attempts", timeout=40)
+    server.wait_for(READY, timeout=40)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_stopped_master_does_not_take_workers_for_hung(start_server):
+    server = start_server("wsgiapp:app", "-w", "2", "--timeout", "2")
+    workers = sorted(server.workers())
+    os.kill(server.pid, signal.SIGSTOP)
+    time.sleep(4)  # the fault itself: stopped past --timeout
+    os.kill(server.pid, signal.SIGCONT)
+    server.wait_for(r"the master's loop was stopped for [\d.]+ s")
+    assert exchange(server, HELLO).status == 200
+    assert "silent for" not in server.log
+    assert sorted(server.workers()) == workers
+
+
+def test_usr1_with_the_log_folder_gone_keeps_serving(start_server, tmp_path):
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    server = start_server("wsgiapp:app", "-w", "1", "--error-logfile",
+                          str(folder / "error.log"), ready=False)
+    _wait_in_file(folder / "error.log", READY.pattern)
+    port = re.search(r"listening at http://127\.0\.0\.1:(\d+)",
+                     (folder / "error.log").read_text())
+    assert port
+    server.port = int(port[1])
+    moved = tmp_path / "moved"
+    folder.rename(moved)  # the folder is gone from where the server looks for it
+    os.kill(server.pid, signal.SIGUSR1)
+    text = _wait_in_file(moved / "error.log", r"SIGUSR1: cannot reopen log file .*error\.log: "
+                                              r"No such file or directory; still writing")
+    assert exchange(server, HELLO).status == 200
+    assert server.proc.poll() is None
+    assert len(re.findall("cannot reopen", text)) == 1  # the master's line; workers are quiet
+
+
+@pytest.fixture
+def small_filesystem(tmp_path) -> Iterator[Path]:
+    """A 64 KiB tmpfs mounted for the test (skipped where mounting is not allowed)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@root_only
+def test_a_full_disk_under_the_log_is_reported_once_then_recovers(start_server,
+                                                                   small_filesystem):
+    log = small_filesystem / "access.log"
+    server = start_server("wsgiapp:app", "-w", "1", "--access-logfile", str(log))
+    filler = small_filesystem / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill the file system to the last block
+        try:
+            while True:
+                f.write(b"x" * 1024)
+        except OSError:
+            pass
+    for _ in range(200):  # 200 access-log records that cannot be written
+        assert exchange(server, HELLO).status == 200
+    reports = [line for line in server.lines if "cannot write to" in line]
+    assert len(reports) == 1 and "No space left on device" in reports[0], server.log
+    assert "Logging error" not in server.log and "Traceback" not in server.log
+    filler.unlink()
+    assert exchange(server, HELLO).status == 200
+    _wait_in_file(log, r"\d+ log records were lost while the log could not be written")
+    shutil.disk_usage(small_filesystem)  # still mounted and readable
