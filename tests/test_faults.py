@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import READY, exchange
+from conftest import READY, Reader, closed_by_peer, exchange
 
 HELLO = b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n"
 CRASH = b"GET /crash HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -161,3 +161,83 @@ def test_a_full_disk_under_the_log_is_reported_once_then_recovers(start_server,
     assert exchange(server, HELLO).status == 200
     _wait_in_file(log, r"\d+ log records were lost while the log could not be written")
     shutil.disk_usage(small_filesystem)  # still mounted and readable
+
+
+@pytest.mark.parametrize("threads", ["1", "4"])
+@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+def test_system_exit_and_keyboard_interrupt_from_the_app_are_500(start_server, threads, kind):
+    server = start_server("wsgiapp:app", "-w", "1", "--threads", threads)
+    workers = server.workers()
+    request = b"GET /raise-exit?kind=%s HTTP/1.1\r\nHost: t\r\n\r\n" % kind.encode()
+    assert exchange(server, request).status == 500
+    server.wait_for("SystemExit: 4" if kind == "exit" else "KeyboardInterrupt")
+    assert exchange(server, HELLO).status == 200
+    assert server.workers() == workers  # the same worker serves on
+
+
+def test_max_worker_memory_is_checked_after_every_request(start_server):
+    # A leak of 20 MiB a request, on one keep-alive connection: checked once a second, the
+    # worker overshot a 100 MiB limit several times over.
+    server = start_server("wsgiapp:app", "-w", "1", "--max-worker-memory", "100")
+    (old,) = server.workers()
+    peak = 0
+    with server.connect() as sock:
+        reader = Reader(sock)
+        for _ in range(15):
+            sock.sendall(b"GET /grow?mb=20 HTTP/1.1\r\nHost: t\r\n\r\n")
+            response = reader.response()
+            assert response.status == 200
+            peak = max(peak, int(response.body))
+            if response.header("connection") == "close":
+                break  # over the limit: the worker lets this client go
+    assert peak <= 100 * 1024 * 1024  # what the app held when it was stopped
+    server.wait_for(rf"worker 1 \(pid {old}\) recycling: resident memory reached \d+ MiB")
+    server.wait_for(rf"\(pid {old}\) exited with status 0")
+    assert exchange(server, HELLO).status == 200
+
+
+def test_out_of_descriptors_is_logged_once_per_episode(start_server):
+    server = start_server("wsgiapp:app", "-w", "1")
+    (worker,) = server.workers()
+    in_use = len(os.listdir(f"/proc/{worker}/fd"))
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, (in_use + 2, 4096))
+    clients = [server.connect() for _ in range(8)]  # two fit; the rest wait in the queue
+    try:
+        server.wait_for(r"cannot accept connections: Too many open files; pausing 0\.5 s")
+        time.sleep(1.6)  # three more pauses: the window over which the lines are counted
+        assert len(re.findall("cannot accept connections", server.log)) == 1
+    finally:
+        for sock in clients:
+            sock.close()
+    server.wait_for(r"accepting connections again after [\d.]+ s \(\d+ pauses\)")
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, (4096, 4096))
+    assert exchange(server, HELLO).status == 200
+
+
+def test_a_new_connection_gets_header_timeout_for_its_first_byte(start_server):
+    server = start_server("wsgiapp:app", "-w", "1", "--header-timeout", "1",
+                          "--keep-alive", "60")
+    with server.connect() as sock:
+        began = time.monotonic()
+        assert closed_by_peer(sock, timeout=10)
+        assert time.monotonic() - began < 5  # not --keep-alive's 60 s
+
+
+def test_idle_connections_do_not_lock_out_normal_clients(start_server):
+    # More connections that send nothing than every worker may hold: before, each worker
+    # stopped accepting at --worker-connections and normal clients waited in the queue
+    # behind them for --keep-alive.
+    server = start_server("wsgiapp:app", "-w", "2", "--worker-connections", "50",
+                          "--keep-alive", "60")
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(server.connect())
+        for _ in range(20):
+            with server.connect() as sock:
+                sock.settimeout(5)
+                sock.sendall(HELLO)
+                assert Reader(sock).response().status == 200
+    finally:
+        for sock in idle:
+            sock.close()

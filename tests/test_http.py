@@ -272,8 +272,8 @@ def test_slowloris_head_is_cut_after_header_timeout(start_server, interface):
             sock.recv(1)  # still open after the header timeout has passed
 
 
-def test_worker_connections_limit_leaves_the_rest_queued(start_server, interface):
-    server = start_server(APP_OF[interface], "-w", "1", "--worker-connections", "3")
+def test_worker_connections_limit_closes_the_longest_idle_for_a_new_one(start_server):
+    server = start_server("wsgiapp:app", "-w", "1", "--worker-connections", "3")
     held = []
     try:
         for _ in range(3):
@@ -281,16 +281,37 @@ def test_worker_connections_limit_leaves_the_rest_queued(start_server, interface
             sock.sendall(get(b"/hello"))
             assert Reader(sock).response().status == 200
             held.append(sock)
-        with server.connect() as waiting:  # queued by the kernel, not taken by the worker
+        with server.connect() as newcomer:  # the worker is full of idle keep-alive ones
+            newcomer.sendall(get(b"/hello"))
+            assert Reader(newcomer).response().status == 200
+        assert closed_by_peer(held[0])  # idle longest: closed to make room
+        for sock in held[1:]:
+            sock.sendall(get(b"/hello"))
+            assert Reader(sock).response().status == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_worker_connections_limit_queues_new_ones_while_all_are_busy(start_server):
+    server = start_server("wsgiapp:app", "-w", "1", "--threads", "4",
+                          "--worker-connections", "2")
+    busy = [server.connect() for _ in range(2)]
+    try:
+        for i, sock in enumerate(busy):
+            sock.sendall(get(b"/sleep?s=1&tag=busy%d" % i))
+            server.wait_for(f"SLEEPING busy{i}")
+        with server.connect() as waiting:  # queued by the kernel: no connection is idle
             waiting.sendall(get(b"/hello"))
             waiting.settimeout(0.5)
             with pytest.raises(TimeoutError):
-                waiting.recv(1)  # nothing happens while the worker is full
-            held.pop().close()  # room again: the queued connection is served
+                waiting.recv(1)  # nothing happens while both requests run
             waiting.settimeout(10)
-            assert Reader(waiting).response().status == 200
+            assert Reader(waiting).response().status == 200  # once one of them ended
+        for sock in busy:
+            assert Reader(sock).response().status == 200
     finally:
-        for sock in held:
+        for sock in busy:
             sock.close()
 
 

@@ -390,7 +390,7 @@ def test_max_worker_memory_recycles(start_server):
     server = start_server("wsgiapp:app", "-w", "1", "--max-worker-memory", "60")
     (old,) = server.workers()
     assert get(server, b"/grow?mb=80")
-    server.wait_for(rf"worker 1 \(pid {old}\) recycling: resident memory \d+ MiB > "
+    server.wait_for(rf"worker 1 \(pid {old}\) recycling: resident memory reached \d+ MiB > "
                     r"--max-worker-memory 60")
     server.wait_for(rf"\(pid {old}\) exited with status 0")
     assert exchange(server, HELLO).status == 200

@@ -18,10 +18,12 @@ import errno
 import faulthandler
 import os
 import random
+import resource
 import signal
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -59,7 +61,6 @@ MAX_DRAIN = 1 << 20
 STOP_GRACE = 1.0
 # Boot error texts longer than this (a huge traceback) are cut in the middle.
 MAX_ERROR_TEXT = 65536
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class ProxyHeaderReader:
@@ -141,6 +142,10 @@ class Worker:
         self.recycling = False
         self.accept_forced = False  # after a deferral ends, accept one even if a peer is lighter
         self.took_traffic = False  # accepted a connection yet (told to the master once)
+        self.accept_pauses = 0  # accept() failed for want of descriptors or memory: how often
+        self.accept_paused_at = 0.0  # and since when
+        self.over_memory = False  # past --max-worker-memory: takes no more connections
+        self.memory_limit_kib = cfg.max_worker_memory * 1024
         self.max_requests = (
             cfg.max_requests + random.randint(0, cfg.max_requests_jitter)
             if cfg.max_requests else 0
@@ -158,6 +163,10 @@ class Worker:
         # How long a connection may wait idle for its next request (--keep-alive 0: a moment
         # for the first one).
         self.idle_timeout = cfg.keep_alive or 1.0
+        # A new connection's first byte: --header-timeout, not --keep-alive, so that clients
+        # that connect and send nothing are not kept for long.
+        self.first_byte_timeout = (min(cfg.header_timeout, self.idle_timeout)
+                                   if cfg.header_timeout else self.idle_timeout)
         # How long one read or write may wait on a slow client while a request is served.
         self.io_timeout = timeout / 2 if timeout > 0 else DEFAULT_IO_TIMEOUT
         set_server_header(cfg.server_header)
@@ -210,11 +219,18 @@ class Worker:
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # The connection stays queued and the socket readable: pause instead of
-                    # spinning, and say so once per pause.
-                    error_log.error("cannot accept connections: %s; pausing %g s",
-                                    exc.strerror, RESOURCE_PAUSE)
+                    # spinning, and say so once per episode.
+                    if not self.accept_pauses:
+                        self.accept_paused_at = time.monotonic()
+                        error_log.error("cannot accept connections: %s; pausing %g s at a "
+                                        "time until it can", exc.strerror, RESOURCE_PAUSE)
+                    self.accept_pauses += 1
                     pause(RESOURCE_PAUSE)
                 return
+            if self.accept_pauses:
+                error_log.warning("accepting connections again after %.1f s (%d pauses)",
+                                  time.monotonic() - self.accept_paused_at, self.accept_pauses)
+                self.accept_pauses = 0
             if not self.took_traffic:
                 self.took_traffic = True
                 self.scoreboard.mark_took_traffic(self.number)
@@ -251,6 +267,8 @@ class Worker:
             self._register_dump()
             if not failed:
                 error_log.info("worker %d reopened its log files", self.number)
+        if self.memory_limit_kib:
+            self.check_memory()
         if not self.recycling:
             reason = self._recycle_reason()
             if reason:
@@ -265,12 +283,24 @@ class Worker:
     def _recycle_reason(self) -> str:
         if self.max_requests and self.served >= self.max_requests:
             return f"served {self.served} requests (--max-requests {self.cfg.max_requests})"
-        limit = self.cfg.max_worker_memory
-        if limit:
-            rss = _rss_mib()
-            if rss > limit:
-                return f"resident memory {rss:.0f} MiB > --max-worker-memory {limit}"
         return ""
+
+    def check_memory(self) -> None:
+        """With --max-worker-memory, called after each request and on every tick: a worker
+        whose peak resident set size (getrusage, cheap enough for every request) went over it
+        takes no more connections (`over_memory`; its kind stops accepting) and asks to be
+        replaced at once, not at the next tick (a fast leak overshoots a second)."""
+        if self.over_memory:
+            return
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        if peak <= self.memory_limit_kib:
+            return
+        self.over_memory = True
+        if not self.recycling:
+            self.recycling = True
+            reason = (f"resident memory reached {peak / 1024:.0f} MiB > --max-worker-memory "
+                      f"{self.cfg.max_worker_memory}")
+            self._send(channel.encode(channel.RECYCLE, reason.encode()))
 
     def set_title(self) -> None:
         self._title_served = self.served
@@ -326,12 +356,3 @@ def report_boot_failure(channel_fd: int, status: int, text: str) -> int:
     except OSError:
         pass
     return status
-
-
-def _rss_mib() -> float:
-    """This process's resident set size in MiB, from /proc/self/statm."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE_SIZE / (1024 * 1024)
-    except (OSError, ValueError, IndexError):
-        return 0.0

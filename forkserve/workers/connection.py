@@ -36,7 +36,7 @@ from forkserve.logs import access_log, error_log, format_access_line
 from forkserve.proxy import TrustedProxies
 from forkserve.proxy_protocol import ProxyProtocolError
 from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http, tls_environ
-from forkserve.workers.base import MAX_DRAIN, ProxyHeaderReader
+from forkserve.workers.base import MAX_DRAIN, ProxyHeaderReader, StopNow
 from forkserve.wsgi import EnvironFactory, ErrorStream, InputStream, call_app
 
 RECV_SIZE = 65536
@@ -169,7 +169,9 @@ class ClientConnection:
             if not self.headers_sent:
                 self._send_error(exc.status)
             go_on = False
-        except Exception:
+        except StopNow:  # the worker's own quick stop, not the app's
+            raise
+        except BaseException:  # the app's SystemExit and KeyboardInterrupt too, as peers do
             error_log.exception(
                 "error handling %s %s", environ["REQUEST_METHOD"], environ["RAW_URI"]
             )

@@ -132,9 +132,24 @@ class SyncWorker(Worker):
             self._set_accepting(True)
 
     def _has_room(self) -> bool:
-        """May this worker take another connection (--worker-connections, free threads)?"""
+        """May this worker take another connection (--worker-connections, free threads)? At
+        --worker-connections it still may when it can close an idle connection for it."""
+        if self.in_flight >= self.cfg.threads or self.over_memory:
+            return False
+        return not self._full() or self._oldest_idle() is not None
+
+    def _full(self) -> bool:
         held = len(self.waiting) + len(self.lingering) + self.in_flight
-        return held < self.cfg.worker_connections and self.in_flight < self.cfg.threads
+        return held >= self.cfg.worker_connections
+
+    def _oldest_idle(self) -> ClientConnection | None:
+        """The connection waiting longest for a request that has not begun (a new one that
+        sent nothing, or keep-alive between requests), if any. `waiting` is in the order
+        connections began to wait."""
+        for conn in self.waiting:
+            if not conn.head_started:
+                return conn
+        return None
 
     def _accept(self, listening: socket.socket) -> None:
         self.accept_batch(listening, self._pause_accepting, self._take)
@@ -144,19 +159,28 @@ class SyncWorker(Worker):
         self.accept_resume_at = time.monotonic() + seconds
 
     def _take(self, sock: socket.socket, peer: Any) -> None:
+        if self._full():
+            # Idle connections must not lock out new clients (thousands that connect and send
+            # nothing): the one idle longest makes room.
+            idle = self._oldest_idle()
+            if idle is not None:
+                self._forget(idle)
+                idle.close()
         conn = ClientConnection(sock, peer, new_connection(self.limits), self.ctx, self.tls,
                                 self.cfg.proxy_protocol)
         self.selector.register(conn.fd, selectors.EVENT_READ, conn)
-        self._wait_for_request(conn)
+        self._wait_for_request(conn, self.first_byte_timeout)
         self._publish()
         if not self._has_room():
             self._set_accepting(False)  # the loop starts again once a connection is gone
 
     # -- reading request heads --------------------------------------------------------------
 
-    def _wait_for_request(self, conn: ClientConnection) -> None:
+    def _wait_for_request(self, conn: ClientConnection, timeout: float = 0.0) -> None:
+        """Wait for the next request on `conn` for `timeout` seconds (default: the idle
+        timeout between keep-alive requests)."""
         conn.head_started = False
-        expires = time.monotonic() + self.idle_timeout
+        expires = time.monotonic() + (timeout or self.idle_timeout)
         self.waiting[conn] = min(expires, self.stop_deadline) if self.stop_deadline else expires
 
     def _readable(self, conn: ClientConnection) -> None:
@@ -236,6 +260,11 @@ class SyncWorker(Worker):
 
     def _after(self, conn: ClientConnection, outcome: str, registered: bool = True) -> None:
         """Put a connection where `outcome` says: back to waiting, lingering, or gone."""
+        if self.memory_limit_kib and not self.over_memory:
+            self.check_memory()
+            if self.over_memory:  # its clients move to other workers as their requests end
+                self._set_accepting(False)
+                self.ctx.stopping = True
         if outcome == DONE:
             if registered:
                 self._forget(conn)

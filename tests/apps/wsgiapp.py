@@ -224,6 +224,13 @@ def crash(environ, start_response):
     os._exit(3)
 
 
+def raise_exit(environ, start_response):
+    """Raises SystemExit (?kind=exit, the default) or KeyboardInterrupt (?kind=interrupt)."""
+    if _query(environ).get("kind") == "interrupt":
+        raise KeyboardInterrupt
+    sys.exit(4)
+
+
 _hoard: list[bytearray] = []
 
 
@@ -253,6 +260,7 @@ ROUTES = {
     "/garbage": garbage,
     "/close-pipe": close_pipe,
     "/crash": crash,
+    "/raise-exit": raise_exit,
     "/grow": grow,
 }
 
