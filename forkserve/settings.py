@@ -180,8 +180,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "worker_connections", ("--worker-connections",), 1000, _int_at_least(1),
-        "Most connections one worker holds at once; beyond it the worker stops accepting and "
-        "leaves new connections to the others.", metavar="N",
+        "Most connections one worker holds at once. At the limit, the connection idle longest "
+        "(no request begun) is closed to take a new one; with none idle, the worker stops "
+        "accepting and leaves new connections to the others.", metavar="N",
     ),
     Setting(
         "timeout", ("-t", "--timeout"), 30.0, _seconds,
@@ -202,8 +203,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "header_timeout", ("--header-timeout",), 10.0, _seconds,
-        "Seconds a client has to send a whole request head once it started one; slower "
-        "(slowloris) connections are closed. 0 leaves only --keep-alive.",
+        "Seconds a new connection has to send its first byte, and a client to send a whole "
+        "request head once it started one; slower (slowloris) connections are closed. 0 "
+        "leaves only --keep-alive.",
         metavar="SECONDS",
     ),
     Setting(
