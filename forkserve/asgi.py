@@ -133,7 +133,7 @@ class HTTPCycle:
     connection is closed and the app receives http.disconnect.
 
     The request is over for the app when the client leaves (`disconnect`; also its EOF once
-    the response is under way, see `client_eof`) or the server ends it (`stop`, `interrupt`):
+    the response is under way, see `client_eof`) or the server ends it (`stop`):
     `receive()` then says http.disconnect and `send()` raises ClientDisconnected. An app that
     stops for that is not at fault (`run`).
     """
@@ -155,7 +155,6 @@ class HTTPCycle:
         self.interrupted = False  # the server ended the request: as if the client had left
         self.stopping = False  # the server is stopping: an event stream is interrupted
         self.told_disconnect = False  # receive() said http.disconnect before the response ended
-        self.event_stream = False  # the response is text/event-stream (SSE)
         self.event = asyncio.Event()
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -193,20 +192,27 @@ class HTTPCycle:
         self.event.set()
         return False
 
-    def stop(self) -> None:
-        """The server stops gracefully. A response may finish, except an event stream (SSE),
-        which has no end to wait for: it is interrupted now, or once its head is out."""
+    def stop(self, deadline: bool = False) -> None:
+        """The server stops gracefully: the response may finish, unless it is a stream that
+        may have no end. An event stream (SSE) is interrupted now, or once its head is out;
+        at the `deadline` (--graceful-timeout nearly ran out) also any other response under
+        way without a Content-Length, as WebSockets are closed then."""
         self.stopping = True
-        if self.event_stream and self.head_sent:
-            self.interrupt()
+        if self.head_sent and (self._event_stream() or deadline and _header(
+                self.headers, b"content-length") is None):
+            self._interrupt()
 
-    def interrupt(self) -> None:
+    def _interrupt(self) -> None:
         """The server ends the request: the app gets http.disconnect and `send()` raises.
         Once the app returns, an event stream is ended properly and other unfinished
         responses are cut (see `_end_early`)."""
         if not self.response_complete:
             self.interrupted = True
             self.event.set()
+
+    def _event_stream(self) -> bool:
+        content_type = _header(self.headers, b"content-type") or b""
+        return content_type.partition(b";")[0].strip().lower() == b"text/event-stream"
 
     # -- the app's receive and send ------------------------------------------------------------
 
@@ -272,7 +278,6 @@ class HTTPCycle:
             self.status = _status(message["status"])
             self.headers = _headers(message.get("headers", ()))
             self.trailers = bool(message.get("trailers", False))
-            self.event_stream = _is_event_stream(self.headers)
             self.response_started = True
             return
         if self.response_complete:
@@ -281,8 +286,8 @@ class HTTPCycle:
             body = message.get("body", b"")
             more = message.get("more_body", False)
             self._send_body(bytes(body) if type(body) is not bytes else body, more)
-            if self.stopping and self.event_stream:
-                self.interrupt()  # it began while the server was stopping: this is its end
+            if self.stopping and self._event_stream():
+                self._interrupt()  # it began while the server was stopping: this is its end
             await self.out.drain()
         elif kind == "http.response.trailers" and self.trailers and self.head_sent:
             trailers = _headers(message.get("headers", ()))
@@ -357,7 +362,8 @@ class HTTPCycle:
         sees it is incomplete. Nothing sent yet: a 503 if the server ended the request."""
         if self.disconnected or self.response_complete:
             return
-        if self.interrupted and self.event_stream and self.head_sent:
+        if self.interrupted and self.head_sent and not self.out.closing \
+                and self._event_stream():
             try:
                 end = self.conn.send_end()
             except ValueError:  # short of its Content-Length: only a cut can say so
@@ -409,11 +415,12 @@ def _headers(headers: Any) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name.lower() == b"content-type":
-            return value.partition(b";")[0].strip().lower() == b"text/event-stream"
-    return False
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The value of the first header `name` (lower-case) in `headers`, None if none."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
 
 
 def _raised_by_send(exc: BaseException) -> bool:

@@ -32,12 +32,14 @@ def test_scope(start_server):
     scope = scope_of(server, b"GET /scope?a=1&b=%20 HTTP/1.1\r\nHost: example.org\r\n"
                              b"X-Multi: 1\r\nX-Multi: 2\r\n\r\n")
     assert scope["type"] == "http"
-    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.4"}
+    # 2.3, as uvicorn says: told 2.4, Starlette's streaming responses stop watching for
+    # http.disconnect (send() raises an OSError all the same).
+    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.3"}
     assert scope["http_version"] == "1.1"
     assert scope["method"] == "GET"
     assert scope["scheme"] == "http"
-    assert scope["path"] == "/scope"
-    assert scope["raw_path"] == "/scope"
+    assert scope["path"] == "/mounted/scope"  # the root path is part of the path
+    assert scope["raw_path"] == "/mounted/scope"
     assert scope["query_string"] == "a=1&b=%20"
     assert scope["root_path"] == "/mounted"
     assert ["x-multi", "1"] in scope["headers"] and ["x-multi", "2"] in scope["headers"]
@@ -45,6 +47,38 @@ def test_scope(start_server):
     assert scope["server"] == ["127.0.0.1", server.port]
     assert "http.response.trailers" in scope["extensions"]
     assert scope["state"] == {"started_by": worker}  # shared from lifespan startup
+
+
+@pytest.mark.parametrize("target", [b"/mounted/scope", b"/scope"])
+def test_the_path_includes_the_root_path_once(start_server, target):
+    """Whether the proxy kept the prefix or stripped it (then it is prepended, as uvicorn
+    does), the path starts with the root path once."""
+    server = start_server("asgiapp:app", "-w", "1", "--root-path", "/mounted")
+    scope = scope_of(server, GET % (target + b"?x=1"))
+    assert (scope["path"], scope["raw_path"], scope["root_path"], scope["query_string"]) \
+        == ("/mounted/scope", "/mounted/scope", "/mounted", "x=1")
+
+
+@pytest.mark.parametrize("prefix", [b"/api", b""])
+def test_starlette_behind_a_root_path_routes_and_redirects_within_it(start_server, prefix):
+    """Behind --root-path /api (the proxy kept the prefix, or stripped it), Starlette routes
+    below the root path and its trailing-slash redirects keep it."""
+    pytest.importorskip("starlette")
+    server = start_server("starletteapp:app", "-w", "1", "--root-path", "/api")
+    assert exchange(server, GET % (prefix + b"/state")).body == b'{"ready":true}'
+    for target, location in [(b"/state/", "http://t/api/state"),
+                             (b"/sub/leaf/", "http://t/api/sub/leaf")]:
+        response = exchange(server, GET % (prefix + target))
+        assert (response.status, response.header("location")) == (307, location)
+    assert json.loads(exchange(server, GET % (prefix + b"/sub/leaf")).body) == {
+        "path": "/api/sub/leaf", "root_path": "/api/sub", "url_for": "http://t/api/sub/leaf"}
+
+
+@pytest.mark.parametrize("target", [b"/api/environ", b"/environ"])
+def test_wsgi_root_path_is_script_name(start_server, target):
+    server = start_server("wsgiapp:app", "-w", "1", "--root-path", "/api")
+    environ = json.loads(exchange(server, GET % target).body)
+    assert (environ["SCRIPT_NAME"], environ["PATH_INFO"]) == ("/api", "/environ")
 
 
 def test_path_is_decoded_as_utf8_and_raw_path_is_not(asgi_server):

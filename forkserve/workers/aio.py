@@ -50,8 +50,9 @@ from forkserve.workers.base import (
     Worker,
 )
 
-# On a graceful stop, open WebSockets are closed, and requests still running ended, this many
-# seconds before --graceful-timeout ends (then lifespan shutdown can still run).
+# On a graceful stop, open WebSockets are closed, and responses still streaming without a
+# Content-Length ended, this many seconds before --graceful-timeout ends (so that the worker
+# can still run lifespan shutdown and exit by itself).
 WS_CLOSE_MARGIN = 1.0
 # How long lifespan shutdown may take on a graceful stop.
 LIFESPAN_SHUTDOWN_SECONDS = 10.0
@@ -637,11 +638,12 @@ class HTTPProtocol(asyncio.Protocol):
 
     def end_now(self) -> None:
         """--graceful-timeout is about to run out: a WebSocket is closed with 1012 (service
-        restart), a request still running is ended (`HTTPCycle.interrupt`)."""
+        restart), a response streaming without a Content-Length is ended (`HTTPCycle.stop`);
+        a request still to answer may yet do so."""
         if self.ws is not None:
             self.ws.close(SERVICE_RESTART, "server restarting")
         elif self.cycle is not None:
-            self.cycle.interrupt()
+            self.cycle.stop(deadline=True)
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:

@@ -20,6 +20,12 @@ def _query(scope) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
 
 
+def _route_path(scope) -> str:
+    """The path below the root path (the scope's path includes it, as in ASGI)."""
+    root, path = scope["root_path"], scope["path"]
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 async def _reply(send, body: bytes, status: int = 200, headers=()) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": TEXT + [(b"content-length", b"%d" % len(body))] + list(headers)})
@@ -85,6 +91,34 @@ async def marked(scope, receive, send):
         pass
     finally:
         say(f"CLOSED {query.get('tag', '')}")
+
+
+async def stream_then_wait(scope, receive, send):
+    """Streams a first piece, waits for http.disconnect, then says whether send() raised."""
+    await _read_body(receive)
+    await send({"type": "http.response.start", "status": 200, "headers": TEXT})
+    await send({"type": "http.response.body", "body": b"first\n", "more_body": True})
+    message = await receive()
+    try:
+        await send({"type": "http.response.body", "body": b"more\n", "more_body": True})
+    except OSError as exc:
+        say(f"AFTER {message['type']}: send raised {type(exc).__name__}")
+    else:
+        say(f"AFTER {message['type']}: send went through")
+
+
+async def ticks(scope, receive, send):
+    """A chunked text stream: 'tick' every ?interval= seconds until send() raises; logs TICKS
+    END tag."""
+    query = _query(scope)
+    interval = float(query.get("interval", "0.2"))
+    await send({"type": "http.response.start", "status": 200, "headers": TEXT})
+    try:
+        while True:
+            await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
+            await asyncio.sleep(interval)
+    finally:
+        say(f"TICKS END {query.get('tag', '')}")
 
 
 async def sleep(scope, receive, send):
@@ -194,6 +228,7 @@ ROUTES = {
     "/scope": scope_dump, "/wait-disconnect": wait_disconnect, "/trailers": trailers,
     "/body-before-start": body_before_start, "/start-twice": start_twice,
     "/returns-early": returns_early, "/big-download": big_download,
+    "/stream-then-wait": stream_then_wait, "/ticks": ticks,
 }
 
 
@@ -201,7 +236,7 @@ async def websocket(scope, receive, send):
     """WebSocket routes: /ws/echo, /ws/reject, /ws/deny, /ws/close, /ws/error, /ws/wait."""
     message = await receive()
     assert message["type"] == "websocket.connect", message
-    path = scope["path"]
+    path = _route_path(scope)
     if path == "/ws/reject":
         await send({"type": "websocket.close"})
         return
@@ -245,7 +280,7 @@ async def app(scope, receive, send):
                 say(f"LIFESPAN shutdown {os.getpid()}")
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-    route = ROUTES.get(scope["path"])
+    route = ROUTES.get(_route_path(scope))
     if route is None:
         await _reply(send, b"not found", 404)
         return
