@@ -278,8 +278,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "root_path", ("--root-path",), "", _text,
-        "The path the app is mounted at behind a proxy: SCRIPT_NAME for WSGI, root_path "
-        "for ASGI.", metavar="PATH", section="app",
+        "The path the app is mounted at behind a proxy (e.g. /api), whether the proxy strips "
+        "it from request paths or not: SCRIPT_NAME for WSGI (PATH_INFO is the rest); "
+        "root_path for ASGI, whose path then includes it (/api/state for a request to "
+        "/api/state or to /state).", metavar="PATH", section="app",
     ),
     Setting(
         "ws_max_size", ("--ws-max-size",), 16 * 1024 * 1024, _int_at_least(1),
