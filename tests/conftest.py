@@ -37,10 +37,12 @@ def forkserve_command() -> list[str]:
 
 
 class Server:
-    """A running `forkserve` process (in its own session) and what it logged."""
+    """A running `forkserve` process (in its own session) and what it logged; `command`
+    runs another server the same way (a peer, for comparisons)."""
 
     def __init__(self, args: list[str], cwd: Path = APPS, env: dict | None = None,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
+                 preexec_fn: Callable[[], None] | None = None,
+                 command: list[str] | None = None) -> None:
         self.args = args
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -51,7 +53,7 @@ class Server:
             else:
                 full_env[key] = value
         self.proc = subprocess.Popen(
-            forkserve_command() + args,
+            (command or forkserve_command()) + args,
             cwd=cwd,
             env=full_env,
             stdin=subprocess.DEVNULL,

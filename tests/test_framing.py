@@ -7,7 +7,17 @@ from __future__ import annotations
 import pytest
 from conftest import Reader, closed_by_peer, exchange
 
-from forkserve.http.base import ProtocolError
+from forkserve.http import Limits, new_connection
+from forkserve.http.base import (
+    CLOSED,
+    END_OF_MESSAGE,
+    NEED_DATA,
+    PAUSED,
+    Data,
+    ProtocolError,
+    Request,
+    valid_host,
+)
 from forkserve.http.chunked import ChunkedFraming
 
 # A request smuggled behind a refused one: if the server ever answered it, a second
@@ -44,7 +54,12 @@ CASES = [
     ("chunk-ext-nul", CHUNKED + b"5;a=\x00b\r\nhello\r\n0\r\n\r\n", 400),
     ("chunk-ext-bare-cr", CHUNKED + b"5;a\rb\r\nhello\r\n0\r\n\r\n", 400),
     ("chunk-ext-empty", CHUNKED + b"5;\r\nhello\r\n0\r\n\r\n", 400),
+    # RFC 9112 §7.1.1: BWS only before ";" and around "=": not after a size alone.
     ("chunk-size-space", CHUNKED + b"5 \r\nhello\r\n0\r\n\r\n", 400),
+    ("chunk-size-tab", CHUNKED + b"5\t\r\nhello\r\n0\r\n\r\n", 400),
+    ("chunk-ext-bws-no-name", CHUNKED + b"5 ; \r\nhello\r\n0\r\n\r\n", 400),
+    ("chunk-ext-bws-after-ext", CHUNKED + b"5;a=b \r\nhello\r\n0\r\n\r\n", 400),
+    ("chunk-ext-space-in-name", CHUNKED + b"5;a b=c\r\nhello\r\n0\r\n\r\n", 400),
     ("chunk-size-17-digits", CHUNKED + b"10000000000000005\r\nhello\r\n0\r\n\r\n", 400),
     ("chunk-size-2^63", CHUNKED + b"8000000000000000\r\nhello\r\n0\r\n\r\n", 400),
     ("trailer-control", CHUNKED + b"5\r\nhello\r\n0\r\nX-T: \x01\r\n\r\n", 400),
@@ -61,12 +76,39 @@ CASES = [
     ("fragment-in-target", b"GET http://t/a#b HTTP/1.1\r\nHost: t\r\n\r\n", 400),
     ("http-0.9", b"GET /hello\r\n\r\n", 400),
     ("bad-version-syntax", b"GET /hello HTTP/3\r\nHost: t\r\n\r\n", 400),
-    ("http-1.2", b"GET /hello HTTP/1.2\r\nHost: t\r\n\r\n", 505),
+    # RFC 9112 §2.3: HTTP-version = HTTP-name "/" DIGIT "." DIGIT
+    ("http-1.10", b"GET /hello HTTP/1.10\r\nHost: t\r\n\r\n", 400),
+    # RFC 9110 §2.5: only a higher minor version of 1.x is served (as 1.1); other majors: 505.
+    ("http-0.9-version", b"GET /hello HTTP/0.9\r\nHost: t\r\n\r\n", 505),
     ("http-2.0", b"GET /hello HTTP/2.0\r\nHost: t\r\n\r\n", 505),
+    ("http-3.0", b"GET /hello HTTP/3.0\r\nHost: t\r\n\r\n", 505),
+    # RFC 9112 §2.2: empty lines before a request line are ignored, up to the request-line
+    # limit's worth; a bare CR is no line end.
+    ("too-many-empty-lines", b"\r\n" * 4096 + SMUGGLED, 400),
+    ("bare-cr-before-request", b"\rGET /hello HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+    ("cr-cr-lf-before-request", b"\r\r\nGET /hello HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+    # RFC 9112 §3.2.2 / RFC 3986 §3.2: an absolute-form target's authority is a host and port.
+    ("absolute-not-an-ip-literal", b"GET http://[foo]/hello HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+    ("absolute-port-out-of-range", b"GET http://h:99999/hello HTTP/1.1\r\nHost: t\r\n\r\n",
+     400),
+    ("absolute-port-not-digits", b"GET http://h:x/hello HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+    ("absolute-two-ports", b"GET http://h:1:2/hello HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+    ("absolute-space", b"GET http://h h/hello HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+    ("absolute-bad-percent", b"GET http://h%zz/hello HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+    # RFC 9110 §4.2.4: userinfo in an http(s) URI is an error; §4.2.1: so is an empty host.
+    ("absolute-userinfo", b"GET http://user@h/hello HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+    ("absolute-userinfo-password", b"GET http://u:p@h/hello HTTP/1.1\r\nHost: t\r\n\r\n",
+     400),
+    ("absolute-empty-host", b"GET http:///hello HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+    ("absolute-empty-host-port", b"GET https://:80/hello HTTP/1.1\r\nHost: t\r\n\r\n", 400),
     ("no-host", b"GET /hello HTTP/1.1\r\n\r\n", 400),
     ("two-hosts", b"GET /hello HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     ("host-with-space", b"GET /hello HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
     ("host-with-slash", b"GET /hello HTTP/1.1\r\nHost: a/b\r\n\r\n", 400),
+    # RFC 9110 §7.2: Host = uri-host [ ":" port ], as in a target's authority.
+    ("host-not-an-ip-literal", b"GET /hello HTTP/1.1\r\nHost: [fff]\r\n\r\n", 400),
+    ("host-port-out-of-range", b"GET /hello HTTP/1.1\r\nHost: t:65536\r\n\r\n", 400),
+    ("host-userinfo", b"GET /hello HTTP/1.1\r\nHost: u@t\r\n\r\n", 400),
     ("body-too-large", b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\n\r\n", 413),
     ("chunked-body-too-large", b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked"
      b"\r\n\r\n" + b"3e8\r\n" + b"x" * 1000 + b"\r\n" + b"3e8\r\n" + b"x" * 1000 + b"\r\n", 413),
@@ -92,17 +134,50 @@ def test_refused_with_status_and_closed(strict_server, raw, status):
     assert exchange(strict_server, SMUGGLED).status == 200  # and the server goes on
 
 
-@pytest.mark.parametrize("raw", [
-    b"GET /hello HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: Chunked\r\n\r\n0\r\n\r\n",
-    b"GET /hello HTTP/1.1\r\nHost:\r\n\r\n",  # empty Host: allowed (RFC 9110 §7.2)
-    b"GET /hello HTTP/1.1\r\nHost: [::1]:8000\r\n\r\n",
-    b"GET /hello HTTP/1.1\r\nHost: t\r\nX: tab\there\r\n\r\n",
-    b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1500\r\n\r\n" + b"x" * 1500,
-    CHUNKED + b"5;name=value;q=\"a \\\"b\\\"\" ; x\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n",
-], ids=["te-case-insensitive", "empty-host", "ipv6-host", "tab-in-value", "body-at-limit",
-        "chunk-extensions-and-trailer"])
+ACCEPTED = [
+    ("te-case-insensitive",
+     b"GET /hello HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: Chunked\r\n\r\n0\r\n\r\n"),
+    ("empty-host", b"GET /hello HTTP/1.1\r\nHost:\r\n\r\n"),  # RFC 9110 §7.2
+    ("ipv6-host", b"GET /hello HTTP/1.1\r\nHost: [::1]:8000\r\n\r\n"),
+    ("host-highest-port", b"GET /hello HTTP/1.1\r\nHost: t:65535\r\n\r\n"),
+    ("tab-in-value", b"GET /hello HTTP/1.1\r\nHost: t\r\nX: tab\there\r\n\r\n"),
+    ("body-at-limit",
+     b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1500\r\n\r\n" + b"x" * 1500),
+    ("chunk-extensions-and-trailer",
+     CHUNKED + b"5;name=value;q=\"a \\\"b\\\"\" ; x\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n"),
+    # RFC 9112 §7.1.1: chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+    ("chunk-ext-bws-before-semicolon", CHUNKED + b"5 ;a=b\r\nhello\r\n0\r\n\r\n"),
+    ("chunk-ext-bws-everywhere",
+     CHUNKED + b"5 \t; a = b\t;\tc\t=\t\"d\"\r\nhello\r\n0 ;e\r\n\r\n"),
+    # RFC 9110 §2.5: a higher minor version of HTTP/1 is served as HTTP/1.1.
+    ("http-1.2", b"GET /hello HTTP/1.2\r\nHost: t\r\n\r\n"),
+    ("http-1.9", b"GET /hello HTTP/1.9\r\nHost: t\r\n\r\n"),
+    # RFC 9112 §2.2: empty lines before a request line are ignored (a bare LF ends a line,
+    # as it does in a head).
+    ("empty-line-before-request", b"\r\nGET /hello HTTP/1.1\r\nHost: t\r\n\r\n"),
+    ("empty-lines-before-request", b"\r\n\n\r\nGET /hello HTTP/1.1\r\nHost: t\r\n\r\n"),
+    ("empty-lines-at-the-limit", b"\r\n" * 4095 + b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n"),
+    # RFC 9112 §3.2.2: absolute-form, with an RFC 3986 authority.
+    ("absolute-form", b"GET http://h/hello HTTP/1.1\r\nHost: t\r\n\r\n"),
+    ("absolute-form-no-path", b"GET http://h HTTP/1.1\r\nHost: t\r\n\r\n"),
+    ("absolute-form-port-query", b"GET http://h:8080/hello?q HTTP/1.1\r\nHost: t\r\n\r\n"),
+    ("absolute-form-ipv6", b"GET http://[::1]:80/hello HTTP/1.1\r\nHost: t\r\n\r\n"),
+    ("absolute-form-ipv4", b"GET http://127.0.0.1/hello HTTP/1.1\r\nHost: t\r\n\r\n"),
+    ("absolute-form-https-percent",
+     b"GET https://a%2Db.example/hello HTTP/1.1\r\nHost: t\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("raw", [c[1] for c in ACCEPTED], ids=[c[0] for c in ACCEPTED])
 def test_accepted(strict_server, raw):
     assert exchange(strict_server, raw).status == 200
+
+
+def test_chunk_extensions_with_white_space_are_ignored(strict_server):
+    """RFC 9112 §7.1.1: BWS around ";" and "=" is allowed, and the extensions are ignored."""
+    response = exchange(strict_server, CHUNKED + b"5 ;a=b\r\nhello\r\n6\t; c = \"d\"\r\n world"
+                        b"\r\n0 ;e\r\nX-Sum: 1\r\n\r\n")
+    assert response.status == 200 and response.body == b"hello world"
 
 
 VALID_CHUNKED_BODY = (b"5;name=value;q=\"quoted\"\r\nhello\r\n1\r\n!\r\n0\r\nX-Sum: 1\r\n\r\n")
@@ -131,3 +206,94 @@ def test_chunked_framing_limits():
     with pytest.raises(ProtocolError) as refused:
         announced.feed(b"3e8\r\n")  # before any of its data
     assert refused.value.status == 413
+
+
+# -- the sans-I/O connection itself: every split of the bytes, and the edges of the rules -------
+
+def events(pieces: list[bytes], limits: Limits | None = None) -> list:
+    """What a connection makes of `pieces` then the client's close: requests as
+    (target, version), bodies whole; each request answered once its body is read."""
+    conn = new_connection(limits or Limits())
+    seen: list = []
+    body = b""
+    for piece in [*pieces, b""]:
+        conn.receive_data(piece)
+        while True:
+            event = conn.next_event()
+            if type(event) is Request:
+                seen.append((event.target, event.http_version))
+            elif type(event) is Data:
+                body += event.data
+            elif event is END_OF_MESSAGE:
+                seen.append(body)
+                body = b""
+                conn.send_response(200, b"OK", [(b"Content-Length", b"0")])
+                conn.send_end()
+                assert conn.start_next_cycle()
+            elif event is CLOSED:
+                return seen + [CLOSED]
+            else:
+                assert event in (NEED_DATA, PAUSED)
+                break
+    return seen
+
+
+PIPELINE = (b"\r\n\nGET /a HTTP/1.2\r\nHost: h\r\n\r\n\r\n"
+            b"POST /b HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5 ;x=y\r\nhello\r\n1\t; z = \"q\"\r\n!\r\n0 ;end\r\nX-T: 1\r\n\r\n\n"
+            b"POST /c HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc\r\n")
+PIPELINE_EVENTS = [(b"/a", b"1.1"), b"", (b"/b", b"1.1"), b"hello!", (b"/c", b"1.1"), b"abc",
+                   CLOSED]
+
+
+def test_new_rules_hold_for_every_split():
+    """Empty lines before request lines, BWS in chunk extensions and HTTP/1.2, with the bytes
+    cut at every point (a CRLF across reads, a chunk line across reads)."""
+    assert events([PIPELINE]) == PIPELINE_EVENTS
+    for cut in range(1, len(PIPELINE)):
+        assert events([PIPELINE[:cut], PIPELINE[cut:]]) == PIPELINE_EVENTS, cut
+    assert events([bytes([byte]) for byte in PIPELINE]) == PIPELINE_EVENTS
+
+
+def test_empty_lines_are_bounded_by_the_request_line_limit():
+    limits = Limits(request_line=100)
+    request = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+    assert events([b"\r\n" * 50, request], limits) == [(b"/", b"1.1"), b"", CLOSED]
+    with pytest.raises(ProtocolError) as refused:
+        events([b"\r\n" * 50, b"\n"], limits)  # 101 bytes, before any request line
+    assert refused.value.status == 400
+    # The count starts again with each request.
+    assert events([b"\n" * 100 + request + b"\n" * 100 + request], limits) == [
+        (b"/", b"1.1"), b"", (b"/", b"1.1"), b"", CLOSED]
+
+
+def test_closing_after_empty_lines_or_in_a_head():
+    assert events([b"\r\n\r\n"]) == [CLOSED]
+    conn = new_connection(Limits())
+    conn.receive_data(b"\r\n")
+    conn.receive_data(b"")  # before the empty line was looked at
+    assert conn.next_event() is CLOSED
+    with pytest.raises(ProtocolError) as refused:
+        events([b"\r\nGET / HT"])
+    assert refused.value.status == 400
+
+
+def test_bytes_past_an_upgrade_request_are_handed_on():
+    conn = new_connection(Limits())
+    conn.receive_data(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\n"
+                      b"Upgrade: websocket\r\n\r\n\x81\x80frame")
+    assert type(conn.next_event()) is Request
+    assert conn.trailing_data() == b"\x81\x80frame"
+
+
+@pytest.mark.parametrize(("value", "valid"), [
+    (b"", True), (b"h", True), (b"h:", True), (b"h:0", True), (b"h:00080", True),
+    (b"h:65535", True), (b":80", True), (b"[::1]", True), (b"[::ffff:1.2.3.4]:443", True),
+    (b"a%2Db", True), (b"127.0.0.1:8000", True), (b"[v1.fe:x]", False),
+    (b"h:65536", False), (b"h:" + b"9" * 5000, False), (b"h:x", False), (b"h:1:2", False),
+    (b"[foo]", False), (b"[::1", False), (b"[1.2.3.4]", False), (b"[fe80::1%25eth0]", False),
+    (b"u@h", False), (b"h h", False), (b"a%zz", False), (b"a/b", False),
+])
+def test_valid_host(value, valid):
+    """RFC 9110 §7.2 / RFC 3986 §3.2.2-3.2.3, for Host and a target's authority."""
+    assert valid_host(value) is valid

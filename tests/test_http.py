@@ -5,6 +5,7 @@ and against the asyncio worker with an ASGI app serving the same routes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -272,8 +273,9 @@ def test_slowloris_head_is_cut_after_header_timeout(start_server, interface):
             sock.recv(1)  # still open after the header timeout has passed
 
 
-def test_worker_connections_limit_closes_the_longest_idle_for_a_new_one(start_server):
-    server = start_server("wsgiapp:app", "-w", "1", "--worker-connections", "3")
+def test_worker_connections_limit_closes_the_longest_idle_for_a_new_one(start_server,
+                                                                         interface):
+    server = start_server(APP_OF[interface], "-w", "1", "--worker-connections", "3")
     held = []
     try:
         for _ in range(3):
@@ -293,8 +295,9 @@ def test_worker_connections_limit_closes_the_longest_idle_for_a_new_one(start_se
             sock.close()
 
 
-def test_worker_connections_limit_queues_new_ones_while_all_are_busy(start_server):
-    server = start_server("wsgiapp:app", "-w", "1", "--threads", "4",
+def test_worker_connections_limit_queues_new_ones_while_all_are_busy(start_server,
+                                                                     interface):
+    server = start_server(APP_OF[interface], "-w", "1", "--threads", "4",
                           "--worker-connections", "2")
     busy = [server.connect() for _ in range(2)]
     try:
@@ -394,3 +397,63 @@ def test_a_closing_response_does_not_wait_for_the_rest_of_the_body(http_server):
         started = time.monotonic()
         assert closed_by_peer(sock, timeout=10)
         assert time.monotonic() - started < 4  # at most the 2 s linger, not the stall bound
+
+
+def test_empty_lines_before_requests_are_ignored(http_server):
+    """RFC 9112 §2.2: empty lines (CRLF or a bare LF) before a request line are skipped: first
+    on a connection, between pipelined requests, after a body (the extra CRLF old clients
+    send after a POST) and on an idle keep-alive connection."""
+    with http_server.connect() as sock:
+        sock.sendall(b"\r\n" + get(b"/hello") + b"\r\n\n"
+                     + b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc\r\n"
+                     + b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"2\r\nde\r\n0\r\n\r\n\r\n\r\n" + get(b"/hello"))
+        reader = Reader(sock)
+        assert reader.response().body == b"Hello, World!"
+        assert reader.response().body == b"abc"
+        assert reader.response().body == b"de"
+        assert reader.response().body == b"Hello, World!"
+        sock.sendall(b"\r\n")
+        sock.sendall(b"\r")  # a CRLF split across reads
+        sock.sendall(b"\n" + get(b"/hello"))
+        assert reader.response().body == b"Hello, World!"
+
+
+def app_view(reader: Reader, target: bytes, version: bytes = b"1.1") -> dict:
+    """The request for `target` as the app saw it: the WSGI environ or the ASGI scope."""
+    reader.sock.sendall(b"GET %s HTTP/%s\r\nHost: t\r\n\r\n" % (target, version))
+    response = reader.response()
+    assert response.status == 200, response
+    return json.loads(response.body)
+
+
+VIEW_PATH = {"wsgi": b"/environ", "asgi": b"/scope"}
+
+
+@pytest.mark.parametrize("version", [b"1.2", b"1.9"])
+def test_a_higher_minor_version_is_served_as_http11(http_server, version):
+    """RFC 9110 §2.5: HTTP/1.x with x > 1 is read as the highest 1.x forkserve speaks, 1.1:
+    the app sees 1.1 (as it would from a 1.1 client) and the connection is persistent."""
+    with http_server.connect() as sock:
+        reader = Reader(sock)
+        view = app_view(reader, VIEW_PATH[http_server.interface], version)
+        if http_server.interface == "wsgi":
+            assert view["SERVER_PROTOCOL"] == "HTTP/1.1"
+        else:
+            assert view["http_version"] == "1.1"
+        sock.sendall(b"GET /hello HTTP/%s\r\nHost: t\r\n\r\n" % version)
+        response = reader.response()
+        assert response.raw_head.startswith(b"HTTP/1.1 200 ")
+        assert response.header("connection") is None
+
+
+@pytest.mark.parametrize("authority", [b"h", b"h:8080", b"[::1]:80", b"127.0.0.1", b"h:"])
+def test_absolute_form_target_gives_the_app_its_path(http_server, authority):
+    """RFC 9112 §3.2.2: the path and query the app sees are those of the target URI."""
+    path = VIEW_PATH[http_server.interface]
+    with http_server.connect() as sock:
+        view = app_view(Reader(sock), b"http://%s%s?q=1" % (authority, path))
+    if http_server.interface == "wsgi":
+        assert (view["PATH_INFO"], view["QUERY_STRING"]) == (path.decode(), "q=1")
+    else:
+        assert (view["path"], view["query_string"]) == (path.decode(), "q=1")

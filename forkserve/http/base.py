@@ -9,6 +9,7 @@ this module, so that all of them pass the same tests.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 from dataclasses import dataclass
@@ -55,7 +56,11 @@ class Limits:
 
 @dataclass(slots=True)
 class Request:
-    """A request head. Header names are lower-case bytes, values as received."""
+    """A request head. Header names are lower-case bytes, values as received.
+
+    `http_version` is b"1.0" or b"1.1": check_request reads a higher 1.x as b"1.1" (RFC 9110
+    §2.5), so that is what the app and the access log see for HTTP/1.2 to HTTP/1.9.
+    """
 
     method: bytes
     target: bytes
@@ -110,13 +115,17 @@ class HTTPConnection(Protocol):
     Reading: `receive_data(b"")` means the client closed its end. `next_event()` returns a
     `Request`, then `Data` pieces and `END_OF_MESSAGE`; `NEED_DATA` when it needs bytes;
     `PAUSED` once the request is read and the response is not finished; `CLOSED` when the
-    client left between requests. It raises `ProtocolError` for a malformed request.
+    client left between requests. It raises `ProtocolError` for a malformed request. Empty
+    lines before a request line are skipped (RFC 9112 §2.2), up to `Limits.request_line`
+    bytes of them.
 
     Writing: `send_response` (head), `send_data`/`send_file` (body, framed as the head
-    chose: Content-Length, chunked, or until close for HTTP/1.0), `send_end`. A HEAD request's
-    body is swallowed. After `send_end`, `start_next_cycle()` tells whether the connection can
-    carry another request (the request body must have been read to its end first), and
-    `will_close()` whether it cannot, whatever the client still sends.
+    chose: Content-Length, chunked, or until close for HTTP/1.0), `send_end`; they raise
+    ValueError for a head or trailers that may not go out, after trimming the white space
+    around field values (`trim_field_values`). A HEAD request's body is swallowed. After
+    `send_end`, `start_next_cycle()` tells whether the connection can carry another request
+    (the request body must have been read to its end first), and `will_close()` whether it
+    cannot, whatever the client still sends.
     """
 
     client_waiting_for_continue: bool
@@ -160,8 +169,6 @@ def check_partial_head(buffered: bytes, limits: Limits) -> None:
 # control bytes but HTAB may appear in a head (CR and LF only as line ends).
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ORDINARY = bytes(range(0x20, 0x7F)) + b"\t\r\n"  # what a plain ASCII head is made of
-# RFC 9110 §7.2 / RFC 3986: uri-host [ ":" port ]; empty is allowed.
-_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]*)?")
 
 
 # Parsers merge repeated identical Content-Length fields; RFC 9112 §6.3 lets us refuse them.
@@ -187,9 +194,38 @@ def check_head_bytes(head: bytes) -> None:
             raise ProtocolError(400, "more than one Content-Length")
 
 
+# RFC 9110 §7.2: Host = uri-host [ ":" port ], the authority of a URI without its userinfo.
+# RFC 3986 §3.2.2: uri-host is an IP literal in brackets, an IPv4 address or a reg-name
+# (unreserved, pct-encoded, sub-delims; empty is allowed); port = *DIGIT.
+_HOST = re.compile(
+    rb"(?:\[([0-9A-Fa-f:.]+)\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)"
+    rb"(?::([0-9]*))?")
+
+
+def valid_host(value: bytes) -> bool:
+    """Is `value` a uri-host with an optional port: a Host field value, or the authority of a
+    request target? Userinfo ("user@") is not part of it, a bracketed literal must be an IPv6
+    address (IPvFuture and zone identifiers are refused: nothing routes them), and a port
+    must be a TCP port, 0 to 65535."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return False
+    literal, port = match.groups()
+    if literal is not None:
+        try:
+            ipaddress.IPv6Address(literal.decode("ascii"))
+        except ValueError:
+            return False
+    if port:
+        port = port.lstrip(b"0")
+        return len(port) <= 5 and int(port or b"0") <= 65535
+    return True
+
+
 # RFC 9112 §3.2: besides origin-form ("/path?query"), absolute-form, "*" for OPTIONS, and
-# authority-form ("host:port") for CONNECT.
-_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*([/?][^#]*)?")
+# authority-form ("host:port") for CONNECT. absolute-form is an absolute-URI (no fragment):
+# scheme "://" authority, then a path or a query.
+_ABSOLUTE_FORM = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(?:[/?][^#]*)?")
 
 
 def _other_target_form(request: Request) -> bool:
@@ -197,14 +233,32 @@ def _other_target_form(request: Request) -> bool:
     if request.method == b"OPTIONS" and target == b"*":
         return True
     if request.method == b"CONNECT":
-        return _HOST.fullmatch(target) is not None and b":" in target
-    return _ABSOLUTE_FORM.fullmatch(target) is not None
+        return b":" in target and valid_host(target)
+    match = _ABSOLUTE_FORM.fullmatch(target)
+    if match is None:
+        return False
+    scheme, authority = match.groups()
+    # RFC 9110 §4.2.4: userinfo in an http(s) URI is an error (valid_host refuses it, for any
+    # scheme). RFC 9110 §4.2.1: an http(s) URI with an empty host must be rejected.
+    if authority[:1] in (b"", b":") and scheme.lower() in (b"http", b"https"):
+        return False
+    return valid_host(authority)
 
 
-def check_request(request: Request, limits: Limits) -> None:
-    """Refuse a parsed request head that breaks a limit or is ambiguous to frame."""
-    if request.http_version not in (b"1.1", b"1.0"):
-        raise ProtocolError(505, "HTTP version not supported")
+CHUNKED = -1  # check_request's framing of a chunked request body
+
+
+def check_request(request: Request, limits: Limits) -> int:
+    """Refuse a parsed request head that breaks a limit or is ambiguous to frame; return its
+    body's framing: the Content-Length (0 without one) or CHUNKED. A version HTTP/1.2 to
+    HTTP/1.9 becomes 1.1 in `request`."""
+    version = request.http_version
+    if version != b"1.1" and version != b"1.0":
+        # RFC 9110 §2.5: a recipient reads a message of a higher minor version within a major
+        # version it speaks as the highest minor version it speaks; other majors get 505.
+        if version[:2] != b"1." or not version[2:].isdigit():
+            raise ProtocolError(505, "HTTP version not supported")
+        request.http_version = b"1.1"
     # method SP target SP HTTP/x.y
     if len(request.method) + len(request.target) + 10 > limits.request_line:
         raise ProtocolError(414, "request line too long")
@@ -213,7 +267,7 @@ def check_request(request: Request, limits: Limits) -> None:
     headers = request.headers
     if len(headers) > limits.header_count:
         raise ProtocolError(431, "too many header fields")
-    hosts = lengths = codings = 0
+    hosts = lengths = codings = length = 0
     field_limit = limits.header_field_size - 2  # name ": " value, less the colon and space
     head_size = len(request.method) + len(request.target) + 12 + 4 * len(headers)
     for name, value in headers:
@@ -227,12 +281,14 @@ def check_request(request: Request, limits: Limits) -> None:
             request.proxy_headers = True
         elif name == b"host":
             hosts += 1
-            if not _HOST.fullmatch(value):
+            if not valid_host(value):
                 raise ProtocolError(400, "invalid Host header")
         elif name == b"content-length":
             lengths += 1 + value.count(b",")
-            if limits.body_size and value.isdigit() and int(value) > limits.body_size:
-                raise ProtocolError(413, "request body too large")
+            if value.isdigit():
+                length = int(value)
+                if limits.body_size and length > limits.body_size:
+                    raise ProtocolError(413, "request body too large")
         elif name == b"transfer-encoding":
             codings += 1
     if head_size > limits.head_size:
@@ -246,6 +302,7 @@ def check_request(request: Request, limits: Limits) -> None:
         raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
     if codings and request.http_version == b"1.0":
         raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
+    return CHUNKED if codings else length
 
 
 _date_cache: tuple[int, bytes] = (0, b"")
@@ -268,6 +325,25 @@ def set_server_header(text: str) -> None:
     """What the Server header says: 'forkserve' means forkserve/VERSION; empty: no header."""
     global _server_header
     _server_header = SERVER if text == "forkserve" else (text.encode("latin-1") or None)
+
+
+_OWS = (0x20, 0x09)  # SP and HTAB, as items of a bytes value
+
+
+def trim_field_values(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]] | None:
+    """`headers` with the SP and HTAB around each value removed, or None if no value had any.
+
+    RFC 9110 §5.5: white space around a field value is not part of it (Django's Set-Cookie
+    values start with a space). Only that is removed: what else a value holds is still checked.
+    """
+    trimmed = []
+    changed = False
+    for name, value in headers:
+        if value and (value[0] in _OWS or value[-1] in _OWS):
+            value = value.strip(b" \t")
+            changed = True
+        trimmed.append((name, value))
+    return trimmed if changed else None
 
 
 def complete_headers(headers: list[tuple[bytes, bytes]], status: int, body_length: int | None,

@@ -1,11 +1,14 @@
-"""A strict follower of a chunked request body's framing (RFC 9112 §7.1), beside the parser.
+"""A strict follower of a chunked request body's framing (RFC 9112 §7.1), ahead of the parser.
 
 A parser that accepts more than the grammar allows in chunk lines (h11 takes control bytes in
 chunk extensions, bare CR, 20-digit sizes, a bare LF ending the trailers) lets a request
 mean one thing to forkserve and another to a proxy in front of it: request smuggling. This
-follower sees the same body bytes as the parser and raises `ProtocolError` at the first
-chunk line, chunk end or trailer field the grammar does not allow. It skips chunk data by
-counting, so its cost is per chunk, not per byte.
+follower reads the body bytes before the parser does and raises `ProtocolError` at the first
+chunk line, chunk end or trailer field the grammar does not allow. What it hands on to the
+parser is the same body re-framed plainly (each chunk line reduced to its size), so the
+parser's own leniencies and strictnesses in chunk lines never come into play (h11 refuses
+the white space RFC 9112 §7.1.1 allows before a ";"). It skips chunk data by counting, so its
+cost is per chunk, not per byte.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import re
 
 from forkserve.http.base import ProtocolError
 
-# chunk-size [ chunk-ext ] CRLF, with chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ).
+# RFC 9112 §7.1.1: chunk-size [ chunk-ext ] CRLF, with
+# chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ). White space (BWS) may only come
+# before a ";" or around a "=": after a size that no extension follows ("5 \r\n") it is a 400.
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
 _CHUNK_LINE = re.compile(
@@ -31,10 +36,12 @@ _SIZE, _DATA, _DATA_END, _TRAILERS, _DONE = range(5)
 
 
 class ChunkedFraming:
-    """Follows one chunked body. `feed` every body byte the parser gets, in order (bytes
-    past the body's end are ignored); `done` is true once the last chunk and the trailer
-    section ended. `max_trailers` bounds the trailer section's bytes; `max_body` (0: no
-    limit) the body's, refused with 413 at the chunk line that announces too much."""
+    """Follows one chunked body. `feed` it the bytes received after the request head, in
+    order; it returns the body re-framed for the parser and how many of the bytes were the
+    body's (bytes past the body's end are left to the caller). `done` is true once the last
+    chunk and the trailer section ended. `max_trailers` bounds the trailer section's bytes;
+    `max_body` (0: no limit) the body's, refused with 413 at the chunk line that announces
+    too much."""
 
     __slots__ = ("_state", "_line", "_remaining", "_trailer_bytes", "_max_trailers",
                  "_announced", "_max_body")
@@ -52,12 +59,15 @@ class ChunkedFraming:
     def done(self) -> bool:
         return self._state == _DONE
 
-    def feed(self, data: bytes) -> None:
-        """Follow `data`; raises ProtocolError(400) at the first framing error in it."""
+    def feed(self, data: bytes) -> tuple[bytes, int]:
+        """Follow `data`: return (the body bytes in it, re-framed for the parser, how many
+        bytes of `data` were the body's). Raises ProtocolError at the first framing error."""
+        out = []
         position, end = 0, len(data)
         while position < end and self._state != _DONE:
             if self._state == _DATA:
                 taken = min(self._remaining, end - position)
+                out.append(data[position:position + taken])
                 position += taken
                 self._remaining -= taken
                 if not self._remaining:
@@ -67,12 +77,14 @@ class ChunkedFraming:
             if newline < 0:
                 self._line += data[position:]
                 self._check_line_length()
-                return
+                position = end
+                break
             line = self._line + data[position:newline + 1]
             self._line = b""
             position = newline + 1
             self._check_line_length(line)
-            self._end_of_line(line)
+            out.append(self._end_of_line(line))
+        return b"".join(out), position
 
     def _check_line_length(self, line: bytes | None = None) -> None:
         size = len(self._line if line is None else line)
@@ -83,7 +95,8 @@ class ChunkedFraming:
             raise ProtocolError(400, "chunk data not followed by CRLF" if self._state == _DATA_END
                                 else "chunk line too long")
 
-    def _end_of_line(self, line: bytes) -> None:
+    def _end_of_line(self, line: bytes) -> bytes:
+        """Check a complete line; return what the parser gets for it."""
         if self._state == _SIZE:
             match = _CHUNK_LINE.fullmatch(line)
             if match is None:
@@ -96,7 +109,9 @@ class ChunkedFraming:
                 raise ProtocolError(413, "request body too large")
             self._remaining = size
             self._state = _DATA if size else _TRAILERS
-        elif self._state == _DATA_END:
+            # RFC 9112 §7.1.1: a recipient ignores the chunk extensions it does not know.
+            return b"%x\r\n" % size
+        if self._state == _DATA_END:
             if line != b"\r\n":
                 raise ProtocolError(400, "chunk data not followed by CRLF")
             self._state = _SIZE
@@ -106,3 +121,4 @@ class ChunkedFraming:
             self._trailer_bytes += len(line)
             if not _TRAILER_FIELD.fullmatch(line):
                 raise ProtocolError(400, f"malformed trailer field {line[:64]!r}")
+        return line
