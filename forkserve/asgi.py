@@ -20,6 +20,7 @@ from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import quote, unquote_to_bytes
 
+from forkserve.errors import StopNow
 from forkserve.http.base import HTTPConnection, Request, complete_headers, error_response
 from forkserve.logs import error_log
 from forkserve.proxy import Forwarded
@@ -333,7 +334,9 @@ class HTTPCycle:
         scope = self.scope
         try:
             await app(scope, self.receive, self.send)
-        except Exception as exc:
+        except StopNow:  # the worker's own quick stop, not the app's
+            raise
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # as peers: a 500
             if not _raised_by_send(exc):
                 error_log.error("error handling %s %s\n%s", scope["method"], _target(scope),
                                 traceback.format_exc().rstrip())

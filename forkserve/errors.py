@@ -13,3 +13,12 @@ class ConfigError(Exception):
 
 class AppNotFound(ConfigError):
     """The app's module or attribute does not exist."""
+
+
+class StopNow(SystemExit):
+    """Raised in a worker by the INT/QUIT handler (and by any stop signal while the app
+    loads) to end it at once, exit status 0. A SystemExit so that it unwinds asyncio's loop
+    too; code that catches the app's own SystemExit must let this one through."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_OK)

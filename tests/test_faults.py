@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import READY, Reader, closed_by_peer, exchange
+from conftest import APP_OF, READY, Reader, closed_by_peer, exchange
 
 HELLO = b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n"
 CRASH = b"GET /crash HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -163,10 +163,10 @@ def test_a_full_disk_under_the_log_is_reported_once_then_recovers(start_server,
     shutil.disk_usage(small_filesystem)  # still mounted and readable
 
 
-@pytest.mark.parametrize("threads", ["1", "4"])
+@pytest.mark.parametrize("app", ["wsgiapp:app", "wsgiapp:app --threads 4", "asgiapp:app"])
 @pytest.mark.parametrize("kind", ["exit", "interrupt"])
-def test_system_exit_and_keyboard_interrupt_from_the_app_are_500(start_server, threads, kind):
-    server = start_server("wsgiapp:app", "-w", "1", "--threads", threads)
+def test_system_exit_and_keyboard_interrupt_from_the_app_are_500(start_server, app, kind):
+    server = start_server(*app.split(), "-w", "1")
     workers = server.workers()
     request = b"GET /raise-exit?kind=%s HTTP/1.1\r\nHost: t\r\n\r\n" % kind.encode()
     assert exchange(server, request).status == 500
@@ -175,10 +175,10 @@ def test_system_exit_and_keyboard_interrupt_from_the_app_are_500(start_server, t
     assert server.workers() == workers  # the same worker serves on
 
 
-def test_max_worker_memory_is_checked_after_every_request(start_server):
+def test_max_worker_memory_is_checked_after_every_request(start_server, interface):
     # A leak of 20 MiB a request, on one keep-alive connection: checked once a second, the
     # worker overshot a 100 MiB limit several times over.
-    server = start_server("wsgiapp:app", "-w", "1", "--max-worker-memory", "100")
+    server = start_server(APP_OF[interface], "-w", "1", "--max-worker-memory", "100")
     (old,) = server.workers()
     peak = 0
     with server.connect() as sock:
@@ -214,8 +214,8 @@ def test_out_of_descriptors_is_logged_once_per_episode(start_server):
     assert exchange(server, HELLO).status == 200
 
 
-def test_a_new_connection_gets_header_timeout_for_its_first_byte(start_server):
-    server = start_server("wsgiapp:app", "-w", "1", "--header-timeout", "1",
+def test_a_new_connection_gets_header_timeout_for_its_first_byte(start_server, interface):
+    server = start_server(APP_OF[interface], "-w", "1", "--header-timeout", "1",
                           "--keep-alive", "60")
     with server.connect() as sock:
         began = time.monotonic()
@@ -223,11 +223,11 @@ def test_a_new_connection_gets_header_timeout_for_its_first_byte(start_server):
         assert time.monotonic() - began < 5  # not --keep-alive's 60 s
 
 
-def test_idle_connections_do_not_lock_out_normal_clients(start_server):
+def test_idle_connections_do_not_lock_out_normal_clients(start_server, interface):
     # More connections that send nothing than every worker may hold: before, each worker
     # stopped accepting at --worker-connections and normal clients waited in the queue
     # behind them for --keep-alive.
-    server = start_server("wsgiapp:app", "-w", "2", "--worker-connections", "50",
+    server = start_server(APP_OF[interface], "-w", "2", "--worker-connections", "50",
                           "--keep-alive", "60")
     idle = []
     try:
@@ -241,3 +241,36 @@ def test_idle_connections_do_not_lock_out_normal_clients(start_server):
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_asgi_worker_stopped_during_startup_runs_lifespan_shutdown(start_server):
+    server = start_server("asgiapp:slow_startup", "-w", "1", ready=False)
+    server.wait_for("LIFESPAN startup begins")
+    os.kill(server.pid, signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert re.search(r"LIFESPAN shutdown \d+", server.log)
+    assert "[ERROR]" not in server.log and "CancelledError" not in server.log
+
+
+@pytest.mark.timeout(30)
+def test_an_orphaned_asgi_worker_ends_within_graceful_timeout(start_server):
+    # A request that never ends kept a worker whose master died running forever.
+    server = start_server("asgiapp:app", "-w", "1", "--graceful-timeout", "2")
+    (worker,) = server.workers()
+    with server.connect() as sock:
+        sock.sendall(b"GET /sleep?s=600&tag=forever HTTP/1.1\r\nHost: t\r\n\r\n")
+        server.wait_for("SLEEPING forever")
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait_for(rf"worker 1 \(pid {worker}\): the master is gone; exiting")
+        began = time.monotonic()
+        while os.path.exists(f"/proc/{worker}") and _state(worker) != "Z":
+            assert time.monotonic() - began < 10, "the orphan is still running"
+            time.sleep(0.05)  # nothing to block on: it is not our child
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"

@@ -22,13 +22,12 @@ from typing import Any
 from forkserve import logs
 from forkserve.app import detect_interface, load_app
 from forkserve.config import Config
-from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_OK, ConfigError
+from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_OK, ConfigError, StopNow
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
 from forkserve.workers.aio import AsyncioWorker
 from forkserve.workers.base import (
     DUMP_SIGNAL,
-    StopNow,
     Worker,
     report_boot_failure,
     tell_master_stopping,

@@ -75,11 +75,14 @@ class AsyncioWorker(Worker):
     """Serves ASGI apps from one event loop per process."""
 
     accepting = False  # listeners registered with the loop
+    deferring = False  # accepting paused for a while (a lighter peer, or no descriptors)
 
     def serve(self) -> None:
         cfg = self.cfg
         self.asgi_app = wrap_asgi2(self.app) if self.interface == "asgi2" else self.app
         self.connections: set[HTTPProtocol] = set()
+        # Connections waiting for a request that has not begun, longest waiting first.
+        self.idle: dict[HTTPProtocol, None] = {}
         self.accepted = 0  # accepted sockets whose protocol is not set up yet
         self.stopping = False
         self.accepting = False
@@ -105,8 +108,9 @@ class AsyncioWorker(Worker):
             await self.lifespan.startup()
         except LifespanFailed as exc:
             raise BootFailed(EXIT_BOOT, str(exc)) from None
-        if not self.alive:
-            return  # told to stop while starting up
+        if not self.alive:  # told to stop while starting up: undo what started
+            await self.lifespan.shutdown(LIFESPAN_SHUTDOWN_SECONDS)
+            return
         loop = self.loop
         loop.add_reader(self.wakeup_r, self._on_wakeup)
         for listener in self.listeners:
@@ -167,9 +171,18 @@ class AsyncioWorker(Worker):
 
     async def _drain(self) -> None:
         """Wait for open connections to finish, and accepted ones still reading a PROXY
-        header or doing a TLS handshake (the master bounds this by --graceful-timeout)."""
-        if self.connections or self.accepted:
-            await self.all_closed.wait()
+        header or doing a TLS handshake, for --graceful-timeout at most (the master kills a
+        worker still running then; one whose master is gone must end by itself)."""
+        if not (self.connections or self.accepted):
+            return
+        try:
+            await asyncio.wait_for(self.all_closed.wait(), self.cfg.graceful_timeout)
+        except asyncio.TimeoutError:
+            error_log.warning("worker %d: %d connections still open after --graceful-timeout "
+                              "%g s; closing them", self.number, len(self.connections),
+                              self.cfg.graceful_timeout)
+            for protocol in list(self.connections):
+                protocol.abort()
 
     # -- accepting ------------------------------------------------------------------------------
 
@@ -184,11 +197,13 @@ class AsyncioWorker(Worker):
                 self.loop.remove_reader(listener.sock.fileno())
 
     def _resume_accepting(self) -> None:
+        self.deferring = False
         if not self.stopping and self._has_room():
             self.accept_forced = True
             self._set_accepting(True)
 
     def _pause_accepting(self, seconds: float) -> None:
+        self.deferring = True  # the timer below ends it (or a connection closing)
         self._set_accepting(False)
         self.loop.call_later(seconds, self._resume_accepting)
 
@@ -196,6 +211,12 @@ class AsyncioWorker(Worker):
         self.accept_batch(listening, self._pause_accepting, self._take)
 
     def _take(self, sock: socket.socket, peer: Any) -> None:
+        if not self._below_limit() and self.idle:
+            # Idle connections must not lock out new clients (thousands that connect and
+            # send nothing): the one idle longest makes room.
+            oldest = next(iter(self.idle))
+            del self.idle[oldest]
+            oldest.close()
         self.accepted += 1
         self._publish()  # count it now: peers must see this worker's load at once
         self.loop.create_task(self._connect(sock))
@@ -203,6 +224,11 @@ class AsyncioWorker(Worker):
             self._set_accepting(False)  # connection_closed starts again once one is gone
 
     def _has_room(self) -> bool:
+        """May this worker take another connection? At --worker-connections it still may
+        when it can close an idle connection for it."""
+        return not self.over_memory and (self._below_limit() or bool(self.idle))
+
+    def _below_limit(self) -> bool:
         return len(self.connections) + self.accepted < self.cfg.worker_connections
 
     async def _readable(self, sock: socket.socket, timeout: float) -> None:
@@ -260,7 +286,7 @@ class AsyncioWorker(Worker):
         try:
             if self.cfg.proxy_protocol or tls is not None:
                 cfg = self.cfg
-                await self._readable(sock, self.idle_timeout)
+                await self._readable(sock, self.first_byte_timeout)
                 deadline = self.loop.time() + (cfg.header_timeout or self.idle_timeout)
                 if cfg.proxy_protocol:
                     header = await self._proxy_header(sock, deadline)
@@ -283,14 +309,39 @@ class AsyncioWorker(Worker):
             elif not self.accepting and self._has_room():
                 self._set_accepting(True)
 
+    def after_request(self) -> None:
+        """--max-worker-memory, checked after each request: a worker over it stops accepting
+        and answers with Connection: close from now on, so its clients move to other
+        workers while the master starts its replacement."""
+        if self.over_memory:
+            return
+        self.check_memory()
+        if self.over_memory:
+            self._set_accepting(False)
+
     def _publish(self) -> None:
         self.scoreboard.set(self.number, len(self.connections) + self.accepted)
 
     def connection_opened(self, protocol: HTTPProtocol) -> None:
         self.connections.add(protocol)
 
+    def now_idle(self, protocol: HTTPProtocol) -> None:
+        """`protocol` waits for a request: at --worker-connections it can make room for a
+        new connection, so a worker that stopped accepting may start again."""
+        self.idle[protocol] = None
+        if not self.accepting and not self.deferring and not self.stopping \
+                and self._has_room():
+            self._set_accepting(True)
+
+    def not_idle(self, protocol: HTTPProtocol) -> None:
+        """`protocol`'s next request has begun: it can no longer make room for a new
+        connection, so a worker at --worker-connections may have to stop accepting."""
+        if self.idle.pop(protocol, 0) is None and self.accepting and not self._has_room():
+            self._set_accepting(False)  # connection_closed starts again once one is gone
+
     def connection_closed(self, protocol: HTTPProtocol) -> None:
         self.connections.discard(protocol)
+        self.idle.pop(protocol, None)
         self._publish()
         if self.stopping:
             self._check_all_closed()
@@ -351,7 +402,7 @@ class HTTPProtocol(asyncio.Protocol):
         if header is not None and header.client is not None:
             self.client = header.client
         self.worker.connection_opened(self)
-        self._wait_for_request()
+        self._wait_for_request(self.worker.first_byte_timeout)
         if self.worker.stopping:
             self.begin_stop()
 
@@ -367,6 +418,7 @@ class HTTPProtocol(asyncio.Protocol):
         if self.cycle is None and self.ws is None and not self.head_started \
                 and not self.closed and header_timeout:
             self.head_started = True
+            self.worker.not_idle(self)
             if self.timer is None or self.timer.when() > self.loop.time() + header_timeout:
                 self._cancel_timer()
                 self.timer = self.loop.call_later(header_timeout, self.close)
@@ -428,6 +480,11 @@ class HTTPProtocol(asyncio.Protocol):
         if not self.closed:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Drop the connection now, whatever is buffered for it."""
+        if not self.closed:
+            self.transport.abort()
+
     # -- parsing ----------------------------------------------------------------------------------
 
     def _process(self) -> None:
@@ -477,10 +534,11 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _start_cycle(self, request: Request) -> None:
         worker = self.worker
+        worker.not_idle(self)
         scope = self._completed(request, http_scope(
             request, self.client, self.server, worker.cfg.root_path,
             worker.lifespan.state if worker.lifespan.supported else None))
-        close = worker.stopping or worker.cfg.keep_alive <= 0
+        close = worker.stopping or worker.over_memory or worker.cfg.keep_alive <= 0
         self._cancel_timer()
         self.request = request
         self.started = time.time() if worker.access_log_format else 0.0
@@ -505,10 +563,13 @@ class HTTPProtocol(asyncio.Protocol):
         return scope
 
     async def _run(self, cycle: HTTPCycle) -> None:
+        worker = self.worker
         try:
-            await cycle.run(self.worker.asgi_app)
+            await cycle.run(worker.asgi_app)
         finally:
-            self.worker.in_flight -= 1
+            worker.in_flight -= 1
+            if worker.memory_limit_kib:
+                worker.after_request()
 
     def _upgrade(self, request: Request) -> None:
         """Hand the connection to a WebSocket session (or refuse: no wsproto)."""
@@ -528,6 +589,7 @@ class HTTPProtocol(asyncio.Protocol):
             self._reject(exc)
             return
         self._cancel_timer()
+        worker.not_idle(self)
         cfg = worker.cfg
         scope = self._completed(request, websocket_scope(
             request, self.client, self.server, cfg.root_path,
@@ -615,11 +677,14 @@ class HTTPProtocol(asyncio.Protocol):
 
     # -- timers and stopping ----------------------------------------------------------------------
 
-    def _wait_for_request(self) -> None:
+    def _wait_for_request(self, timeout: float = 0.0) -> None:
+        """Wait for the next request for `timeout` seconds (default: the idle timeout
+        between keep-alive requests; STOP_GRACE once stopping)."""
         self.head_started = False
         worker = self.worker
+        worker.now_idle(self)
         self.timer = self.loop.call_later(
-            STOP_GRACE if worker.stopping else worker.idle_timeout, self.close)
+            STOP_GRACE if worker.stopping else timeout or worker.idle_timeout, self.close)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

@@ -31,7 +31,7 @@ from setproctitle import setproctitle
 
 from forkserve import channel, logs, proxy_protocol
 from forkserve.config import Config
-from forkserve.errors import EXIT_OK
+from forkserve.errors import EXIT_OK, StopNow
 from forkserve.http import Limits
 from forkserve.http.base import set_server_header
 from forkserve.logs import error_log
@@ -100,15 +100,6 @@ class BootFailed(Exception):
         super().__init__(text)
         self.status = status
         self.text = text
-
-
-class StopNow(SystemExit):
-    """Raised by the INT/QUIT handler (and any stop signal while the app loads) to end the
-    worker at once, exit status 0. A SystemExit so that it unwinds asyncio's loop too; code
-    that catches the app's own SystemExit must let this one through."""
-
-    def __init__(self) -> None:
-        super().__init__(EXIT_OK)
 
 
 class MasterGone(Exception):

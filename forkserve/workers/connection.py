@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from forkserve.errors import StopNow
 from forkserve.http.base import (
     END_OF_MESSAGE,
     NEED_DATA,
@@ -36,7 +37,7 @@ from forkserve.logs import access_log, error_log, format_access_line
 from forkserve.proxy import TrustedProxies
 from forkserve.proxy_protocol import ProxyProtocolError
 from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http, tls_environ
-from forkserve.workers.base import MAX_DRAIN, ProxyHeaderReader, StopNow
+from forkserve.workers.base import MAX_DRAIN, ProxyHeaderReader
 from forkserve.wsgi import EnvironFactory, ErrorStream, InputStream, call_app
 
 RECV_SIZE = 65536

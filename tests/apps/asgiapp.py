@@ -206,6 +206,22 @@ async def big_download(scope, receive, send):
     await send({"type": "http.response.body", "body": b""})
 
 
+async def raise_exit(scope, receive, send):
+    """Raises SystemExit (?kind=exit, the default) or KeyboardInterrupt (?kind=interrupt)."""
+    if _query(scope).get("kind") == "interrupt":
+        raise KeyboardInterrupt
+    raise SystemExit(4)
+
+
+_hoard: list[bytearray] = []
+
+
+async def grow(scope, receive, send):
+    """Keeps ?mb= more MiB (touched, so resident); answers the total kept, in bytes."""
+    _hoard.append(bytearray(int(_query(scope).get("mb", "10")) * 1024 * 1024))
+    await _reply(send, str(sum(map(len, _hoard))).encode())
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -229,6 +245,7 @@ ROUTES = {
     "/body-before-start": body_before_start, "/start-twice": start_twice,
     "/returns-early": returns_early, "/big-download": big_download,
     "/stream-then-wait": stream_then_wait, "/ticks": ticks,
+    "/raise-exit": raise_exit, "/grow": grow,
 }
 
 
@@ -285,6 +302,22 @@ async def app(scope, receive, send):
         await _reply(send, b"not found", 404)
         return
     await route(scope, receive, send)
+
+
+async def slow_startup(scope, receive, send):
+    """Lifespan startup takes a second (it says when it begins): a stop may come meanwhile."""
+    if scope["type"] != "lifespan":
+        await app(scope, receive, send)
+        return
+
+    async def slow_receive():
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            say("LIFESPAN startup begins")
+            await asyncio.sleep(1)
+        return message
+
+    await app(scope, slow_receive, send)
 
 
 async def failing_startup(scope, receive, send):
