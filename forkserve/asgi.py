@@ -14,6 +14,7 @@ the WSGI worker uses.
 from __future__ import annotations
 
 import asyncio
+import re
 import traceback
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -82,8 +83,12 @@ def connection_scope(kind: str, request: Request, client: Any, server: Any, root
     prefix) gets it prepended, as uvicorn does (uvicorn prepends it to every target).
     """
     raw_path, _, query = request.target.partition(b"?")
+    headers = request.headers
     if b"://" in raw_path and not raw_path.startswith(b"/"):  # absolute form
-        raw_path = b"/" + raw_path.split(b"://", 1)[1].partition(b"/")[2]
+        authority, _, rest = raw_path.split(b"://", 1)[1].partition(b"/")
+        raw_path = b"/" + rest
+        # RFC 9112 §3.2.2: the target's authority is the host, whatever Host says.
+        headers = _with_host(headers, authority)
     path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode(
         "utf-8", "replace")
     if root_path and path[:1] == "/" and path != root_path \
@@ -99,7 +104,7 @@ def connection_scope(kind: str, request: Request, client: Any, server: Any, root
         "raw_path": raw_path,
         "query_string": query,
         "root_path": root_path,
-        "headers": request.headers,
+        "headers": headers,
         "client": client,
         "server": server,
     }
@@ -119,8 +124,12 @@ def apply_forwarded(scope: dict[str, Any], info: Forwarded) -> None:
         else:
             scope["scheme"] = "https" if secure else "http"
     if info.host:
-        scope["headers"] = [(name, value) for name, value in scope["headers"]
-                            if name != b"host"] + [(b"host", info.host.encode("latin-1"))]
+        scope["headers"] = _with_host(scope["headers"], info.host.encode("latin-1"))
+
+
+def _with_host(headers: list[tuple[bytes, bytes]], host: bytes) -> list[tuple[bytes, bytes]]:
+    """`headers` with `host` as its one Host header."""
+    return [(name, value) for name, value in headers if name != b"host"] + [(b"host", host)]
 
 
 class HTTPCycle:
@@ -414,8 +423,14 @@ def _headers(headers: Any) -> list[tuple[bytes, bytes]]:
         name, value = header
         if not isinstance(name, bytes) or not isinstance(value, bytes):
             raise RuntimeError(f"response header name and value must be bytes: {header!r}")
+        if _BAD_VALUE.search(value):  # h11 lets other control bytes through
+            raise RuntimeError(f"invalid character in response header: {header!r}")
         out.append((name, value))
     return out
+
+
+# Control bytes but HTAB (CR, LF and NUL included): never in a field value (RFC 9110 §5.5).
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

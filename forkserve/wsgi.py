@@ -227,9 +227,10 @@ class StartResponse:
             except UnicodeEncodeError:
                 raise ValueError(f"response header {name} is not latin-1: {value!r}") from None
             if len(name) == 14 and name.lower() == "content-length":
-                if not value.isdigit():
+                digits = value.strip(" \t")  # optional white space (RFC 9110 §5.5)
+                if not (digits.isascii() and digits.isdigit()):
                     raise ValueError(f"invalid Content-Length {value!r}")
-                self.content_length = int(value)
+                self.content_length = int(digits)
             encoded.append((raw_name, raw))
         return encoded
 

@@ -449,11 +449,14 @@ def test_a_higher_minor_version_is_served_as_http11(http_server, version):
 
 @pytest.mark.parametrize("authority", [b"h", b"h:8080", b"[::1]:80", b"127.0.0.1", b"h:"])
 def test_absolute_form_target_gives_the_app_its_path(http_server, authority):
-    """RFC 9112 §3.2.2: the path and query the app sees are those of the target URI."""
+    """RFC 9112 §3.2.2: the path and query the app sees are those of the target URI, and its
+    authority is the host (the request's Host: t is ignored)."""
     path = VIEW_PATH[http_server.interface]
     with http_server.connect() as sock:
         view = app_view(Reader(sock), b"http://%s%s?q=1" % (authority, path))
     if http_server.interface == "wsgi":
         assert (view["PATH_INFO"], view["QUERY_STRING"]) == (path.decode(), "q=1")
+        assert view["HTTP_HOST"] == authority.decode()
     else:
         assert (view["path"], view["query_string"]) == (path.decode(), "q=1")
+        assert [v for k, v in view["headers"] if k == "host"] == [authority.decode()]

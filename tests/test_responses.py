@@ -35,16 +35,26 @@ def respond_with(server, headers: list[list[str]]):
     [["X-Injected", "a\r\n"]],
     [["X-Nul", "\ta\x00b "]],
     [["Content-Length", " 5"], ["Content-Length", "6 "]],
+    [["X-Control", "a\x01b"]],
+    [["X-Control", "a\x7f"]],
+    [["Content-Length", "\u0665"]],
 ], ids=["crlf-in-value", "lf-in-value", "nul-in-value", "space-in-name", "colon-in-name",
         "empty-name", "conflicting-lengths", "negative-length", "unknown-coding",
         "crlf-in-padded-value", "crlf-ending-value", "nul-in-padded-value",
-        "conflicting-padded-lengths"])
+        "conflicting-padded-lengths", "control-byte-in-value", "del-in-value",
+        "non-ascii-digit-length"])
 def test_invalid_response_heads_become_500(http_server, headers):
     response = respond_with(http_server, headers)
     assert response.status == 500, response
     assert response.header("set-cookie") is None
     assert b"hello" not in response.body
     http_server.wait_for(r"error handling POST /respond-with")
+
+
+def test_a_padded_content_length_frames_the_body(http_server):
+    response = respond_with(http_server, [["Content-Length", " 5 "]])
+    assert response.status == 200 and response.body == b"hello"
+    assert response.header("content-length") == "5"
 
 
 @pytest.mark.parametrize("headers, framing", [
