@@ -274,3 +274,80 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"
+
+
+def _cgroup_v1(controller: str, name: str) -> Path | None:
+    """A new cgroup (v1) of `controller` under this process's own, or None if that cannot be
+    made here."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            group = Path("/sys/fs/cgroup") / controller / path.lstrip("/") / name
+            try:
+                group.mkdir()
+            except OSError:
+                return None
+            return group
+    return None
+
+
+@pytest.fixture
+def cgroup(request) -> Iterator[Path]:
+    """A fresh v1 cgroup of the controller named by the parameter; removed afterwards (its
+    processes are gone by then: the server fixture kills them first)."""
+    group = _cgroup_v1(request.param, f"forkserve-test-{os.getpid()}")
+    if group is None:
+        pytest.skip(f"cannot make a {request.param} cgroup here")
+    yield group
+    for pid in (group / "cgroup.procs").read_text().split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # the killed processes are still exiting
+
+
+@root_only
+@pytest.mark.parametrize("cgroup", ["memory"], indirect=True)
+def test_workers_killed_by_the_oom_killer_are_replaced_at_once(start_server, cgroup):
+    # A leaking app in a memory-limited container: the kernel kills a worker every few
+    # requests. Each must be replaced at once, never leaving the service without workers.
+    (cgroup / "memory.limit_in_bytes").write_text(str(200 * 1024 * 1024))
+    server = start_server("wsgiapp:app", "-w", "2",
+                          preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"))
+    killed = 0
+    for _ in range(40):
+        with server.connect() as sock:
+            sock.sendall(b"GET /grow?mb=30 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            killed += Reader(sock).read_to_eof() == b""  # no answer: the worker was killed
+        began = time.monotonic()
+        assert exchange(server, HELLO).status == 200
+        assert time.monotonic() - began < 5.0
+    assert killed >= 2, server.log
+    assert re.search(r"killed by SIGKILL \(not by forkserve: out of memory\?\).*; replacing "
+                     r"it", server.log)
+    assert "failures in a row" not in server.log
+
+
+@root_only
+@pytest.mark.parametrize("cgroup", ["freezer"], indirect=True)
+def test_a_frozen_server_is_not_taken_for_hung_when_thawed(start_server, cgroup):
+    # What `docker pause` does: the master and its workers frozen together, past --timeout.
+    server = start_server("wsgiapp:app", "-w", "2", "--timeout", "2",
+                          preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"))
+    workers = sorted(server.workers())
+    (cgroup / "freezer.state").write_text("FROZEN")
+    time.sleep(4)  # the fault itself: frozen past --timeout
+    (cgroup / "freezer.state").write_text("THAWED")
+    server.wait_for(r"the master's loop was stopped for [\d.]+ s")
+    assert exchange(server, HELLO).status == 200
+    assert "silent for" not in server.log
+    assert sorted(server.workers()) == workers
