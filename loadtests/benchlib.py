@@ -609,6 +609,18 @@ def run_server(cmd: list[str], log_path: Path, app_dirs: Sequence[Path]) -> Iter
         stop_server(running)
 
 
+@contextlib.contextmanager
+def booted(server: Server, app: App, workers: int,
+           log_path: Path) -> Iterator[tuple[Running, int, str | None]]:
+    """run_server for `server` serving `app` on a free port, then wait_ready: the running
+    server, its port, and why it is not ready (None when it is)."""
+    port = free_port()
+    cmd = server_command(server, app, workers, port)
+    print(f"--- {server.label}: {' '.join(cmd)}", file=sys.stderr)
+    with run_server(cmd, log_path, app.dirs) as running:
+        yield running, port, wait_ready(running, port, boot_marker(server, workers), app.body)
+
+
 def stop_server(running: Running) -> None:
     proc = running.proc
     try:

@@ -42,6 +42,8 @@ from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http, tls_extension
 from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
 from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade, websocket_scope
 from forkserve.workers.base import (
+    BALANCE_MARGIN,
+    DEFER_POLL,
     LINGER_SECONDS,
     MAX_DRAIN,
     STOP_GRACE,
@@ -196,16 +198,33 @@ class AsyncioWorker(Worker):
             else:
                 self.loop.remove_reader(listener.sock.fileno())
 
-    def _resume_accepting(self) -> None:
+    def _resume_accepting(self, forced: bool = True) -> None:
+        """End a pause of accepting; `forced`: accept one connection even if a peer is
+        lighter (it may be slow to wake)."""
         self.deferring = False
         if not self.stopping and self._has_room():
-            self.accept_forced = True
+            self.accept_forced = forced
             self._set_accepting(True)
 
-    def _pause_accepting(self, seconds: float) -> None:
-        self.deferring = True  # the timer below ends it (or a connection closing)
+    def _pause_accepting(self, seconds: float, rebalancing: bool) -> None:
+        self.deferring = True  # ended by the timer below, or by a connection closing
         self._set_accepting(False)
-        self.loop.call_later(seconds, self._resume_accepting)
+        if rebalancing:
+            self._poll_deferral(self.loop.time() + seconds)
+        else:
+            self.loop.call_later(seconds, self._resume_accepting)
+
+    def _poll_deferral(self, until: float) -> None:
+        """A rebalancing pause ends at `until` (loop time), or as soon as no peer is lighter
+        (looked at every DEFER_POLL): no worker idles while connections queue."""
+        if not self.deferring:
+            return  # ended already
+        if self.loop.time() >= until:
+            self._resume_accepting()
+        elif not self.scoreboard.has_lighter_peer(self.number, BALANCE_MARGIN):
+            self._resume_accepting(forced=False)
+        else:
+            self.loop.call_later(DEFER_POLL, self._poll_deferral, until)
 
     def _accept(self, listening: socket.socket) -> None:
         self.accept_batch(listening, self._pause_accepting, self._take)
@@ -306,7 +325,7 @@ class AsyncioWorker(Worker):
             self._publish()
             if self.stopping:
                 self._check_all_closed()
-            elif not self.accepting and self._has_room():
+            elif not self.accepting and not self.deferring and self._has_room():
                 self._set_accepting(True)
 
     def after_request(self) -> None:
@@ -346,7 +365,7 @@ class AsyncioWorker(Worker):
         if self.stopping:
             self._check_all_closed()
         elif not self.accepting and self._has_room():
-            self._set_accepting(True)
+            self._resume_accepting(forced=False)  # also ends a pause: a descriptor is free
 
     def _check_all_closed(self) -> None:
         if not self.connections and not self.accepted:

@@ -44,9 +44,11 @@ DUMP_SIGNAL = signal.SIGUSR2
 ACCEPT_BATCH = 16
 # A worker holding this many connections more than an available peer (and an eighth more, see
 # Scoreboard.has_lighter_peer) leaves new ones to the peer for ACCEPT_DEFER seconds, then
-# accepts one anyway (the peer may be slow to wake).
+# accepts one anyway (the peer may be slow to wake). It looks again every DEFER_POLL seconds
+# and takes connections as soon as no peer is lighter: no worker idles while they queue.
 BALANCE_MARGIN = 2
 ACCEPT_DEFER = 0.02
+DEFER_POLL = 0.002
 # How long accepting pauses when the process is out of file descriptors or memory.
 RESOURCE_PAUSE = 0.5
 # The I/O stall bound when --timeout is 0.
@@ -192,16 +194,17 @@ class Worker:
         except OSError as exc:
             raise MasterGone(f"lost its pipe to the master ({exc.strerror})") from None
 
-    def accept_batch(self, listening: socket.socket, pause: Callable[[float], None],
+    def accept_batch(self, listening: socket.socket, pause: Callable[[float, bool], None],
                      take: Callable[[socket.socket, Any], None]) -> None:
         """Accept up to ACCEPT_BATCH connections from `listening` and `take(sock, peer)` each
         (non-blocking, TCP_NODELAY). Leaves new connections to a lighter peer for a moment
-        (scoreboard balancing), and `pause(seconds)`s accepting when out of descriptors."""
+        (`pause(ACCEPT_DEFER, True)`: rebalancing, ended early once no peer is lighter), and
+        pauses accepting when out of descriptors (`pause(RESOURCE_PAUSE, False)`)."""
         for _ in range(ACCEPT_BATCH):
             if self.accept_forced:
                 self.accept_forced = False
             elif self.scoreboard.has_lighter_peer(self.number, BALANCE_MARGIN):
-                pause(ACCEPT_DEFER)
+                pause(ACCEPT_DEFER, True)
                 return
             try:
                 sock, peer = listening.accept()
@@ -216,7 +219,7 @@ class Worker:
                         error_log.error("cannot accept connections: %s; pausing %g s at a "
                                         "time until it can", exc.strerror, RESOURCE_PAUSE)
                     self.accept_pauses += 1
-                    pause(RESOURCE_PAUSE)
+                    pause(RESOURCE_PAUSE, False)
                 return
             if self.accept_pauses:
                 error_log.warning("accepting connections again after %.1f s (%d pauses)",

@@ -21,7 +21,13 @@ from forkserve.http import new_connection
 from forkserve.http.base import NEED_DATA, ProtocolError, Request
 from forkserve.logs import error_log
 from forkserve.scoreboard import UNAVAILABLE
-from forkserve.workers.base import BALANCE_MARGIN, LINGER_SECONDS, STOP_GRACE, Worker
+from forkserve.workers.base import (
+    BALANCE_MARGIN,
+    DEFER_POLL,
+    LINGER_SECONDS,
+    STOP_GRACE,
+    Worker,
+)
 from forkserve.workers.connection import (
     DONE,
     LINGER,
@@ -58,7 +64,8 @@ class SyncWorker(Worker):
         self.waiting: dict[ClientConnection, float] = {}  # connection -> when it expires
         self.lingering: dict[ClientConnection, float] = {}
         self.accepting = False
-        self.accept_resume_at = 0.0  # when a deferral of accepting ends (0: none)
+        self.accept_resume_at = 0.0  # when a pause of accepting ends (0: none)
+        self.rebalancing = False  # that pause leaves connections to a lighter peer
         self.stop_deadline = 0.0  # set by a graceful stop: open connections close by then
         for listener in self.listeners:
             listener.sock.setblocking(False)
@@ -84,14 +91,17 @@ class SyncWorker(Worker):
             wake_at = self.next_tick
             self._publish()
             if self.accept_resume_at:
-                # A deferral ends at its time, or as soon as no peer is lighter any more (this
-                # worker's own connections closed): never idle while connections queue.
+                # A pause ends at its time; a rebalancing one also as soon as no peer is
+                # lighter any more (looked at every DEFER_POLL): never idle while
+                # connections queue.
                 if now >= self.accept_resume_at:
                     self._resume_accepting(forced=True)
-                elif not self.scoreboard.has_lighter_peer(self.number, BALANCE_MARGIN):
+                elif self.rebalancing and not self.scoreboard.has_lighter_peer(
+                        self.number, BALANCE_MARGIN):
                     self._resume_accepting(forced=False)
                 else:
-                    wake_at = min(wake_at, self.accept_resume_at)
+                    wake_at = min(wake_at, self.accept_resume_at,
+                                  now + DEFER_POLL if self.rebalancing else wake_at)
             elif not self.accepting and self.alive and self._has_room():
                 self._set_accepting(True)
             for key, _ in select(max(0.0, wake_at - now)):
@@ -154,9 +164,10 @@ class SyncWorker(Worker):
     def _accept(self, listening: socket.socket) -> None:
         self.accept_batch(listening, self._pause_accepting, self._take)
 
-    def _pause_accepting(self, seconds: float) -> None:
+    def _pause_accepting(self, seconds: float, rebalancing: bool) -> None:
         self._set_accepting(False)
         self.accept_resume_at = time.monotonic() + seconds
+        self.rebalancing = rebalancing
 
     def _take(self, sock: socket.socket, peer: Any) -> None:
         if self._full():
