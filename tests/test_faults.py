@@ -196,16 +196,18 @@ def test_max_worker_memory_is_checked_after_every_request(start_server, interfac
     assert exchange(server, HELLO).status == 200
 
 
-def test_out_of_descriptors_is_logged_once_per_episode(start_server):
-    server = start_server("wsgiapp:app", "-w", "1")
+def test_out_of_descriptors_is_logged_once_per_episode(start_server, interface):
+    server = start_server(APP_OF[interface], "-w", "1")
     (worker,) = server.workers()
     in_use = len(os.listdir(f"/proc/{worker}/fd"))
     resource.prlimit(worker, resource.RLIMIT_NOFILE, (in_use + 2, 4096))
     clients = [server.connect() for _ in range(8)]  # two fit; the rest wait in the queue
     try:
         server.wait_for(r"cannot accept connections: Too many open files; pausing 0\.5 s")
+        cpu_before = _cpu_seconds(worker)
         time.sleep(1.6)  # three more pauses: the window over which the lines are counted
         assert len(re.findall("cannot accept connections", server.log)) == 1
+        assert _cpu_seconds(worker) - cpu_before < 0.5  # paused, not spinning
     finally:
         for sock in clients:
             sock.close()
