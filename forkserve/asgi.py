@@ -358,13 +358,15 @@ class HTTPCycle:
                 return
             unfinished = "completing the response" if self.response_started \
                 else "starting a response"
-            if not self.told_disconnect:
+            if not (self.told_disconnect or self.interrupted):
                 error_log.error("error handling %s %s: the app returned without %s",
                                 scope["method"], _target(scope), unfinished)
                 self._fail(500)
                 return
-            error_log.debug("%s %s ended early: told http.disconnect, the app returned "
-                            "without %s", scope["method"], _target(scope), unfinished)
+            error_log.debug("%s %s ended early: the request was over (%s), the app returned "
+                            "without %s", scope["method"], _target(scope),
+                            "told http.disconnect" if self.told_disconnect else "server stop",
+                            unfinished)
         self._end_early()
 
     def _end_early(self) -> None:

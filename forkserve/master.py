@@ -221,8 +221,8 @@ class Master:
         error_log.warning("the master's loop was stopped for %.1f s (SIGSTOP or a frozen "
                           "cgroup?); that time does not count against the workers", late)
         for worker in self.workers.values():
-            worker.last_seen += late
-            worker.started += late
+            worker.last_seen = min(now, worker.last_seen + late)
+            worker.started = min(now, worker.started + late)
         self._read_ready(0)
 
     def _preload(self) -> bool:
@@ -634,14 +634,16 @@ class Master:
         current = self.scoreboard.current_request(worker.number)
         if current is not None:
             how += f" while serving {current[0]!r} ({current[1]:.1f} s in)"
-        if self.scoreboard.took_traffic(worker.number) \
-                or time.monotonic() - worker.booted_at >= STABLE_SECONDS:
+        stable = time.monotonic() - worker.booted_at >= STABLE_SECONDS
+        if stable:
+            self.failures = 0  # its boot worked: earlier failures are over
+        if stable or self.scoreboard.took_traffic(worker.number):
             # A request killed it (a crash in a C extension, os._exit, the OOM killer), not
             # its boot: replace it at once, or a few deadly requests would leave no worker.
             error_log.error("worker %d (pid %d) %s; replacing it", worker.number, worker.pid,
                             how)
-            self.failures = 0
-            self.spawn_not_before = 0.0
+            if not (self.failures or self.fork_failures):
+                self.spawn_not_before = 0.0  # unless boots or forks are failing: then wait
             return
         error_log.error("worker %d (pid %d) %s right after booting, before taking a "
                         "connection", worker.number, worker.pid, how)

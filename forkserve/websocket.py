@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any
 
 from forkserve.asgi import ASGIApp, ClientDisconnected, Message, Output, connection_scope
+from forkserve.errors import StopNow
 from forkserve.http.base import Request
 from forkserve.logs import error_log
 
@@ -251,7 +252,9 @@ class WebSocketSession:
             await app(self.scope, self.receive, self.send)
         except ClientDisconnected:
             return
-        except Exception:
+        except StopNow:  # the worker's own quick stop, not the app's
+            raise
+        except (Exception, SystemExit, KeyboardInterrupt):  # as for HTTP: the worker serves on
             error_log.error("error in WebSocket %s\n%s", self.scope["path"],
                             traceback.format_exc().rstrip())
             self.close(INTERNAL_ERROR)

@@ -86,6 +86,21 @@ def test_graceful_stop_ends_event_streams_at_once(start_server, loop):
     assert "killing worker" not in log and "ERROR" not in log
 
 
+def test_graceful_stop_ends_an_event_stream_that_only_sends(start_server):
+    """An SSE app that never calls receive() learns of the stop from send() raising, and
+    returns: that is the stream ending as asked, not an app error, and its body is ended."""
+    server = start_server("asgiapp:app", "-w", "1", "--graceful-timeout", "20")
+    with server.connect() as sock:
+        sock.sendall(GET % b"/events-until-send-fails")
+        reader = Reader(sock)
+        reader.read_until(b"data: tick\n\n")
+        os.kill(server.pid, signal.SIGTERM)
+        rest = reader.read_to_eof()
+    assert server.wait_exit() == 0
+    assert (b"\r\n" + rest).endswith(b"\r\n0\r\n\r\n")
+    assert "EVENTS send raised" in server.log and "ERROR" not in server.log
+
+
 def test_graceful_stop_ends_other_streams_shortly_before_the_timeout(start_server):
     """A stream without a Content-Length that is not SSE may run on during
     --graceful-timeout; a second before it runs out, it is ended and its body cut (the client

@@ -190,7 +190,9 @@ def test_max_worker_memory_is_checked_after_every_request(start_server, interfac
             peak = max(peak, int(response.body))
             if response.header("connection") == "close":
                 break  # over the limit: the worker lets this client go
-    assert peak <= 100 * 1024 * 1024  # what the app held when it was stopped
+    # What the app held when it let the client go: the request that crossed the limit, and
+    # (checked once the response is out) one more at most.
+    assert peak <= (100 + 20) * 1024 * 1024
     server.wait_for(rf"worker 1 \(pid {old}\) recycling: resident memory reached \d+ MiB")
     server.wait_for(rf"\(pid {old}\) exited with status 0")
     assert exchange(server, HELLO).status == 200
@@ -353,3 +355,19 @@ def test_a_frozen_server_is_not_taken_for_hung_when_thawed(start_server, cgroup)
     assert exchange(server, HELLO).status == 200
     assert "silent for" not in server.log
     assert sorted(server.workers()) == workers
+
+
+def test_a_worker_over_max_worker_memory_still_stops_when_replaced(start_server):
+    # It stopped taking connections when it went over; the TERM that follows its
+    # replacement's boot used to be ignored while an idle keep-alive client stayed connected
+    # (killed at the stop deadline, with its memory held until then).
+    server = start_server("wsgiapp:app", "-w", "1", "--max-worker-memory", "120")
+    (old,) = server.workers()
+    with server.connect() as idle, server.connect() as sock:
+        idle.sendall(HELLO)
+        assert Reader(idle).response().status == 200  # now idle, kept alive
+        sock.sendall(b"GET /grow?mb=200 HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert Reader(sock).response().status == 200
+        server.wait_for(rf"worker 1 \(pid {old}\) recycling: resident memory reached")
+        server.wait_for(rf"\(pid {old}\) exited with status 0", timeout=10)
+    assert "killing worker" not in server.log

@@ -11,6 +11,7 @@ import re
 import resource
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -295,6 +296,26 @@ def test_worker_connections_limit_closes_the_longest_idle_for_a_new_one(start_se
             sock.close()
 
 
+def test_worker_connections_limit_never_closes_a_connection_whose_request_came(
+        start_server, interface):
+    # New connections whose requests arrived while the worker was blocked are not idle,
+    # however new: making room with them lost their requests (37 of 40 were reset).
+    server = start_server(APP_OF[interface], "-w", "1", "--worker-connections", "4")
+    route = b"/sleep" if interface == "wsgi" else b"/block"  # the worker's loop waits
+    with server.connect() as blocker:
+        blocker.sendall(get(route + b"?s=1&tag=blocking"))
+        server.wait_for("SLEEPING blocking")
+        clients = [server.connect() for _ in range(20)]
+        try:
+            for sock in clients:
+                sock.sendall(b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            for sock in clients:
+                assert Reader(sock).response().status == 200
+        finally:
+            for sock in clients:
+                sock.close()
+
+
 def test_worker_connections_limit_queues_new_ones_while_all_are_busy(start_server,
                                                                      interface):
     server = start_server(APP_OF[interface], "-w", "1", "--threads", "4",
@@ -460,3 +481,40 @@ def test_absolute_form_target_gives_the_app_its_path(http_server, authority):
     else:
         assert (view["path"], view["query_string"]) == (path.decode(), "q=1")
         assert [v for k, v in view["headers"] if k == "host"] == [authority.decode()]
+
+
+def _send_ignoring_close(sock: socket.socket, data: bytes) -> None:
+    """Send `data`; the server may close before the end (a body the app leaves unread)."""
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def _peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmHWM"].split()[0]) / 1024
+
+
+@pytest.mark.timeout(60)
+def test_bytes_pipelined_behind_a_slow_response_are_not_buffered_without_bound(start_server,
+                                                                               interface):
+    # A client may pipeline any amount while its first response is in progress: the server
+    # must stop reading, not hold it all in memory (an ASGI worker reached 1.8 GiB in 5 s).
+    server = start_server(APP_OF[interface], "-w", "1", "--threads", "2")
+    (worker,) = server.workers()
+    before = _peak_rss_mib(worker)
+    size = 64 * 1024 * 1024
+    with server.connect() as sock:
+        sock.sendall(get(b"/sleep?s=1&tag=slow"))
+        server.wait_for("SLEEPING slow")
+        sender = threading.Thread(target=_send_ignoring_close, args=(sock, (
+            b"POST /ignore-body HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size
+            + bytes(size))), daemon=True)
+        sender.start()
+        reader = Reader(sock)
+        assert reader.response().status == 200
+        assert reader.response().status == 200  # the pipelined request is served after it
+        sender.join(30)
+    assert _peak_rss_mib(worker) - before < 40

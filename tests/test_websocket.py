@@ -82,6 +82,21 @@ def test_close_codes(ws_server):
     ws_server.wait_for("RuntimeError: deliberate WebSocket failure")
 
 
+def test_system_exit_in_a_websocket_app_closes_it_with_1011(ws_server):
+    (worker,) = ws_server.workers()
+
+    async def talk():
+        async with websockets.connect(url(ws_server, "/ws/exit")) as ws:
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await ws.recv()
+            assert info.value.rcvd.code == 1011
+
+    run(talk())
+    ws_server.wait_for("SystemExit: 4")
+    assert exchange(ws_server, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n").status == 200
+    assert ws_server.workers() == [worker]  # the worker serves on
+
+
 def test_client_close_reaches_the_app(ws_server):
     async def talk():
         async with websockets.connect(url(ws_server, "/ws/wait")) as ws:

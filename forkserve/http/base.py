@@ -155,6 +155,11 @@ class HTTPConnection(Protocol):
         """Bytes received past the current request, for a protocol switch (WebSocket)."""
         ...
 
+    def buffered(self) -> int:
+        """How many received bytes wait to be parsed (a pipelining client may send any
+        amount while a response is in progress: the caller stops reading past a limit)."""
+        ...
+
 
 def check_partial_head(buffered: bytes, limits: Limits) -> None:
     """Refuse an incomplete request head that is already over a limit."""

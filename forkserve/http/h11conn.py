@@ -209,6 +209,9 @@ class H11Connection:
     def trailing_data(self) -> bytes:
         return self._h11.trailing_data[0] + self._inbox
 
+    def buffered(self) -> int:
+        return len(self._inbox)
+
     def will_close(self) -> bool:
         return self._h11.our_state is _MUST_CLOSE
 

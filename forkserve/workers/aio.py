@@ -50,6 +50,7 @@ from forkserve.workers.base import (
     BootFailed,
     ProxyHeaderReader,
     Worker,
+    quiet_one,
 )
 
 # On a graceful stop, open WebSockets are closed, and responses still streaming without a
@@ -77,6 +78,7 @@ class AsyncioWorker(Worker):
     """Serves ASGI apps from one event loop per process."""
 
     accepting = False  # listeners registered with the loop
+    serving = False  # booted: its loop runs the accept loop (a stop must wake it)
     deferring = False  # accepting paused for a while (a lighter peer, or no descriptors)
 
     def serve(self) -> None:
@@ -120,6 +122,7 @@ class AsyncioWorker(Worker):
         self._set_accepting(True)
         self._publish()  # from now on peers may leave connections to this worker
         self._tick()
+        self.serving = True
         self.report_booted()
         await self.stopped.wait()
         await self._drain()
@@ -131,7 +134,7 @@ class AsyncioWorker(Worker):
         super()._graceful_stop(signum, frame)
         # uvloop replaces the signal wakeup fd with its own while it runs, so wake the loop
         # explicitly rather than through the worker's wakeup pipe.
-        if self.accepting:
+        if self.serving:
             self.loop.call_soon_threadsafe(self._begin_stop)
 
     def _on_wakeup(self) -> None:
@@ -230,12 +233,13 @@ class AsyncioWorker(Worker):
         self.accept_batch(listening, self._pause_accepting, self._take)
 
     def _take(self, sock: socket.socket, peer: Any) -> None:
-        if not self._below_limit() and self.idle:
+        if not self._below_limit():
             # Idle connections must not lock out new clients (thousands that connect and
             # send nothing): the one idle longest makes room.
-            oldest = next(iter(self.idle))
-            del self.idle[oldest]
-            oldest.close()
+            oldest = quiet_one(self.idle, _fileno)
+            if oldest is not None:
+                del self.idle[oldest]
+                oldest.close()
         self.accepted += 1
         self._publish()  # count it now: peers must see this worker's load at once
         self.loop.create_task(self._connect(sock))
@@ -245,7 +249,8 @@ class AsyncioWorker(Worker):
     def _has_room(self) -> bool:
         """May this worker take another connection? At --worker-connections it still may
         when it can close an idle connection for it."""
-        return not self.over_memory and (self._below_limit() or bool(self.idle))
+        return not self.over_memory and (
+            self._below_limit() or quiet_one(self.idle, _fileno) is not None)
 
     def _below_limit(self) -> bool:
         return len(self.connections) + self.accepted < self.cfg.worker_connections
@@ -328,15 +333,9 @@ class AsyncioWorker(Worker):
             elif not self.accepting and not self.deferring and self._has_room():
                 self._set_accepting(True)
 
-    def after_request(self) -> None:
-        """--max-worker-memory, checked after each request: a worker over it stops accepting
-        and answers with Connection: close from now on, so its clients move to other
-        workers while the master starts its replacement."""
-        if self.over_memory:
-            return
-        self.check_memory()
-        if self.over_memory:
-            self._set_accepting(False)
+    def stop_taking_connections(self) -> None:
+        # Responses say Connection: close from now on (_start_cycle reads over_memory).
+        self._set_accepting(False)
 
     def _publish(self) -> None:
         self.scoreboard.set(self.number, len(self.connections) + self.accepted)
@@ -397,12 +396,15 @@ class HTTPProtocol(asyncio.Protocol):
         self.trusted = False  # the peer is a trusted proxy: believe its forwarded headers
         self.tls: dict[str, Any] | None = None  # the ASGI TLS extension, on HTTPS
         self.head_started = False  # the next request's first bytes have arrived
+        self.fd = -1  # the socket's descriptor
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         if sock is not None and sock.family == socket.AF_UNIX:
@@ -512,7 +514,12 @@ class HTTPProtocol(asyncio.Protocol):
         while not self.closing:
             cycle = self.cycle
             if cycle is not None and cycle.body_complete and not self.discarding:
-                return  # the request is read; the next one waits for this response
+                # The request is read; the next one waits for this response. Bytes pipelined
+                # meanwhile are kept up to a request head's worth, then reading pauses.
+                if conn.buffered() > self.worker.limits.head_size and not self.reading_paused:
+                    self.reading_paused = True
+                    self.transport.pause_reading()
+                return
             if cycle is not None and not self.discarding and not cycle.wants_body:
                 self.reading_paused = True
                 self.transport.pause_reading()
@@ -587,8 +594,8 @@ class HTTPProtocol(asyncio.Protocol):
             await cycle.run(worker.asgi_app)
         finally:
             worker.in_flight -= 1
-            if worker.memory_limit_kib:
-                worker.after_request()
+            if worker.memory_limit_kib and not worker.over_memory:
+                worker.check_memory()
 
     def _upgrade(self, request: Request) -> None:
         """Hand the connection to a WebSocket session (or refuse: no wsproto)."""
@@ -663,6 +670,7 @@ class HTTPProtocol(asyncio.Protocol):
             self.close()
             return
         self._wait_for_request()
+        self.resume_reading()  # if pipelined bytes had filled the buffer
         self._process()
 
     def _reject(self, exc: ProtocolError) -> None:
@@ -728,6 +736,10 @@ class HTTPProtocol(asyncio.Protocol):
             self.ws.close(SERVICE_RESTART, "server restarting")
         elif self.cycle is not None:
             self.cycle.stop(deadline=True)
+
+
+def _fileno(protocol: HTTPProtocol) -> int:
+    return protocol.fd
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:

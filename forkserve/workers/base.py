@@ -19,13 +19,15 @@ import faulthandler
 import os
 import random
 import resource
+import select
 import signal
 import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from itertools import islice
+from typing import Any, TypeVar
 
 from setproctitle import setproctitle
 
@@ -39,6 +41,7 @@ from forkserve.proxy import TrustedProxies
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
 
+T = TypeVar("T")
 DUMP_SIGNAL = signal.SIGUSR2
 # Connections accepted per readiness event at most.
 ACCEPT_BATCH = 16
@@ -49,6 +52,9 @@ ACCEPT_BATCH = 16
 BALANCE_MARGIN = 2
 ACCEPT_DEFER = 0.02
 DEFER_POLL = 0.002
+# At --worker-connections, how many of the connections idle longest are looked at for one to
+# close (one with no bytes waiting) so as to take a new one.
+EVICT_SCAN = 16
 # How long accepting pauses when the process is out of file descriptors or memory.
 RESOURCE_PAUSE = 0.5
 # The I/O stall bound when --timeout is 0.
@@ -269,6 +275,11 @@ class Worker:
                 self.recycling = True
                 self._send(channel.encode(channel.RECYCLE, reason.encode()))
 
+    def stop_taking_connections(self) -> None:
+        """Over --max-worker-memory: accept no new connection, and end keep-alive ones after
+        their current response (each worker kind knows how)."""
+        raise NotImplementedError
+
     def stuck_request(self) -> str:
         """A request this worker's loop cannot end, running past --timeout (in a thread),
         or "" if none is."""
@@ -290,6 +301,7 @@ class Worker:
         if peak <= self.memory_limit_kib:
             return
         self.over_memory = True
+        self.stop_taking_connections()
         if not self.recycling:
             self.recycling = True
             reason = (f"resident memory reached {peak / 1024:.0f} MiB > --max-worker-memory "
@@ -339,6 +351,23 @@ def tell_master_stopping(channel_fd: int, signum: int) -> None:
         channel.send(channel_fd, channel.stopping(signum))
     except OSError:
         pass  # the master is gone: nobody to tell
+
+
+def quiet_one(candidates: Iterable[T], fileno: Callable[[T], int]) -> T | None:
+    """The first of `candidates` (EVICT_SCAN at most) with no bytes waiting to be read, or
+    None. A connection whose request has arrived but is not read yet is not idle, however
+    new: closing it would lose that request."""
+    batch = [item for item in islice(candidates, EVICT_SCAN) if fileno(item) >= 0]
+    if not batch:
+        return None
+    poller = select.poll()
+    for item in batch:
+        poller.register(fileno(item), select.POLLIN)
+    ready = {fd for fd, _ in poller.poll(0)}
+    for item in batch:
+        if fileno(item) not in ready:
+            return item
+    return None
 
 
 def report_boot_failure(channel_fd: int, status: int, text: str) -> int:

@@ -27,6 +27,7 @@ from forkserve.workers.base import (
     LINGER_SECONDS,
     STOP_GRACE,
     Worker,
+    quiet_one,
 )
 from forkserve.workers.connection import (
     DONE,
@@ -154,15 +155,17 @@ class SyncWorker(Worker):
 
     def _oldest_idle(self) -> ClientConnection | None:
         """The connection waiting longest for a request that has not begun (a new one that
-        sent nothing, or keep-alive between requests), if any. `waiting` is in the order
-        connections began to wait."""
-        for conn in self.waiting:
-            if not conn.head_started:
-                return conn
-        return None
+        sent nothing, or keep-alive between requests) and has no bytes waiting, if any.
+        `waiting` is in the order connections began to wait."""
+        return quiet_one((conn for conn in self.waiting if not conn.head_started),
+                         _fileno)
 
     def _accept(self, listening: socket.socket) -> None:
         self.accept_batch(listening, self._pause_accepting, self._take)
+
+    def stop_taking_connections(self) -> None:
+        self._set_accepting(False)
+        self.ctx.stopping = True  # responses say Connection: close: clients move elsewhere
 
     def _pause_accepting(self, seconds: float, rebalancing: bool) -> None:
         self._set_accepting(False)
@@ -273,9 +276,6 @@ class SyncWorker(Worker):
         """Put a connection where `outcome` says: back to waiting, lingering, or gone."""
         if self.memory_limit_kib and not self.over_memory:
             self.check_memory()
-            if self.over_memory:  # its clients move to other workers as their requests end
-                self._set_accepting(False)
-                self.ctx.stopping = True
         if outcome == DONE:
             if registered:
                 self._forget(conn)
@@ -338,7 +338,7 @@ class SyncWorker(Worker):
     def _begin_stop(self) -> None:
         """Graceful stop: accept nothing new; requests in flight finish, and open connections
         get STOP_GRACE seconds to bring one more request, answered with Connection: close."""
-        if self.ctx.stopping:
+        if self.stop_deadline:
             return
         self.ctx.stopping = True
         self.accept_resume_at = 0.0
@@ -353,3 +353,7 @@ class SyncWorker(Worker):
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
         self.selector.close()
+
+
+def _fileno(conn: ClientConnection) -> int:
+    return conn.fd

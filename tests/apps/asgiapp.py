@@ -206,6 +206,19 @@ async def big_download(scope, receive, send):
     await send({"type": "http.response.body", "body": b""})
 
 
+async def events_until_send_fails(scope, receive, send):
+    """A server-sent event stream that never calls receive(): it ends when send() raises."""
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")]})
+    try:
+        while True:
+            await send({"type": "http.response.body", "body": b"data: tick\n\n",
+                        "more_body": True})
+            await asyncio.sleep(0.05)
+    except OSError:
+        say("EVENTS send raised")
+
+
 async def raise_exit(scope, receive, send):
     """Raises SystemExit (?kind=exit, the default) or KeyboardInterrupt (?kind=interrupt)."""
     if _query(scope).get("kind") == "interrupt":
@@ -245,12 +258,13 @@ ROUTES = {
     "/body-before-start": body_before_start, "/start-twice": start_twice,
     "/returns-early": returns_early, "/big-download": big_download,
     "/stream-then-wait": stream_then_wait, "/ticks": ticks,
-    "/raise-exit": raise_exit, "/grow": grow,
+    "/raise-exit": raise_exit, "/grow": grow, "/events-until-send-fails": events_until_send_fails,
 }
 
 
 async def websocket(scope, receive, send):
-    """WebSocket routes: /ws/echo, /ws/reject, /ws/deny, /ws/close, /ws/error, /ws/wait."""
+    """WebSocket routes: /ws/echo, /ws/reject, /ws/deny, /ws/close, /ws/error, /ws/exit,
+    /ws/wait."""
     message = await receive()
     assert message["type"] == "websocket.connect", message
     path = _route_path(scope)
@@ -270,6 +284,8 @@ async def websocket(scope, receive, send):
         return
     if path == "/ws/error":
         raise RuntimeError("deliberate WebSocket failure")
+    if path == "/ws/exit":
+        raise SystemExit(4)
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
