@@ -6,7 +6,7 @@ Run from the repository root, with the project's environment::
     python loadtests/bench_asgi.py --duration 10 --connections 64 --workers 2
     python loadtests/bench_asgi.py --only forkserve-uvloop --only uvicorn-httptools-uvloop
 
-Servers, all serving ``apps:asgi`` from ``../shared/bench`` (``--apps-dir`` overrides) with the
+Servers, all serving ``apps:asgi`` from ``loadtests/hello`` (``--apps-dir`` overrides) with the
 same number of workers, measured one after another in this order:
 
 * ``forkserve-uvloop``          forkserve ``--loop uvloop`` (it detects the ASGI app itself)

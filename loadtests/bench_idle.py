@@ -7,7 +7,7 @@ Run from the repository root, with the project's environment::
     python loadtests/bench_idle.py --only forkserve-sync       # just forkserve's sync worker
     python loadtests/bench_idle.py --connections 5000 --duration 5 --out /tmp/idle
 
-Each server serves the hello world of ``../shared/bench/apps.py`` (``--apps-dir`` overrides)
+Each server serves the hello world of ``loadtests/hello/apps.py`` (``--apps-dir`` overrides)
 with 2 workers (``--workers``), one server at a time, on a fresh port on 127.0.0.1, with its
 defaults (keep-alive, timeouts, backlog) but for the worker model:
 

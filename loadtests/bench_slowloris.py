@@ -7,7 +7,7 @@ Run from the repository root, with the project's environment::
     python loadtests/bench_slowloris.py --slow 2000 --duration 30 --trickle 2
 
 What it shows: the hardening target "1,000 slowloris connections against ``-w 2`` must not raise
-a normal client's p99 above 50 ms". Each server serves ``apps:wsgi`` from ``../shared/bench``
+a normal client's p99 above 50 ms". Each server serves ``apps:wsgi`` from ``loadtests/hello``
 (``--apps-dir`` overrides) with 2 workers (``--workers``), one at a time, on a fresh port on
 127.0.0.1, with the command lines of ``bench_wsgi.py``:
 

@@ -6,7 +6,7 @@ Run from the repository root, with the project's environment::
     python loadtests/bench_wsgi.py --duration 10 --connections 64 --workers 2
     python loadtests/bench_wsgi.py --only forkserve --only gunicorn-sync
 
-Servers, all serving ``apps:wsgi`` from ``../shared/bench`` (``--apps-dir`` overrides) with the
+Servers, all serving ``apps:wsgi`` from ``loadtests/hello`` (``--apps-dir`` overrides) with the
 same number of workers:
 
 * ``forkserve``          forkserve with ``--threads 1`` (app called inline in the event loop)

@@ -39,7 +39,10 @@ from typing import TypeVar
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DEFAULT_APPS_DIR = Path(__file__).resolve().parents[2] / "shared" / "bench"
+# The hello-world apps every comparison serves: a copy of ../shared/bench/apps.py (the same
+# work, byte for byte, so that results stay comparable; tests/test_loadtests.py checks it),
+# kept here so that the benchmarks run from a plain clone.
+DEFAULT_APPS_DIR = Path(__file__).resolve().parent / "hello"
 PEERS_VENV = HERE / ".peers-venv"
 OUT_DIR = HERE / "out"
 LOADGEN = HERE / "loadgen.py"

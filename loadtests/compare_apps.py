@@ -1,7 +1,8 @@
 """The JSON apps of ``loadtests/compare``: a document of a few KB, encoded on every request.
 
 ``wsgi`` and ``asgi`` answer every request with the same bytes, ``body()``, so that the load
-generator can check each response. The hello-world apps are ``../shared/bench/apps.py``'s.
+generator can check each response. The hello-world apps are ``hello/apps.py``'s (a copy of
+``../shared/bench/apps.py``).
 """
 
 from __future__ import annotations

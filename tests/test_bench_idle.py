@@ -16,9 +16,7 @@ BENCH = LOADTESTS / "bench_idle.py"
 
 @pytest.mark.timeout(45)
 def test_small_flood_reports_every_normal_request_answered(tmp_path: Path) -> None:
-    apps = tmp_path / "apps"
-    apps.mkdir()
-    (apps / "apps.py").write_text(HELLO_APPS)
+    apps = HELLO_APPS
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--connections", "200", "--duration", "1",

@@ -73,28 +73,20 @@ def test_hup_scenario_under_load_loses_nothing(tmp_path):
         result.stdout[-2000:]
 
 
-# The hello-world apps of ../shared/bench/apps.py, so that the test needs nothing outside the
-# repository.
-HELLO_APPS = """
-def wsgi(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "13")])
-    return [b"Hello, World!"]
+# The hello-world apps the benchmarks serve by default.
+HELLO_APPS = LOADTESTS / "hello"
+SHARED_APPS = LOADTESTS.parents[1] / "shared" / "bench" / "apps.py"
 
 
-async def asgi(scope, receive, send):
-    if scope["type"] != "http":
-        return
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"13")]})
-    await send({"type": "http.response.body", "body": b"Hello, World!"})
-"""
+def test_the_hello_apps_are_the_shared_ones_byte_for_byte():
+    if not SHARED_APPS.exists():
+        pytest.skip(f"{SHARED_APPS} is not here to compare with")
+    assert (HELLO_APPS / "apps.py").read_bytes() == SHARED_APPS.read_bytes()
 
 
 @pytest.mark.timeout(60)
 def test_compare_reports_keepalive_and_fresh_loads(tmp_path):
-    apps = tmp_path / "apps"
-    apps.mkdir()
-    (apps / "apps.py").write_text(HELLO_APPS)
+    apps = HELLO_APPS
     out = tmp_path / "out"
     # loadgen checks every body; --loads in this order puts the fresh table first.
     result = subprocess.run(
