@@ -4,7 +4,8 @@ Not run on its own: ``bench_wsgi.py``, ``bench_asgi.py``, ``bench_slowloris.py``
 import it (they put this directory on ``sys.path`` by being run as scripts). It holds what they
 need: the peers virtualenv, each server's command line and boot message, starting each server in
 its own session and stopping its whole process group whatever happens, waiting for it to be
-ready, the load generators (``wrk``, or ``loadgen.py`` beside this file) and reading their
+ready, the kinds of load (keep-alive, fresh connections, pipelined), the load generators (``wrk``
+with ``pipeline.lua`` for pipelining, or ``loadgen.py`` beside this file) and reading their
 output, what each worker used (CPU, memory, requests), the log summary and the markdown table.
 What differs between the scripts (which servers, which ratios matter) stays in the scripts.
 
@@ -46,6 +47,7 @@ DEFAULT_APPS_DIR = Path(__file__).resolve().parent / "hello"
 PEERS_VENV = HERE / ".peers-venv"
 OUT_DIR = HERE / "out"
 LOADGEN = HERE / "loadgen.py"
+PIPELINE_LUA = HERE / "pipeline.lua"  # wrk's script for pipelined loads
 
 EXPECTED_BODY = b"Hello, World!"
 HOST = "127.0.0.1"
@@ -270,6 +272,48 @@ def free_port() -> int:
 # -- load generators ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LoadKind:
+    """How each connection of a load carries its requests: ``keepalive``, one at a time, the next
+    written as soon as the last response is read; ``fresh``, one per connection, sent with
+    ``Connection: close``, the connection closed once its response is read and a new one opened;
+    ``pipelined``, `depth` requests written at once, then their `depth` responses read before the
+    next batch."""
+
+    name: str = "keepalive"
+    depth: int = 1
+
+    def __post_init__(self) -> None:
+        if self.name not in LOAD_KINDS:
+            raise ValueError(f"unknown load kind {self.name!r}")
+        if self.depth < 1 or (self.depth > 1 and self.name != "pipelined"):
+            raise ValueError(f"a {self.name} load cannot have depth {self.depth}")
+
+    @property
+    def pipelined(self) -> bool:
+        return self.name == "pipelined"
+
+    @property
+    def how(self) -> str:
+        """What the report says of it."""
+        return LOAD_KINDS[self.name].format(depth=self.depth)
+
+    @property
+    def tag(self) -> str:
+        """What a row's name says of it (nothing for keep-alive)."""
+        return {"keepalive": "", "pipelined": f", pipelined {self.depth}"}.get(self.name,
+                                                                             f", {self.name}")
+
+
+# LoadKind.name -> what the report says of it, formatted with its depth
+LOAD_KINDS = {
+    "keepalive": "keep-alive",
+    "fresh": "a new connection for every request, Connection: close",
+    "pipelined": "keep-alive, {depth} requests written at once, then their {depth} responses read",
+}
+KEEPALIVE = LoadKind()
+
+
 @dataclass
 class LoadResult:
     """What a load generator measured, and what it cost it."""
@@ -281,6 +325,8 @@ class LoadResult:
     bad_responses: int = 0  # a non-2xx/3xx (wrk), or a wrong status or body (loadgen)
     socket_errors: int = 0
     error_detail: str = ""  # errors by kind, for the notes
+    sent: int | None = None  # requests written, when the generator says (pipelined loads)
+    remarks: str = ""  # what else the generator saw that is no error, for the notes
     failure: str | None = None  # the generator did not run or its output could not be read
     cpu_seconds: float = 0.0  # the generator's own CPU time (user + system)
     wall_seconds: float = 0.0
@@ -302,9 +348,8 @@ class LoadResult:
 
 
 class Generator(abc.ABC):
-    """An HTTP/1.1 load generator run as a subprocess, with `threads` threads (or processes):
-    keep-alive, or with `fresh` a new connection for every request (sent with Connection:
-    close)."""
+    """An HTTP/1.1 load generator run as a subprocess, with `threads` threads (or processes),
+    making a load of some LoadKind."""
 
     name = ""
     shown = ""  # its name in the report
@@ -321,11 +366,16 @@ class Generator(abc.ABC):
         """The command line before the load's options."""
 
     @abc.abstractmethod
-    def options(self, connections: int, seconds: int, fresh: bool) -> list[str]:
-        """The options that set the load."""
+    def options(self, connections: int, seconds: int, kind: LoadKind) -> list[str]:
+        """The options that set the load, before the URL (run from the repository's root)."""
 
-    def command(self, url: str, connections: int, seconds: int, fresh: bool) -> list[str]:
-        return [*self.head, *self.options(connections, seconds, fresh), url]
+    def after_url(self, kind: LoadKind) -> list[str]:
+        """The arguments that follow the URL."""
+        return []
+
+    def command(self, url: str, connections: int, seconds: int, kind: LoadKind) -> list[str]:
+        return [*self.head, *self.options(connections, seconds, kind), url,
+                *self.after_url(kind)]
 
     @abc.abstractmethod
     def parse(self, output: str) -> LoadResult: ...
@@ -333,28 +383,29 @@ class Generator(abc.ABC):
     @abc.abstractmethod
     def version(self) -> str: ...
 
-    def describe(self, connections: int, seconds: int, fresh: bool = False) -> str:
-        """The command line as the report shows it."""
-        how = "a new connection for every request, Connection: close" if fresh else "keep-alive"
-        return (f"{self.shown} {shlex.join(self.options(connections, seconds, fresh))} "
-                f"({how}{self.checks})")
+    def describe(self, connections: int, seconds: int, kind: LoadKind = KEEPALIVE) -> str:
+        """The command line as the report shows it (the URL only when arguments follow it)."""
+        after = self.after_url(kind)
+        return (f"{self.shown} {shlex.join(self.options(connections, seconds, kind))}"
+                f"{' URL ' + shlex.join(after) if after else ''} ({kind.how}{self.checks})")
 
     def stdin(self, body: bytes) -> bytes:
         """What the generator reads on stdin, given the body every response must have."""
         return b""
 
     def run(self, port: int, connections: int, seconds: int, body: bytes,
-            fresh: bool = False) -> tuple[LoadResult, str]:
+            kind: LoadKind = KEEPALIVE) -> tuple[LoadResult, str]:
         """Load 127.0.0.1:`port` for `seconds`; the result and the generator's full output.
 
         Its CPU time is the change in this process's RUSAGE_CHILDREN, so nothing else may be
-        reaped meanwhile (the servers under test are reaped only once stopped).
+        reaped meanwhile (the servers under test are reaped only once stopped). A run without a
+        single response is a failure.
         """
-        cmd = self.command(f"http://{HOST}:{port}/", connections, seconds, fresh)
+        cmd = self.command(f"http://{HOST}:{port}/", connections, seconds, kind)
         before, started = children_cpu(), time.monotonic()
         try:
             done = subprocess.run(cmd, input=self.stdin(body), capture_output=True,
-                                  timeout=seconds + 30)
+                                  timeout=seconds + 30, cwd=REPO)
         except subprocess.TimeoutExpired:
             return LoadResult(failure=f"{self.name} did not finish within {seconds + 30} s"), ""
         wall, cpu = time.monotonic() - started, children_cpu() - before
@@ -363,12 +414,14 @@ class Generator(abc.ABC):
         if done.returncode not in self.ok_statuses:
             result.failure = (f"{self.name} exited with status {done.returncode}: "
                               f"{output.strip()[-200:]}")
+        elif not result.failure and not result.requests:
+            result.failure = f"not one response in {seconds} s"
         result.cpu_seconds, result.wall_seconds, result.threads = cpu, wall, self.threads
         return result, output
 
 
 class Wrk(Generator):
-    """wrk, checking status codes and framing (not bodies)."""
+    """wrk, checking status codes and framing (not bodies); pipelining with pipeline.lua."""
 
     name = shown = "wrk"
 
@@ -376,9 +429,13 @@ class Wrk(Generator):
     def head(self) -> list[str]:
         return [self.program]
 
-    def options(self, connections: int, seconds: int, fresh: bool) -> list[str]:
-        close = ["-H", "Connection: close"] if fresh else []
-        return [f"-t{self.threads}", f"-c{connections}", f"-d{seconds}s", "--latency", *close]
+    def options(self, connections: int, seconds: int, kind: LoadKind) -> list[str]:
+        extra = {"fresh": ["-H", "Connection: close"],
+                 "pipelined": ["-s", shown(PIPELINE_LUA)]}.get(kind.name, [])
+        return [f"-t{self.threads}", f"-c{connections}", f"-d{seconds}s", "--latency", *extra]
+
+    def after_url(self, kind: LoadKind) -> list[str]:
+        return ["--", str(kind.depth)] if kind.pipelined else []
 
     def parse(self, output: str) -> LoadResult:
         return parse_wrk(output)
@@ -401,9 +458,10 @@ class Loadgen(Generator):
     def head(self) -> list[str]:
         return [self.program, str(LOADGEN), "--json", "--expect-body-file", "-"]
 
-    def options(self, connections: int, seconds: int, fresh: bool) -> list[str]:
+    def options(self, connections: int, seconds: int, kind: LoadKind) -> list[str]:
+        extra = {"fresh": ["--fresh"], "pipelined": ["--pipeline", str(kind.depth)]}
         return ["-p", str(self.threads), "-c", str(connections), "-d", str(seconds),
-                *(["--fresh"] if fresh else [])]
+                *extra.get(kind.name, [])]
 
     def stdin(self, body: bytes) -> bytes:
         return body
@@ -418,9 +476,15 @@ class Loadgen(Generator):
         if found["first_error"]:
             detail += f"; first: {found['first_error']}"
         bad = errors["status"] + errors["body"]
+        remarks = [f"{found['reconnects']} connections reopened after the server closed them "
+                   "(saying Connection: close)" if found["reconnects"] else "",
+                   f"{found['unanswered']} pipelined requests left unanswered on them"
+                   if found["unanswered"] else ""]
         return LoadResult(rps=found["rps"], requests=found["requests"], p50_ms=found["p50_ms"],
                           p99_ms=found["p99_ms"], bad_responses=bad,
-                          socket_errors=sum(errors.values()) - bad, error_detail=detail)
+                          socket_errors=sum(errors.values()) - bad, error_detail=detail,
+                          sent=found["sent"] if found["depth"] > 1 else None,
+                          remarks="; ".join(filter(None, remarks)))
 
     def version(self) -> str:
         return f"loadgen.py (Python {sys.version.split()[0]})"
@@ -459,7 +523,14 @@ def to_ms(text: str) -> float:
     return float(match.group(1)) * UNITS_MS[match.group(2)]
 
 
+# pipeline.lua's last line
+WRK_PIPELINED = re.compile(r"^Pipelined: (\d+) batches of (\d+) requests written", re.M)
+
+
 def parse_wrk(output: str) -> LoadResult:
+    """wrk's result; with pipeline.lua's line, the requests written, and no percentiles: wrk
+    4.1 corrects latency for coordinated omission as if each write carried one request, which
+    with deeper batches leaves its percentiles meaningless (often 0)."""
     result = LoadResult()
     rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
     total = re.search(r"^\s*(\d+) requests in ", output, re.M)
@@ -483,6 +554,10 @@ def parse_wrk(output: str) -> LoadResult:
         names = ("connect", "read", "write", "timeout")
         result.error_detail = ", ".join(
             f"{name} {n}" for name, n in zip(names, counts, strict=True) if n)
+    pipelined = WRK_PIPELINED.search(output)
+    if pipelined is not None and int(pipelined.group(2)) > 1:
+        result.sent = int(pipelined.group(1)) * int(pipelined.group(2))
+        result.p50_ms = result.p99_ms = None
     return result
 
 
@@ -849,7 +924,7 @@ class Load:
     connections: int
     seconds: int
     workers: int
-    fresh: bool = False  # a new connection for every request (Connection: close)
+    kind: LoadKind = KEEPALIVE
 
 
 @dataclass
@@ -861,12 +936,12 @@ class Row:
     notes: list[str] = field(default_factory=list)
     workers: WorkerStats | None = None
     cross_check: LoadResult | None = None  # a second generator's result on the same server
-    fresh: bool = False  # measured with a new connection for every request
+    kind: LoadKind = KEEPALIVE  # the load it was measured under
 
     @property
     def name(self) -> str:
         """The server, app and (when not keep-alive) load, as the notes and warnings say."""
-        return f"{self.server.label} [{self.app.name}{', fresh' if self.fresh else ''}]"
+        return f"{self.server.label} [{self.app.name}{self.kind.tag}]"
 
     @property
     def errors(self) -> int:
@@ -884,7 +959,7 @@ def measure(server: Server, app: App, load: Load, log_path: Path,
     With `cross_check`, that generator then loads the same server as long again, for
     comparison (Row.cross_check).
     """
-    row = Row(server, app, fresh=load.fresh)
+    row = Row(server, app, kind=load.kind)
     port = free_port()
     cmd = server_command(server, app, load.workers, port)
     print(f"--- {row.name}: {' '.join(cmd)}", file=sys.stderr)
@@ -906,7 +981,7 @@ def load_server(row: Row, running: Running, port: int, load: Load,
                 cross_check: Generator | None) -> None:
     generator, master = load.generator, running.proc.pid
     run = functools.partial(generator.run, port, load.connections, body=row.app.body,
-                            fresh=load.fresh)
+                            kind=load.kind)
     warm, _ = run(WARMUP_SECONDS)
     if warm.failure or warm.errors:
         row.notes.append(f"warm-up: {warm.failure or f'{warm.errors} errors'}")
@@ -926,12 +1001,38 @@ def load_server(row: Row, running: Running, port: int, load: Load,
     if row.server.kind == "forkserve":
         stats.served = forkserve_served(master)
     row.notes += [stats.cpu_text(), stats.memory_text()]
-    row.notes += filter(None, [stats.served_text(), generator_text(row.result, stats)])
+    row.notes += filter(None, [stats.served_text(), generator_text(row.result, stats),
+                               pipelining_text(row.result, load)])
     if row.result.error_detail:
         row.notes.append(f"errors: {row.result.error_detail}")
+    if row.result.remarks:
+        row.notes.append(f"{generator.name}: {row.result.remarks}")
     if cross_check is not None:
         row.cross_check, _ = cross_check.run(port, load.connections, load.seconds, row.app.body,
-                                             load.fresh)
+                                             load.kind)
+
+
+def pipelining_text(result: LoadResult, load: Load) -> str | None:
+    """Requests written and answered in a pipelined run; flagged when more went unanswered than
+    a run leaves in flight at its ends (a server that answered part of its batches and closed)."""
+    if result.sent is None:
+        return None
+    depth = load.kind.depth
+    missing, in_flight = result.sent - result.requests, load.connections * depth
+    text = (f"pipelined: {result.sent} requests written in batches of {depth}, "
+            f"{result.requests} answered")
+    if missing > in_flight:
+        text += (f" (UNANSWERED: {missing}, more than the {in_flight} a run can leave in flight "
+                 "at its ends; the server answered only part of some batches)")
+    return text
+
+
+def answered_share(row: Row) -> str:
+    """The share of the requests written that were answered, for a pipelined run's table."""
+    result = row.result
+    if result is None or not result.sent:
+        return "-"
+    return f"{min(result.requests / result.sent, 1.0):.0%}"
 
 
 def generator_text(result: LoadResult, stats: WorkerStats) -> str | None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""An HTTP/1.1 load generator in the manner of wrk, stdlib only: keep-alive, or with
-``--fresh`` a new connection for every request.
+"""An HTTP/1.1 load generator in the manner of wrk, stdlib only: keep-alive, with ``--fresh`` a
+new connection for every request, or with ``--pipeline DEPTH`` pipelined batches of requests.
 
 Run from anywhere::
 
@@ -8,10 +8,11 @@ Run from anywhere::
     python loadtests/loadgen.py http://127.0.0.1:8000/ -c 64 -d 10 -p 2 --json
     python loadtests/loadgen.py http://127.0.0.1:8000/ --expect-body-file expected.json
     python loadtests/loadgen.py http://127.0.0.1:8000/ -c 10 --fresh
+    python loadtests/loadgen.py http://127.0.0.1:8000/ -c 32 --pipeline 16
 
 ``--processes`` processes (forked) share ``--connections`` connections. Each process drives its
-connections from one epoll loop, one request in flight per connection (no pipelining), and sends
-the next request as soon as a response is complete, as wrk does. Connections are opened before
+connections from one epoll loop, one request in flight per connection (unless pipelining), and
+sends the next request as soon as a response is complete, as wrk does. Connections are opened before
 the clock starts; the measured window is ``--duration`` seconds, common to all processes, and a
 request counts when its response completes inside it. Latency is from writing the request to
 reading the last byte of its response, kept in buckets 1 % wide.
@@ -23,18 +24,31 @@ connection and opens a new one for the next request. Latency is still from writi
 as wrk counts it; on loopback the kernel completes the handshake before the server accepts, so
 the wait for ``accept`` is in it.
 
+With ``--pipeline DEPTH`` (HTTP/1.1 pipelining, as TechEmpower's plaintext test and some clients
+send it) each connection writes DEPTH requests at once, in one ``send``, then reads and checks
+DEPTH responses, in order, before it writes the next batch (as wrk with ``pipeline.lua``).
+Latency is then one value per batch, from writing it to reading its last response (or the one
+after which the server closed), as wrk counts it. A server may answer part of a batch and close
+the connection, saying so with ``Connection: close`` (HTTP allows it; gunicorn's sync worker
+does it after every response): the requests it left unanswered are counted under
+``unanswered``, no error, and the connection is reopened. A server that closes without saying
+so, leaves a request unanswered on an open connection (``timeout``), or answers more than it
+was asked has it counted as an error. ``sent`` counts the requests written in the window.
+
 Every response is checked: it must be well-framed HTTP/1.x (Content-Length, chunked, or ended
 by the server closing), carry ``--expect-status`` and, with ``--expect-body-file`` (``-`` reads
 stdin), exactly that body. Errors are counted by kind, as wrk does: ``connect``, ``read`` (the
 connection ended or broke before a complete response), ``write``, ``timeout`` (no complete
 response within ``--timeout``; the connection is then replaced), ``status``, ``body`` (wrong or
-malformed). A connection the server closes, or asks to close, after a complete response is
-reopened and counted under ``reconnects``, which is no error (with ``--fresh`` every connection
-is closed after its response, and none of them counts as a reconnect).
+malformed). A connection the server asks to close (``Connection: close``, or an HTTP/1.0
+response) after a complete response is reopened and counted under ``reconnects``, which is no
+error (with ``--fresh`` every connection is closed after its response, and none of them counts as
+a reconnect).
 
 Output: a summary for people, or with ``--json`` one JSON object (requests, rps, latency
-percentiles in ms, errors by kind, reconnects, fresh, ...). Exit status: 0 when every request in the
-window succeeded and at least one did, 1 otherwise, 2 on bad arguments.
+percentiles in ms, errors by kind, reconnects, fresh, depth, requests sent and left unanswered,
+...). Exit status: 0 when every request in the window succeeded and at least one did, 1
+otherwise, 2 on bad arguments.
 
 How fast it is: against nginx answering a canned 13-byte response (one nginx worker, 32
 connections, a 2-core machine, Python 3.11), one process made about 100k requests/s on one full
@@ -77,6 +91,7 @@ TICK = 0.05  # seconds between checks of deadlines and pending reconnects
 RECONNECT_DELAY = 0.01  # a connection that failed waits this long before it is tried again
 START_DELAY = 0.2  # seconds for the processes to open their connections before the clock
 MAX_HEAD = 65536  # a response head larger than this is malformed
+MAX_BATCH = 16384  # bytes of requests written at once: what a socket's send buffer takes whole
 CHUNK_LIMIT = 1 << 30
 
 
@@ -90,6 +105,7 @@ class Target:
     status: int = 200
     body: bytes | None = None  # None: any body
     fresh: bool = False  # one request per connection, sent with Connection: close
+    depth: int = 1  # requests written at once, their responses read before the next batch
 
     @property
     def request(self) -> bytes:
@@ -97,20 +113,29 @@ class Target:
         close = "Connection: close\r\n" if self.fresh else ""
         return f"GET {self.path} HTTP/1.1\r\nHost: {host}\r\n{close}\r\n".encode("latin-1")
 
+    @property
+    def batch(self) -> bytes:
+        """What each connection writes at once: `depth` requests."""
+        return self.request * self.depth
+
 
 @dataclass
 class Stats:
     """What one process (or, merged, all of them) counted in the measured window."""
 
     requests: int = 0
+    sent: int = 0  # requests written
     reconnects: int = 0
+    unanswered: int = 0  # requests of a batch the server closed the connection on
     errors: Counter[str] = field(default_factory=Counter)
     latency: Counter[int] = field(default_factory=Counter)  # bucket -> count
     first_error: str = ""
 
     def merge(self, other: Stats) -> None:
         self.requests += other.requests
+        self.sent += other.sent
         self.reconnects += other.reconnects
+        self.unanswered += other.unanswered
         self.errors.update(other.errors)
         self.latency.update(other.latency)
         self.first_error = self.first_error or other.first_error
@@ -137,21 +162,22 @@ class ResponseError(Exception):
         self.kind = kind
 
 
-def parse_response(buf: bytes | bytearray, target: Target, eof: bool) -> tuple[int, bool] | None:
-    """Check the response at the start of `buf`.
+def parse_response(buf: bytes | bytearray, target: Target, eof: bool,
+                   at: int = 0) -> tuple[int, bool] | None:
+    """Check the response starting at offset `at` of `buf`.
 
-    Returns None while more bytes are needed, else (bytes it took, whether the server will close
-    the connection). Raises ResponseError for a wrong or malformed response. `eof` says the
-    server has closed: then a response without length ends here.
+    Returns None while more bytes are needed, else (the offset where it ends, whether the server
+    will close the connection). Raises ResponseError for a wrong or malformed response. `eof`
+    says the server has closed: then a response without length ends here.
     """
-    end = buf.find(b"\r\n\r\n")
+    end = buf.find(b"\r\n\r\n", at)
     if end < 0:
-        if len(buf) > MAX_HEAD:
+        if len(buf) - at > MAX_HEAD:
             raise ResponseError("body", "response head too large")
         return None
-    head = bytes(buf[:end]).lower()
+    head = bytes(buf[at:end]).lower()
     if not head.startswith(b"http/1.") or head[8:9] != b" ":
-        raise ResponseError("body", f"not an HTTP/1.x status line: {bytes(buf[:40])!r}")
+        raise ResponseError("body", f"not an HTTP/1.x status line: {bytes(buf[at:at + 40])!r}")
     status = head[9:12]
     if status != b"%d" % target.status:
         raise ResponseError("status", f"status {status.decode('latin-1')}")
@@ -219,12 +245,13 @@ def dechunk(buf: bytes | bytearray, at: int) -> tuple[bytes, int] | None:
 
 
 class Connection:
-    __slots__ = ("sock", "buf", "sent_at", "connecting", "retry_at")
+    __slots__ = ("sock", "buf", "sent_at", "pending", "connecting", "retry_at")
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
         self.buf = bytearray()
         self.sent_at = 0.0  # 0: no request in flight
+        self.pending = 0  # responses of the last batch still to read
         self.connecting = False
         self.retry_at = 0.0  # 0: not waiting to reconnect
 
@@ -234,7 +261,7 @@ class Driver:
 
     def __init__(self, target: Target, connections: int, timeout: float) -> None:
         self.target = target
-        self.request = target.request
+        self.batch = target.batch
         self.timeout = timeout
         self.poll = select.epoll()
         self.conns = [Connection() for _ in range(connections)]
@@ -261,6 +288,7 @@ class Driver:
         conn.sock = None
         conn.buf.clear()
         conn.sent_at = 0.0
+        conn.pending = 0
         conn.connecting = False
 
     def connect(self, conn: Connection, now: float) -> None:
@@ -282,17 +310,20 @@ class Driver:
         self.fail(conn, "connect", os.strerror(err), now)
 
     def send(self, conn: Connection, now: float) -> None:
+        """Write the next batch (one request unless pipelining)."""
         assert conn.sock is not None
         try:
-            # One small request on an idle connection: the socket buffer always takes it whole.
-            sent = conn.sock.send(self.request)
+            # At most MAX_BATCH bytes on an idle connection: the socket buffer takes them whole.
+            sent = conn.sock.send(self.batch)
         except OSError as exc:
             self.fail(conn, "write", str(exc), now)
             return
-        if sent != len(self.request):
+        if sent != len(self.batch):
             self.fail(conn, "write", f"short write of {sent} bytes", now)
             return
-        conn.sent_at = now
+        conn.sent_at, conn.pending = now, self.target.depth
+        if self.start <= now <= self.stop:
+            self.stats.sent += self.target.depth
 
     def on_event(self, conn: Connection) -> None:
         now = time.monotonic()
@@ -316,37 +347,55 @@ class Driver:
         except OSError as exc:
             self.fail(conn, "read", str(exc), now)
             return
-        buf = conn.buf
-        if data:
-            buf += data
-        elif not buf:
-            self.fail(conn, "read", "connection closed before a response", now)
+        closing = self.take_responses(conn, data, now)
+        if closing is None:
             return
-        try:
-            done = parse_response(buf, self.target, eof=not data)
-        except ResponseError as exc:
-            self.fail(conn, exc.kind, str(exc), now)
-            return
-        if done is None:
-            if not data:
-                self.fail(conn, "read", "connection closed inside a response", now)
-            return
-        taken, closing = done
-        if taken != len(buf):
-            self.fail(conn, "body", f"{len(buf) - taken} bytes after the response", now)
-            return
-        if self.start <= now <= self.stop:
-            self.stats.requests += 1
+        if self.start <= now <= self.stop:  # the batch is over: its latency
             elapsed = max(now - conn.sent_at, 1e-7)
             self.stats.latency[math.floor(math.log(elapsed) * BUCKETS_PER_E)] += 1
         if closing or self.target.fresh:
             if not self.target.fresh and self.start <= now <= self.stop:
                 self.stats.reconnects += 1
+                self.stats.unanswered += conn.pending
             self.drop(conn)
             self.connect(conn, now)
         else:
-            buf.clear()
+            conn.buf.clear()
             self.send(conn, now)
+
+    def take_responses(self, conn: Connection, data: bytes, now: float) -> bool | None:
+        """Add `data` (b"" when the server closed) to the connection's buffer and count each
+        complete response in it, in order. Returns whether the server closes the connection
+        once the batch is over (all answered, or the server said it closes), None while it is
+        not over or after an error."""
+        buf = conn.buf
+        buf += data
+        at = 0
+        while True:
+            try:
+                done = parse_response(buf, self.target, eof=not data, at=at)
+            except ResponseError as exc:
+                self.fail(conn, exc.kind, str(exc), now)
+                return None
+            if done is None:
+                if not data:
+                    where = "inside" if at < len(buf) else "before"
+                    self.fail(conn, "read", f"connection closed {where} a response "
+                              f"({conn.pending} of {self.target.depth} unanswered)", now)
+                else:
+                    del buf[:at]
+                return None
+            at, closing = done
+            conn.pending -= 1
+            if self.start <= now <= self.stop:
+                self.stats.requests += 1
+            if closing or self.target.fresh or not conn.pending:
+                break
+        if at != len(buf):
+            self.fail(conn, "body", f"{len(buf) - at} bytes after the last response expected",
+                      now)
+            return None
+        return closing
 
     def tick(self, now: float) -> None:
         """Time out stuck requests and reopen connections whose retry delay is over."""
@@ -420,7 +469,7 @@ def cpu_seconds() -> float:
 
 
 def report(stats: Stats, seconds: float, cpu: float, connections: int, processes: int,
-           fresh: bool = False) -> dict[str, Any]:
+           target: Target) -> dict[str, Any]:
     """The result as a JSON-ready dict."""
     return {
         "requests": stats.requests,
@@ -433,8 +482,11 @@ def report(stats: Stats, seconds: float, cpu: float, connections: int, processes
         "errors": {kind: stats.errors[kind] for kind in ERROR_KINDS},
         "first_error": stats.first_error,
         "reconnects": stats.reconnects,
+        "sent": stats.sent,
+        "unanswered": stats.unanswered,
         "connections": connections,
-        "fresh": fresh,
+        "fresh": target.fresh,
+        "depth": target.depth,
         "processes": processes,
         "cpu_seconds": round(cpu, 3),
     }
@@ -444,14 +496,16 @@ def human(result: dict[str, Any]) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f} ms"
 
-    errors = result["errors"]
+    errors, depth = result["errors"], result["depth"]
+    how = (" (a new one for every request)" if result["fresh"] else
+           f" (pipelined, {depth} requests at once)" if depth > 1 else "")
     lines = [
-        f"{result['connections']} connections"
-        f"{' (a new one for every request)' if result['fresh'] else ''}, "
+        f"{result['connections']} connections{how}, "
         f"{result['processes']} process(es), {result['seconds']:g} s",
-        f"  latency p50 {ms(result['p50_ms'])}, p90 {ms(result['p90_ms'])}, "
-        f"p99 {ms(result['p99_ms'])}, max {ms(result['max_ms'])}",
-        f"  {result['requests']} requests, {result['reconnects']} reconnects",
+        f"  latency{' per batch' if depth > 1 else ''} p50 {ms(result['p50_ms'])}, "
+        f"p90 {ms(result['p90_ms'])}, p99 {ms(result['p99_ms'])}, max {ms(result['max_ms'])}",
+        f"  {result['requests']} requests ({result['sent']} sent, {result['unanswered']} "
+        f"unanswered), {result['reconnects']} reconnects",
         "  errors: " + (", ".join(f"{k} {n}" for k, n in errors.items() if n) or "none"),
     ]
     if result["first_error"]:
@@ -474,14 +528,18 @@ def parse_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> T
     elif args.expect_body_file is not None:
         with open(args.expect_body_file, "rb") as f:
             body = f.read()
-    return Target(socket.gethostbyname(url.hostname), url.port or 80, path, args.expect_status,
-                  body, args.fresh)
+    target = Target(socket.gethostbyname(url.hostname), url.port or 80, path,
+                    args.expect_status, body, args.fresh, args.pipeline)
+    if len(target.batch) > MAX_BATCH:
+        parser.error(f"--pipeline {args.pipeline} makes batches of {len(target.batch)} bytes; at "
+                     f"most {MAX_BATCH} are written at once")
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="HTTP/1.1 load generator (wrk-like, stdlib only): keep-alive, or a new "
-                    "connection per request with --fresh.")
+        description="HTTP/1.1 load generator (wrk-like, stdlib only): keep-alive, a new "
+                    "connection per request with --fresh, or pipelined with --pipeline.")
     parser.add_argument("url", help="http://HOST[:PORT]/PATH")
     parser.add_argument("-c", "--connections", type=int, default=32,
                         help="connections open at once, in all (default 32)")
@@ -495,12 +553,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the status every response must have (default 200)")
     parser.add_argument("--expect-body-file", metavar="PATH",
                         help="file holding the body every response must have; - for stdin")
-    parser.add_argument("--fresh", action="store_true",
-                        help="a new connection for every request, sent with Connection: close "
-                             "and closed once its response is checked (default: keep-alive)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--fresh", action="store_true",
+                      help="a new connection for every request, sent with Connection: close "
+                           "and closed once its response is checked (default: keep-alive)")
+    mode.add_argument("--pipeline", type=int, default=1, metavar="DEPTH",
+                      help="write DEPTH requests at once on each connection, then read and "
+                           "check their DEPTH responses before the next batch (default 1: no "
+                           "pipelining)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    for name in ("connections", "processes"):
+    for name in ("connections", "processes", "pipeline"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.duration <= 0 or args.timeout <= 0:
@@ -508,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     target = parse_target(parser, args)
     stats, cpu = run(target, args.connections, args.duration, args.processes, args.timeout)
     result = report(stats, args.duration, cpu, args.connections,
-                    len(split(args.connections, args.processes)), target.fresh)
+                    len(split(args.connections, args.processes)), target)
     print(json.dumps(result) if args.json else human(result))
     return 0 if stats.requests and not any(stats.errors.values()) else 1
 

@@ -1,11 +1,12 @@
 """loadtests/run end to end: a few seconds of locust against each app, and one scenario;
-loadtests/compare: forkserve alone under both loads, briefly."""
+loadtests/compare: forkserve alone under each load, briefly."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,33 +85,64 @@ def test_the_hello_apps_are_the_shared_ones_byte_for_byte():
     assert (HELLO_APPS / "apps.py").read_bytes() == SHARED_APPS.read_bytes()
 
 
-@pytest.mark.timeout(60)
-def test_compare_reports_keepalive_and_fresh_loads(tmp_path):
-    apps = HELLO_APPS
+def compare(out: Path, *args: str, timeout: float) -> str:
+    """Run loadtests/compare on forkserve sync alone with the hello app; its report."""
+    result = subprocess.run(
+        [sys.executable, str(COMPARE), "--duration", "1", "--apps", "hello", "--only",
+         "forkserve-sync", "--apps-dir", str(HELLO_APPS), "--out", str(out), *args],
+        capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return (out / "compare.md").read_text()
+
+
+@pytest.mark.timeout(90)
+def test_compare_reports_keepalive_fresh_and_pipelined_loads(tmp_path):
     out = tmp_path / "out"
     # loadgen checks every body; --loads in this order puts the fresh table first.
-    result = subprocess.run(
-        [sys.executable, str(COMPARE), "--generator", "loadgen", "--duration", "1", "--apps",
-         "hello", "--loads", "fresh,keepalive", "--fresh-connections", "3", "--connections", "4",
-         "--only", "forkserve-sync", "--apps-dir", str(apps), "--out", str(out)],
-        capture_output=True, text=True, timeout=55)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = (out / "compare.md").read_text()
+    report = compare(out, "--generator", "loadgen", "--loads", "fresh,keepalive,pipelined",
+                     "--fresh-connections", "3", "--connections", "4", "--pipeline-depth", "4",
+                     timeout=85)
     fresh = report.index("## hello, fresh connections, 3 at once (one request each, "
                          "Connection: close)")
     keepalive = report.index("## hello, keep-alive, 4 connections")
-    assert fresh < keepalive
+    pipelined = report.index("## hello, pipelined, 4 connections, depth 4 (each writes 4 "
+                             "requests at once, then reads their 4 responses)")
+    assert fresh < keepalive < pipelined
     assert "loadgen.py -p 1 -c 3 -d 1 --fresh (a new connection for every request" in report
+    assert ("loadgen.py -p 1 -c 4 -d 1 --pipeline 4 (keep-alive, 4 requests written at once, "
+            "then their 4 responses read") in report
     # Each table's forkserve row: req/s, ..., baseline, CPU shares, request shares (spread).
     rows = re.findall(r"^\| forkserve sync \| ([\d,]+) \|.*\| baseline \| .*?\| "
                       r"(\d+% / \d+% \()", report, re.MULTILINE)
-    assert len(rows) == 2, report
+    assert len(rows) == 3, report
     assert all(int(rps.replace(",", "")) > 0 for rps, _ in rows), rows
+    # Only the pipelined table has the share of requests answered.
+    assert report.count("| answered of written |") == 1
+    assert re.search(r"^\| forkserve sync \| [\d,]+ \| [\d.]+ ms \| [\d.]+ ms \| 0 \| "
+                     r"baseline \| (9\d|100)% \|", report, re.MULTILINE), report
     assert "forkserve sync [hello, fresh]: requests served per worker" in report
+    assert "forkserve sync [hello, pipelined 4]: pipelined: " in report
+    assert "UNANSWERED" not in report
     assert "busiest/least busy" in report
-    for load, fresh_mode in (("fresh", True), ("keepalive", False)):
+    for load, fresh_mode, depth in (("fresh", True, 1), ("keepalive", False, 1),
+                                    ("pipelined", False, 4)):
         output = (out / "logs" / f"hello-{load}-forkserve-sync.loadgen.txt").read_text()
         measured = json.loads(output.splitlines()[0])
-        assert measured["fresh"] is fresh_mode
+        assert (measured["fresh"], measured["depth"]) == (fresh_mode, depth)
         assert measured["requests"] > 0
         assert not any(measured["errors"].values()), measured
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+@pytest.mark.timeout(60)
+def test_compare_pipelines_with_wrk(tmp_path):
+    report = compare(tmp_path, "--generator", "wrk", "--loads", "pipelined", "--connections",
+                     "4", "--pipeline-depth", "4", timeout=55)
+    assert ("wrk -t1 -c4 -d1s --latency -s loadtests/pipeline.lua URL -- 4 (keep-alive, 4 "
+            "requests written at once") in report
+    # wrk's percentiles mean nothing when pipelining: none are shown. Of the requests written
+    # all but those in flight at the end are answered.
+    assert re.search(r"^\| forkserve sync \| [\d,]+ \| - \| - \| 0 \| baseline \| (9\d|100)% \|",
+                     report, re.MULTILINE), report
+    assert re.search(r"pipelined 4\]: pipelined: \d+ requests written in batches of 4, \d+ "
+                     r"answered$", report, re.MULTILINE), report
