@@ -80,6 +80,16 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _http_parser(text: str) -> str:
+    parser = _choice("auto", "h11", "httptools")(text)
+    if parser == "httptools":
+        try:
+            import httptools  # noqa: F401
+        except ImportError:
+            raise ValueError("httptools is not installed (pip install 'forkserve[fast]')") from None
+    return parser
+
+
 def _umask(text: str) -> int:
     try:
         value = int(text, 8)
@@ -269,6 +279,12 @@ SETTINGS: tuple[Setting, ...] = (
         "loop", ("--loop",), "auto", _choice("auto", "asyncio", "uvloop"),
         "Event loop of ASGI workers: uvloop (the 'fast' extra), asyncio, or auto (uvloop if "
         "installed).", metavar="LOOP", section="app",
+    ),
+    Setting(
+        "http", ("--http",), "h11", _http_parser,
+        "HTTP/1.1 parser: h11 (the reference), httptools (llhttp, faster; the 'fast' extra), "
+        "or auto (httptools if installed). Both refuse and answer exactly the same requests.",
+        metavar="PARSER", section="app",
     ),
     Setting(
         "lifespan", ("--lifespan",), "auto", _choice("auto", "on", "off"),

@@ -24,6 +24,27 @@ if os.geteuid() == 0:
     # Every forkserve started by a test inherits this (tests of the refusal remove it).
     os.environ["FORKSERVE_ALLOW_ROOT"] = "1"
 READY = re.compile(r"\] ready: \d+ workers")
+
+# The HTTP parsers behind forkserve.http.base.HTTPConnection. Tests marked `both_parsers` (the
+# HTTP behaviour modules) run once on each; the rest run on the default.
+PARSERS = ("h11", "httptools")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "both_parsers: run on each of PARSERS (the `parser` "
+                                       "fixture, and --http for the servers started)")
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if metafunc.definition.get_closest_marker("both_parsers") and "parser" in \
+            metafunc.fixturenames:
+        metafunc.parametrize("parser", PARSERS, indirect=True)
+
+
+@pytest.fixture
+def parser(request) -> str | None:
+    """The HTTP parser of this test (--http of the servers it starts), or None: the default."""
+    return getattr(request, "param", None)
 LISTENING = re.compile(r"listening at (\S+)")
 
 
@@ -188,14 +209,17 @@ def group_members(pgid: int) -> list[int]:
 
 
 @pytest.fixture
-def start_server() -> Iterator[Callable[..., Server]]:
-    """Start forkserve with the given arguments (on 127.0.0.1:0 unless -b is given)."""
+def start_server(parser) -> Iterator[Callable[..., Server]]:
+    """Start forkserve with the given arguments (on 127.0.0.1:0 unless -b is given, with
+    --http `parser` when the test runs on each parser)."""
     servers: list[Server] = []
 
     def start(*args: str, ready: bool = True, **kwargs) -> Server:
         argv = list(args)
         if "-b" not in argv and "--bind" not in argv:
             argv += ["-b", "127.0.0.1:0"]
+        if parser is not None:
+            argv += ["--http", parser]
         server = Server(argv, **kwargs)
         servers.append(server)
         return server.wait_ready() if ready else server

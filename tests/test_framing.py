@@ -1,6 +1,6 @@
 """Strict HTTP/1.1 framing (RFC 9112 §2-7): every ambiguous request is refused with its status
 and the connection closed, and what follows it is never read as another request. Each case
-runs against both interfaces (WSGI sync worker, ASGI asyncio worker)."""
+runs against both interfaces (WSGI sync worker, ASGI asyncio worker) and both parsers."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from forkserve.http.base import (
     valid_host,
 )
 from forkserve.http.chunked import ChunkedFraming
+
+pytestmark = pytest.mark.both_parsers
 
 # A request smuggled behind a refused one: if the server ever answered it, a second
 # response would follow the error.
@@ -210,10 +212,10 @@ def test_chunked_framing_limits():
 
 # -- the sans-I/O connection itself: every split of the bytes, and the edges of the rules -------
 
-def events(pieces: list[bytes], limits: Limits | None = None) -> list:
+def events(parser: str, pieces: list[bytes], limits: Limits | None = None) -> list:
     """What a connection makes of `pieces` then the client's close: requests as
     (target, version), bodies whole; each request answered once its body is read."""
-    conn = new_connection(limits or Limits())
+    conn = new_connection(limits or Limits(), parser)
     seen: list = []
     body = b""
     for piece in [*pieces, b""]:
@@ -246,40 +248,40 @@ PIPELINE_EVENTS = [(b"/a", b"1.1"), b"", (b"/b", b"1.1"), b"hello!", (b"/c", b"1
                    CLOSED]
 
 
-def test_new_rules_hold_for_every_split():
+def test_new_rules_hold_for_every_split(parser):
     """Empty lines before request lines, BWS in chunk extensions and HTTP/1.2, with the bytes
     cut at every point (a CRLF across reads, a chunk line across reads)."""
-    assert events([PIPELINE]) == PIPELINE_EVENTS
+    assert events(parser, [PIPELINE]) == PIPELINE_EVENTS
     for cut in range(1, len(PIPELINE)):
-        assert events([PIPELINE[:cut], PIPELINE[cut:]]) == PIPELINE_EVENTS, cut
-    assert events([bytes([byte]) for byte in PIPELINE]) == PIPELINE_EVENTS
+        assert events(parser, [PIPELINE[:cut], PIPELINE[cut:]]) == PIPELINE_EVENTS, cut
+    assert events(parser, [bytes([byte]) for byte in PIPELINE]) == PIPELINE_EVENTS
 
 
-def test_empty_lines_are_bounded_by_the_request_line_limit():
+def test_empty_lines_are_bounded_by_the_request_line_limit(parser):
     limits = Limits(request_line=100)
     request = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
-    assert events([b"\r\n" * 50, request], limits) == [(b"/", b"1.1"), b"", CLOSED]
+    assert events(parser, [b"\r\n" * 50, request], limits) == [(b"/", b"1.1"), b"", CLOSED]
     with pytest.raises(ProtocolError) as refused:
-        events([b"\r\n" * 50, b"\n"], limits)  # 101 bytes, before any request line
+        events(parser, [b"\r\n" * 50, b"\n"], limits)  # 101 bytes, before any request line
     assert refused.value.status == 400
     # The count starts again with each request.
-    assert events([b"\n" * 100 + request + b"\n" * 100 + request], limits) == [
+    assert events(parser, [b"\n" * 100 + request + b"\n" * 100 + request], limits) == [
         (b"/", b"1.1"), b"", (b"/", b"1.1"), b"", CLOSED]
 
 
-def test_closing_after_empty_lines_or_in_a_head():
-    assert events([b"\r\n\r\n"]) == [CLOSED]
-    conn = new_connection(Limits())
+def test_closing_after_empty_lines_or_in_a_head(parser):
+    assert events(parser, [b"\r\n\r\n"]) == [CLOSED]
+    conn = new_connection(Limits(), parser)
     conn.receive_data(b"\r\n")
     conn.receive_data(b"")  # before the empty line was looked at
     assert conn.next_event() is CLOSED
     with pytest.raises(ProtocolError) as refused:
-        events([b"\r\nGET / HT"])
+        events(parser, [b"\r\nGET / HT"])
     assert refused.value.status == 400
 
 
-def test_bytes_past_an_upgrade_request_are_handed_on():
-    conn = new_connection(Limits())
+def test_bytes_past_an_upgrade_request_are_handed_on(parser):
+    conn = new_connection(Limits(), parser)
     conn.receive_data(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\n"
                       b"Upgrade: websocket\r\n\r\n\x81\x80frame")
     assert type(conn.next_event()) is Request

@@ -1,6 +1,8 @@
-"""Property tests of the sans-I/O HTTP connection (hypothesis, bounded for CI): random and
-mutated bytes only ever give events or a clean ProtocolError, and pipelined requests split at
-any points come out whole, in order, one response each."""
+"""Property tests of the sans-I/O HTTP connection (hypothesis, bounded for CI), on each parser:
+random and mutated bytes only ever give events or a clean ProtocolError, and pipelined
+requests split at any points come out whole, in order, one response each. And the two parsers
+(h11, the reference, and httptools) are one protocol: fed the same bytes and answering the
+same way, they give the same events, the same refusals (status) and the same response bytes."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import os
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
+from conftest import PARSERS  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -19,6 +22,7 @@ from forkserve.http.base import (  # noqa: E402
     NEED_DATA,
     PAUSED,
     Data,
+    FilePart,
     ProtocolError,
     Request,
 )
@@ -28,6 +32,10 @@ BOUNDED = settings(max_examples=int(os.environ.get("FORKSERVE_FUZZ_EXAMPLES", "1
                    deadline=None)
 LIMITS = Limits(request_line=200, header_count=10, header_field_size=200, head_size=1000,
                 body_size=2000)
+
+# A property that holds on each parser (a plain parameter: hypothesis wants no function-scoped
+# fixture).
+EACH_PARSER = pytest.mark.parametrize("parser", PARSERS)
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -39,9 +47,9 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [p for p in pieces if p]
 
 
-def drive(pieces: list[bytes]) -> list[tuple]:
+def drive(parser: str, pieces: list[bytes]) -> list[tuple]:
     """Feed pieces, answer each request after its body, return what was seen."""
-    conn = new_connection(LIMITS)
+    conn = new_connection(LIMITS, parser)
     seen: list[tuple] = []
     body = b""
     for piece in [*pieces, b""]:
@@ -67,11 +75,12 @@ def drive(pieces: list[bytes]) -> list[tuple]:
     return seen
 
 
+@EACH_PARSER
 @BOUNDED
 @given(st.binary(max_size=600), st.lists(st.integers(min_value=0), max_size=8))
-def test_random_bytes_give_events_or_a_protocol_error(data, cuts):
+def test_random_bytes_give_events_or_a_protocol_error(parser, data, cuts):
     try:
-        drive(split(data, cuts))
+        drive(parser, split(data, cuts))
     except ProtocolError as exc:
         assert exc.status in (400, 413, 414, 431, 501, 505)
 
@@ -80,16 +89,17 @@ VALID = (b"POST /submit?x=1 HTTP/1.1\r\nHost: example.org\r\nContent-Length: 5\r
          b"X-Trace: abc\r\n\r\nhello")
 
 
+@EACH_PARSER
 @BOUNDED
 @given(st.lists(st.tuples(st.integers(min_value=0, max_value=len(VALID) - 1),
                           st.integers(min_value=0, max_value=255)), min_size=1, max_size=4),
        st.lists(st.integers(min_value=0), max_size=6))
-def test_mutated_requests_give_events_or_a_protocol_error(mutations, cuts):
+def test_mutated_requests_give_events_or_a_protocol_error(parser, mutations, cuts):
     data = bytearray(VALID)
     for index, byte in mutations:
         data[index] = byte
     try:
-        seen = drive(split(bytes(data), cuts))
+        seen = drive(parser, split(bytes(data), cuts))
     except ProtocolError:
         return
     assert len([s for s in seen if s[0] == "request"]) <= 1  # never two requests from one
@@ -110,13 +120,147 @@ def requests(draw):
     return path.encode(), body, raw
 
 
+@EACH_PARSER
 @BOUNDED
 @given(st.lists(requests(), min_size=1, max_size=5), st.lists(st.integers(min_value=0),
                                                                max_size=10))
-def test_pipelined_requests_split_anywhere_stay_in_step(batch, cuts):
+def test_pipelined_requests_split_anywhere_stay_in_step(parser, batch, cuts):
     stream = b"".join(raw for _, _, raw in batch)
-    seen = drive(split(stream, cuts))
+    seen = drive(parser, split(stream, cuts))
     expected = []
     for path, body, _ in batch:
         expected += [("request", b"POST", path), ("body", body)]
     assert seen == expected
+
+
+# -- the two parsers agree ----------------------------------------------------------------------
+
+def trace(parser: str, pieces: list[bytes], answers: list) -> list:
+    """Everything one connection does with `pieces` (then the client's close), answering
+    each request with the next of `answers`: (status, headers, body pieces, trailers, how the
+    body goes: bytes or file parts)."""
+    conn = new_connection(LIMITS, parser)
+    seen: list = []
+    answers = list(answers)
+
+    def send(call, *args):
+        try:
+            out = call(*args)
+        except ValueError:
+            seen.append(("refused", call.__name__))
+            return False
+        seen.append((call.__name__, [len(p) if isinstance(p, FilePart) else p for p in out]
+                     if isinstance(out, list) else out))
+        return True
+
+    try:
+        for piece in [*pieces, b""]:
+            conn.receive_data(piece)
+            while True:
+                event = conn.next_event()
+                seen.append(repr(event))
+                seen.append(("continue?", conn.client_waiting_for_continue))
+                if event is END_OF_MESSAGE:
+                    status, headers, body, trailers, as_file = (
+                        answers.pop(0) if answers else (200, [], [], [], False))
+                    if conn.client_waiting_for_continue and not send(conn.send_continue):
+                        return seen
+                    if not send(conn.send_response, status, b"OK", headers):
+                        return seen
+                    for chunk in body:
+                        if as_file:
+                            ok = send(conn.send_file, FilePart(0, 0, len(chunk)))
+                        else:
+                            ok = send(conn.send_data, chunk)
+                        if not ok:
+                            return seen
+                    if not send(conn.send_end, trailers):
+                        return seen
+                    seen.append(("will_close", conn.will_close()))
+                    nxt = conn.start_next_cycle()
+                    seen.append(("next", nxt))
+                    if not nxt:
+                        return seen
+                elif event is CLOSED:
+                    return seen
+                elif event in (NEED_DATA, PAUSED):
+                    seen.append(("buffered", conn.buffered()))
+                    break
+    except ProtocolError as exc:
+        seen.append(("error", exc.status))
+    return seen
+
+
+def assert_agree(pieces: list[bytes], answers: list = ()) -> None:
+    reference = trace("h11", pieces, answers)
+    assert trace("httptools", pieces, answers) == reference
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+HEADS = [
+    b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST /p?q HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nhello",
+    b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;a=b\r\nhello\r\n0\r\n"
+    b"X-T: 1\r\n\r\n",
+    b"HEAD / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81",
+    b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    b"PURGE http://[::1]:80/a HTTP/1.2\r\nHost: \r\nX:\t v \t\r\n\r\n",
+    b"GET /\xc3\xa9 HTTP/1.1\nHost: h\nX-A: \xff\n\n",
+]
+# Bytes that make heads interesting when put anywhere.
+SPICE = [b" ", b"\t", b"\r", b"\n", b"\r\n", b":", b",", b"\x00", b"\x7f", b"\x80", b"H", b"0",
+         b"HTTP/1.1", b"Host: h\r\n", b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n",
+         b"Transfer-Encoding: gzip\r\n", b"Content-Length: 00000000000000000000001\r\n",
+         b"Connection: close\r\n", b"Expect: 100-continue\r\n", b"Upgrade: x\r\n", b"(", b"@",
+         b"\r\n\r\n", b"GET ", b" / ", b"1.0", b"2.0"]
+
+
+@BOUNDED
+@given(st.binary(max_size=400), st.lists(st.integers(min_value=0), max_size=6))
+def test_parsers_agree_on_random_bytes(data, cuts):
+    assert_agree(split(data, cuts))
+
+
+@BOUNDED
+@given(st.lists(st.sampled_from(HEADS), min_size=1, max_size=3),
+       st.lists(st.tuples(st.integers(min_value=0), st.sampled_from(SPICE)), max_size=4),
+       st.lists(st.integers(min_value=0, max_value=2), max_size=4),
+       st.lists(st.integers(min_value=0), max_size=6))
+def test_parsers_agree_on_mutated_heads(heads, insertions, deletions, cuts):
+    data = bytearray(b"".join(heads))
+    for position, spice in insertions:
+        position %= len(data) + 1
+        data[position:position] = spice
+    for position in deletions:
+        del data[position % len(data):position % len(data) + 1]
+    assert_agree(split(bytes(data), cuts))
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+NAMES = [b"Content-Length", b"content-length", b"Transfer-Encoding", b"Connection", b"Host",
+         b"Set-Cookie", b"X-A", b"Bad Name", b"", b"Trailer", b"Content-Type", "X-Str"]
+VALUES = [b"5", b"0", b" 5 ", b"5, 5", b"5,6", b"-1", b"chunked", b"Chunked", b"gzip", b"close",
+          b"keep-alive", b"Upgrade, close", b"v", b" padded\t", b"a\r\nb", b"a\x00b", b"",
+          b"\xff", "text"]
+
+
+@st.composite
+def answers(draw):
+    status = draw(st.sampled_from([200, 204, 304, 404, 101, 199, 1000, 500]))
+    headers = draw(st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(VALUES)),
+                            max_size=4))
+    body = draw(st.lists(st.sampled_from([b"", b"hello", b"x" * 7]), max_size=3))
+    trailers = draw(st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(VALUES)),
+                             max_size=2))
+    return status, headers, body, trailers, draw(st.booleans())
+
+
+@BOUNDED
+@given(st.lists(st.sampled_from(HEADS), min_size=1, max_size=3),
+       st.lists(answers(), min_size=3, max_size=3))
+def test_parsers_agree_on_responses(heads, replies):
+    assert_agree([b"".join(heads)], replies)

@@ -1,7 +1,8 @@
 """HTTP/1.1 on the wire: raw bytes in, raw bytes out, against the real server.
 
 Tests taking `http_server` or `interface` run twice: against the sync worker with a WSGI app
-and against the asyncio worker with an ASGI app serving the same routes."""
+and against the asyncio worker with an ASGI app serving the same routes; and each of those on
+both parsers (--http h11, --http httptools)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import time
 
 import pytest
 from conftest import APP_OF, Reader, closed_by_peer, exchange
+
+pytestmark = pytest.mark.both_parsers
 
 GET = b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n"
 

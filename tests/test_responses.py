@@ -12,7 +12,7 @@ from conftest import exchange
 from forkserve.http import Limits, new_connection
 from forkserve.http.base import Request
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.both_parsers]
 
 
 def respond_with(server, headers: list[list[str]]):
@@ -88,8 +88,8 @@ def test_white_space_around_values_is_trimmed(http_server):
         assert b"\r\n" + line + b"\r\n" in response.raw_head
 
 
-def test_trailer_values_are_trimmed_and_checked_too():
-    conn = new_connection(Limits())
+def test_trailer_values_are_trimmed_and_checked_too(parser):
+    conn = new_connection(Limits(), parser)
     conn.receive_data(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert type(conn.next_event()) is Request
     head = conn.send_response(200, b"OK", [(b"Transfer-Encoding", b"chunked "),

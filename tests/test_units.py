@@ -140,8 +140,9 @@ def test_garbage_frames_raise(garbage):
 
 # -- the sans-I/O HTTP connection ---------------------------------------------------------------
 
-def test_connection_events_and_pipelining():
-    conn = new_connection(Limits())
+@pytest.mark.both_parsers
+def test_connection_events_and_pipelining(parser):
+    conn = new_connection(Limits(), parser)
     conn.receive_data(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabcGET /b HTT")
     request = conn.next_event()
     assert isinstance(request, Request)
@@ -157,8 +158,9 @@ def test_connection_events_and_pipelining():
     assert conn.next_event().target == b"/b"
 
 
-def test_connection_head_swallows_body():
-    conn = new_connection(Limits())
+@pytest.mark.both_parsers
+def test_connection_head_swallows_body(parser):
+    conn = new_connection(Limits(), parser)
     conn.receive_data(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n")
     conn.next_event()
     conn.next_event()
@@ -168,13 +170,14 @@ def test_connection_head_swallows_body():
     assert head.endswith(b"\r\n\r\n")
 
 
+@pytest.mark.both_parsers
 @pytest.mark.parametrize(("chunks", "status"), [
     ([b"GET /" + b"x" * 200], 414),
     ([b"GET / HTTP/1.1\r\nHost: h\r\nA: " + b"x" * 300], 431),
     ([b"GET / HTTP/1.1\r\n", b"Host: h\r\n" * 5 + b"\r\n"], 400),
 ])
-def test_connection_limits(chunks, status):
-    conn = new_connection(Limits(request_line=100, header_field_size=200, head_size=250))
+def test_connection_limits(parser, chunks, status):
+    conn = new_connection(Limits(request_line=100, header_field_size=200, head_size=250), parser)
     with pytest.raises(ProtocolError) as info:
         for chunk in chunks:
             conn.receive_data(chunk)

@@ -1,9 +1,32 @@
-"""Sans-I/O HTTP/1.1: one connection interface (`base.HTTPConnection`), one or more parsers."""
+"""Sans-I/O HTTP/1.1: one connection interface (`base.HTTPConnection`), two parsers behind it:
+h11 (the reference) and httptools (llhttp, the fast one), with the same semantics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
 
 from forkserve.http.base import HTTPConnection, Limits
 from forkserve.http.h11conn import H11Connection
 
+PARSERS = ("auto", "h11", "httptools")
 
-def new_connection(limits: Limits) -> HTTPConnection:
-    """A fresh server-side connection state machine (h11, the reference parser)."""
-    return H11Connection(limits)
+
+def connection_factory(parser: str = "h11") -> Callable[[Limits], HTTPConnection]:
+    """The connection class of `parser`: 'h11', 'httptools', or 'auto' (httptools when it
+    imports, else h11). Raises ImportError for 'httptools' without httptools."""
+    if parser not in PARSERS:
+        raise ValueError(f"unknown HTTP parser {parser!r}")
+    if parser != "h11":
+        try:
+            from forkserve.http.httptoolsconn import HttptoolsConnection
+        except ImportError:
+            if parser == "httptools":
+                raise
+        else:
+            return HttptoolsConnection
+    return H11Connection
+
+
+def new_connection(limits: Limits, parser: str = "h11") -> HTTPConnection:
+    """A fresh server-side connection state machine on `parser` (see connection_factory)."""
+    return connection_factory(parser)(limits)

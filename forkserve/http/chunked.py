@@ -4,11 +4,11 @@ A parser that accepts more than the grammar allows in chunk lines (h11 takes con
 chunk extensions, bare CR, 20-digit sizes, a bare LF ending the trailers) lets a request
 mean one thing to forkserve and another to a proxy in front of it: request smuggling. This
 follower reads the body bytes before the parser does and raises `ProtocolError` at the first
-chunk line, chunk end or trailer field the grammar does not allow. What it hands on to the
-parser is the same body re-framed plainly (each chunk line reduced to its size), so the
-parser's own leniencies and strictnesses in chunk lines never come into play (h11 refuses
-the white space RFC 9112 §7.1.1 allows before a ";"). It skips chunk data by counting, so its
-cost is per chunk, not per byte.
+chunk line, chunk end or trailer field the grammar does not allow, and hands on only the
+chunk data: no parser sees chunk lines, so no parser's leniencies or strictnesses in them
+come into play (h11 refuses the white space RFC 9112 §7.1.1 allows before a ";"; llhttp
+takes a bare LF after a chunk). Trailer fields are checked and dropped (the interface has
+no place for them). It skips chunk data by counting, so its cost is per chunk, not per byte.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ _SIZE, _DATA, _DATA_END, _TRAILERS, _DONE = range(5)
 
 class ChunkedFraming:
     """Follows one chunked body. `feed` it the bytes received after the request head, in
-    order; it returns the body re-framed for the parser and how many of the bytes were the
-    body's (bytes past the body's end are left to the caller). `done` is true once the last
-    chunk and the trailer section ended. `max_trailers` bounds the trailer section's bytes;
+    order; it returns the chunk data in them and how many of the bytes were the body's
+    (bytes past the body's end are left to the caller). `done` is true once the last chunk
+    and the trailer section ended. `max_trailers` bounds the trailer section's bytes;
     `max_body` (0: no limit) the body's, refused with 413 at the chunk line that announces
     too much."""
 
@@ -60,8 +60,8 @@ class ChunkedFraming:
         return self._state == _DONE
 
     def feed(self, data: bytes) -> tuple[bytes, int]:
-        """Follow `data`: return (the body bytes in it, re-framed for the parser, how many
-        bytes of `data` were the body's). Raises ProtocolError at the first framing error."""
+        """Follow `data`: return (the chunk data in it, how many bytes of `data` were the
+        body's). Raises ProtocolError at the first framing error."""
         out = []
         position, end = 0, len(data)
         while position < end and self._state != _DONE:
@@ -83,7 +83,7 @@ class ChunkedFraming:
             self._line = b""
             position = newline + 1
             self._check_line_length(line)
-            out.append(self._end_of_line(line))
+            self._end_of_line(line)
         return b"".join(out), position
 
     def _check_line_length(self, line: bytes | None = None) -> None:
@@ -95,8 +95,8 @@ class ChunkedFraming:
             raise ProtocolError(400, "chunk data not followed by CRLF" if self._state == _DATA_END
                                 else "chunk line too long")
 
-    def _end_of_line(self, line: bytes) -> bytes:
-        """Check a complete line; return what the parser gets for it."""
+    def _end_of_line(self, line: bytes) -> None:
+        """Check a complete line and follow it."""
         if self._state == _SIZE:
             match = _CHUNK_LINE.fullmatch(line)
             if match is None:
@@ -108,9 +108,9 @@ class ChunkedFraming:
             if self._max_body and self._announced > self._max_body:
                 raise ProtocolError(413, "request body too large")
             self._remaining = size
-            self._state = _DATA if size else _TRAILERS
             # RFC 9112 §7.1.1: a recipient ignores the chunk extensions it does not know.
-            return b"%x\r\n" % size
+            self._state = _DATA if size else _TRAILERS
+            return
         if self._state == _DATA_END:
             if line != b"\r\n":
                 raise ProtocolError(400, "chunk data not followed by CRLF")
@@ -121,4 +121,3 @@ class ChunkedFraming:
             self._trailer_bytes += len(line)
             if not _TRAILER_FIELD.fullmatch(line):
                 raise ProtocolError(400, f"malformed trailer field {line[:64]!r}")
-        return line

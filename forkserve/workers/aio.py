@@ -24,8 +24,7 @@ from forkserve.asgi import (
     http_scope,
     wrap_asgi2,
 )
-from forkserve.errors import EXIT_BOOT
-from forkserve.http import new_connection
+from forkserve.errors import EXIT_BOOT, StopNow
 from forkserve.http.base import (
     CLOSED,
     END_OF_MESSAGE,
@@ -78,7 +77,7 @@ class AsyncioWorker(Worker):
     """Serves ASGI apps from one event loop per process."""
 
     accepting = False  # listeners registered with the loop
-    serving = False  # booted: its loop runs the accept loop (a stop must wake it)
+    serving = False  # booted and not stopping: a stop signal must wake its loop
     deferring = False  # accepting paused for a while (a lighter peer, or no descriptors)
 
     def serve(self) -> None:
@@ -98,11 +97,18 @@ class AsyncioWorker(Worker):
             raise BootFailed(EXIT_BOOT, "--loop uvloop: uvloop is not installed "
                                         "(pip install 'forkserve[fast]')") from None
         asyncio.set_event_loop(self.loop)
+        quick_stop = False
         try:
             self.loop.run_until_complete(self._main())
+        except StopNow:
+            # The signal may have interrupted the loop anywhere (uvloop can be left
+            # "running"): nothing more runs on it, the process exits now.
+            quick_stop = True
+            raise
         finally:
-            _cancel_leftovers(self.loop)
-            self.loop.close()
+            if not quick_stop:
+                _cancel_leftovers(self.loop)
+                self.loop.close()
 
     async def _main(self) -> None:
         self.stopped = asyncio.Event()
@@ -161,6 +167,7 @@ class AsyncioWorker(Worker):
         if self.stopping:
             return
         self.stopping = True
+        self.serving = False  # a second stop signal has nothing to wake (the loop may close)
         self._set_accepting(False)
         for listener in self.listeners:
             listener.sock.close()
@@ -378,7 +385,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.worker = worker
         self.proxy_header = proxy_header
         self.loop = worker.loop
-        self.conn = new_connection(worker.limits)
+        self.conn = worker.new_connection(worker.limits)
         self.transport: asyncio.Transport | None = None
         self.cycle: HTTPCycle | None = None
         self.ws: WebSocketSession | None = None

@@ -34,7 +34,7 @@ from setproctitle import setproctitle
 from forkserve import channel, logs, proxy_protocol
 from forkserve.config import Config
 from forkserve.errors import EXIT_OK, StopNow
-from forkserve.http import Limits
+from forkserve.http import Limits, connection_factory
 from forkserve.http.base import set_server_header
 from forkserve.logs import error_log
 from forkserve.proxy import TrustedProxies
@@ -158,6 +158,7 @@ class Worker:
             header_field_size=cfg.limit_request_field_size,
             body_size=cfg.limit_request_body,
         )
+        self.new_connection = connection_factory(cfg.http)  # Limits -> HTTPConnection
         self.proxies = TrustedProxies(cfg.forwarded_allow_ips)
         # How long a connection may wait idle for its next request (--keep-alive 0: a moment
         # for the first one).

@@ -17,7 +17,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from forkserve.http import new_connection
 from forkserve.http.base import NEED_DATA, ProtocolError, Request
 from forkserve.logs import error_log
 from forkserve.scoreboard import UNAVAILABLE
@@ -180,7 +179,7 @@ class SyncWorker(Worker):
             if idle is not None:
                 self._forget(idle)
                 idle.close()
-        conn = ClientConnection(sock, peer, new_connection(self.limits), self.ctx, self.tls,
+        conn = ClientConnection(sock, peer, self.new_connection(self.limits), self.ctx, self.tls,
                                 self.cfg.proxy_protocol)
         self.selector.register(conn.fd, selectors.EVENT_READ, conn)
         self._wait_for_request(conn, self.first_byte_timeout)

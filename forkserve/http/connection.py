@@ -1,0 +1,243 @@
+"""What every parser's `HTTPConnection` shares: the reading side and the cycle bookkeeping.
+
+`BaseConnection` keeps the received bytes in an inbox, skips the empty lines before a
+request line, cuts out exactly one complete request head (refusing what is over a limit or
+malformed in its raw bytes), frames the body itself (Content-Length, or chunked through the
+strict `ChunkedFraming`), and tracks 100-continue, protocol-switch proposals and when the
+next request may begin. A parser subclass supplies only what differs: `_parse_head`, one
+complete head to a `Request` with h11's grammar and rules, and the writing side (`send_*`,
+`_response_done`, `_must_close`) with h11's serialization rules.
+"""
+
+from __future__ import annotations
+
+import re
+
+from forkserve.http.base import (
+    CHUNKED,
+    CLOSED,
+    END_OF_MESSAGE,
+    NEED_DATA,
+    PAUSED,
+    Data,
+    Event,
+    Limits,
+    ProtocolError,
+    Request,
+    check_head_bytes,
+    check_partial_head,
+    check_request,
+)
+from forkserve.http.chunked import ChunkedFraming
+
+# RFC 9112 §2.2: empty lines before a request line are ignored; a bare LF ends a line as
+# it does in the head (h11 takes bare LFs there).
+_EMPTY_LINES = re.compile(rb"(?:\r?\n)+")
+# The blank line that ends a head, found the way h11 finds it.
+_END_OF_HEAD = re.compile(rb"\n\r?\n")
+
+# The reading side's states.
+_IDLE = "IDLE"  # waiting for a request head
+_BODY = "BODY"  # a request head was returned, its body is not read to its end
+_DONE = "DONE"  # the request is read; the next one waits for start_next_cycle()
+_CLOSED = "CLOSED"  # the client closed its end and CLOSED was returned
+
+
+def comma_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """The comma-separated values of every `name` field, lower-cased, as h11 reads them."""
+    values = []
+    for found, value in headers:
+        if found == name:
+            for item in value.lower().split(b","):
+                item = item.strip()
+                if item:
+                    values.append(item)
+    return values
+
+
+class BaseConnection:
+    """The shared half of an `HTTPConnection` (see forkserve.http.base for the contract)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._inbox = bytearray()  # received, not read yet
+        self._eof = False  # the client closed its end
+        self._state = _IDLE
+        self._empty_lines = 0  # bytes of empty lines before the next request line
+        self._body_left = 0  # bytes of a Content-Length body not read yet
+        self._body_read = 0
+        self._chunked: ChunkedFraming | None = None
+        self._switch_proposed = False  # Upgrade or CONNECT: PAUSED until a response says no
+        # Set from the request head for the writing side: the client's Connection: close or
+        # HTTP/1.0 (no keep-alive either way), and its method.
+        self._close_asked = False
+        self._http10 = False
+        self._method = b""
+        self.client_waiting_for_continue = False
+
+    # -- what a parser supplies ----------------------------------------------------------
+
+    def _parse_head(self, head: bytes | bytearray) -> Request:
+        """One complete request head (no empty lines before it) as a Request with lower-case
+        header names, or ProtocolError: what h11 refuses, with h11's status."""
+        raise NotImplementedError
+
+    def _response_done(self) -> bool:
+        """The response was ended and keeps the connection open."""
+        raise NotImplementedError
+
+    def _must_close(self) -> bool:
+        """The response was ended and closes the connection."""
+        raise NotImplementedError
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if data:
+            self._inbox += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event:
+        state = self._state
+        if state is _BODY:
+            return self._body_event()
+        if state is _IDLE:
+            if self._inbox:
+                head = self._take_head()
+                if head is not None:
+                    return self._begin(head)
+                if self._inbox:  # the start of a head
+                    if self._eof:
+                        raise ProtocolError(400, "connection closed in a request head")
+                    return NEED_DATA
+            if self._eof:
+                self._state = _CLOSED
+                return CLOSED
+            return NEED_DATA
+        # The request is read: what follows is the next one's, read after start_next_cycle.
+        if self._switch_proposed or self._inbox:
+            return PAUSED
+        if self._eof:
+            self._state = _CLOSED
+            return CLOSED
+        return NEED_DATA
+
+    def _begin(self, head: bytearray) -> Request:
+        request = self._parse_head(head)
+        framing = check_request(request, self._limits)
+        self._method = method = request.method
+        self._empty_lines = 0
+        self._body_read = 0
+        if framing == CHUNKED:  # check_request let only a final "chunked" through
+            self._chunked = ChunkedFraming(self._limits.head_size, self._limits.body_size)
+        else:
+            self._chunked = None
+            self._body_left = framing
+        self._http10 = close = request.http_version == b"1.0"
+        expect = upgrade = False
+        for name, _ in request.headers:
+            if name == b"connection":
+                close = close or b"close" in comma_values(request.headers, b"connection")
+            elif name == b"expect":
+                expect = True
+            elif name == b"upgrade":
+                upgrade = upgrade or bool(comma_values(request.headers, b"upgrade"))
+        self._close_asked = close
+        self._switch_proposed = upgrade or method == b"CONNECT"
+        self.client_waiting_for_continue = (
+            expect and request.http_version == b"1.1"
+            and b"100-continue" in comma_values(request.headers, b"expect"))
+        self._state = _BODY
+        return request
+
+    def _body_event(self) -> Event:
+        chunked = self._chunked
+        if chunked is None:
+            if not self._body_left:
+                return self._end_of_body()
+            if self._inbox:
+                data = self._take(self._body_left)
+                self._body_left -= len(data)
+                return self._data(data)
+        else:
+            if chunked.done:
+                return self._end_of_body()
+            if self._inbox:
+                data, used = chunked.feed(self._inbox)
+                self._take(used)
+                if data:
+                    return self._data(data)
+                if chunked.done:
+                    return self._end_of_body()
+        if self._eof:
+            raise ProtocolError(400, "connection closed in a request body")
+        return NEED_DATA
+
+    def _data(self, data: bytes | bytearray) -> Data:
+        self._body_read += len(data)
+        if self._limits.body_size and self._body_read > self._limits.body_size:
+            raise ProtocolError(413, "request body too large")
+        self.client_waiting_for_continue = False
+        return Data(bytes(data))
+
+    def _end_of_body(self) -> Event:
+        self._state = _DONE
+        self.client_waiting_for_continue = False
+        return END_OF_MESSAGE
+
+    def _take_head(self) -> bytearray | None:
+        """The request head at the start of the inbox, taken out of it, or None while it is
+        incomplete. Empty lines before it are dropped; refuses what is wrong already."""
+        inbox = self._inbox
+        if inbox[0] in b"\r\n":
+            empty = _EMPTY_LINES.match(inbox)
+            if empty is not None:
+                # Counted against the request-line limit, so that an endless stream of them
+                # is refused, not buffered or waited on.
+                self._empty_lines += empty.end()
+                if self._empty_lines > self._limits.request_line:
+                    raise ProtocolError(400, "too many empty lines before the request line")
+                self._take(empty.end())
+                inbox = self._inbox
+                if not inbox:
+                    return None
+        end = _END_OF_HEAD.search(inbox)
+        if end is None:
+            # Parsers unfold obs-fold and let control bytes through: look at the raw head. A
+            # partial head may end in the CR of a CRLF still on its way.
+            check_head_bytes(inbox.rstrip(b"\r"))
+            check_partial_head(inbox, self._limits)
+            return None
+        head = self._take(end.end())
+        check_head_bytes(head)
+        return head
+
+    def _take(self, count: int) -> bytearray:
+        """The first `count` bytes of the inbox, taken out of it."""
+        inbox = self._inbox
+        if count >= len(inbox):
+            self._inbox = bytearray()
+            return inbox
+        taken = inbox[:count]
+        del inbox[:count]  # (amortized: CPython moves the start of a bytearray)
+        return taken
+
+    def trailing_data(self) -> bytes:
+        return bytes(self._inbox)
+
+    def buffered(self) -> int:
+        return len(self._inbox)
+
+    # -- the cycle --------------------------------------------------------------------------
+
+    def will_close(self) -> bool:
+        return self._state is _CLOSED or self._must_close()
+
+    def start_next_cycle(self) -> bool:
+        if self._state is _DONE and self._response_done():
+            self._state = _IDLE
+            self._chunked = None
+            self._switch_proposed = False
+            return True
+        return False
