@@ -511,7 +511,8 @@ BAD = {
     "bad-version": Bad(_version(b"HTTP/3", b"HTTP/1", b"HTTP/1.1.1", b"http/1.1", b"HTTP/01.1",
                                 b"HTTP/1.10", b"HTTP /1.1", b"HTTP/1.x", b"HTTPS/1.1",
                                 b"HTTP/1.1 ", b"HTTP/\xb9.1"), _400),
-    "version-unsupported": Bad(_version(b"HTTP/1.2", b"HTTP/2.0", b"HTTP/0.9", b"HTTP/9.9"),
+    # HTTP/1.2 to 1.9 are served as 1.1 (RFC 9110 §2.5): not among these.
+    "version-unsupported": Bad(_version(b"HTTP/2.0", b"HTTP/0.9", b"HTTP/9.9"),
                                frozenset({505})),
     "no-host": Bad(_bad_no_host, _400),
     "two-hosts": Bad(_bad_two_hosts, _400),
