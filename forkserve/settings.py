@@ -281,9 +281,10 @@ SETTINGS: tuple[Setting, ...] = (
         "installed).", metavar="LOOP", section="app",
     ),
     Setting(
-        "http", ("--http",), "h11", _http_parser,
-        "HTTP/1.1 parser: h11 (the reference), httptools (llhttp, faster; the 'fast' extra), "
-        "or auto (httptools if installed). Both refuse and answer exactly the same requests.",
+        "http", ("--http",), "auto", _http_parser,
+        "HTTP/1.1 parser: h11 (the reference), httptools (llhttp, about twice as fast; "
+        "installed with forkserve where it has wheels), or auto (httptools if it imports, "
+        "else h11). Both refuse and answer exactly the same requests.",
         metavar="PARSER", section="app",
     ),
     Setting(

@@ -36,7 +36,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "worker_class": ("asgi", "asgi"),
     "interface": ("asgi2", "asgi2"),
     "loop": ("asyncio", "asyncio"),
-    "http": ("httptools", "httptools"),
+    "http": ("h11", "h11"),
     "lifespan": ("off", "off"),
     "root_path": ("/api", "/api"),
     "forwarded_allow_ips": ("10.0.0.0/8,unix", "10.0.0.0/8,unix"),
