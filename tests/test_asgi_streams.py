@@ -62,6 +62,17 @@ def test_eof_during_a_response_ends_the_request(start_server, loop):
     server.wait_for("AFTER http.disconnect: send raised ClientDisconnected")
 
 
+def _stop_while_streaming(server, path: bytes, first: bytes) -> bytes:
+    """GET `path`, read until `first` arrives, SIGTERM the master, and return the rest of the
+    response up to the close (the socket's timeout, 10 s, bounds this)."""
+    with server.connect() as sock:
+        sock.sendall(GET % path)
+        reader = Reader(sock)
+        reader.read_until(first)
+        os.kill(server.pid, signal.SIGTERM)
+        return reader.read_to_eof()
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_graceful_stop_ends_event_streams_at_once(start_server, loop):
     """SIGTERM with an SSE client connected: the stream gets http.disconnect, its chunked
@@ -70,14 +81,8 @@ def test_graceful_stop_ends_event_streams_at_once(start_server, loop):
     pytest.importorskip("starlette")
     server = start_server("starletteapp:app", "-w", "1", "--loop", _loop(loop),
                           "--graceful-timeout", "20")
-    with server.connect() as sock:
-        sock.sendall(GET % b"/events?tag=stopped")
-        reader = Reader(sock)
-        assert b"transfer-encoding: chunked" in reader.read_until(b"\r\n\r\n").lower()
-        reader.read_until(b"data: 0\n\n\r\n")
-        stopping = time.monotonic()
-        os.kill(server.pid, signal.SIGTERM)
-        rest = reader.read_to_eof()  # the socket's timeout (10 s) bounds this
+    stopping = time.monotonic()
+    rest = _stop_while_streaming(server, b"/events?tag=stopped", b"data: 0\n\n\r\n")
     assert server.wait_exit() == 0
     assert time.monotonic() - stopping < 10
     assert (b"\r\n" + rest).endswith(b"\r\n0\r\n\r\n")  # the last chunk, then the close
@@ -90,12 +95,7 @@ def test_graceful_stop_ends_an_event_stream_that_only_sends(start_server):
     """An SSE app that never calls receive() learns of the stop from send() raising, and
     returns: that is the stream ending as asked, not an app error, and its body is ended."""
     server = start_server("asgiapp:app", "-w", "1", "--graceful-timeout", "20")
-    with server.connect() as sock:
-        sock.sendall(GET % b"/events-until-send-fails")
-        reader = Reader(sock)
-        reader.read_until(b"data: tick\n\n")
-        os.kill(server.pid, signal.SIGTERM)
-        rest = reader.read_to_eof()
+    rest = _stop_while_streaming(server, b"/events-until-send-fails", b"data: tick\n\n")
     assert server.wait_exit() == 0
     assert (b"\r\n" + rest).endswith(b"\r\n0\r\n\r\n")
     assert "EVENTS send raised" in server.log and "ERROR" not in server.log
@@ -107,12 +107,7 @@ def test_graceful_stop_ends_other_streams_shortly_before_the_timeout(start_serve
     sees it incomplete), so the worker exits by itself after lifespan shutdown instead of
     being killed."""
     server = start_server("asgiapp:app", "-w", "1", "--graceful-timeout", "3")
-    with server.connect() as sock:
-        sock.sendall(GET % b"/ticks?interval=0.1&tag=cut")
-        reader = Reader(sock)
-        reader.read_until(b"tick\n")
-        os.kill(server.pid, signal.SIGTERM)
-        rest = reader.read_to_eof()
+    rest = _stop_while_streaming(server, b"/ticks?interval=0.1&tag=cut", b"tick\n")
     assert server.wait_exit() == 0
     assert rest.count(b"tick") > 5  # it went on streaming during the grace period
     assert not rest.endswith(b"0\r\n\r\n")
