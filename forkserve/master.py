@@ -446,7 +446,7 @@ class Master:
             os.close(write_fd)
             self.scoreboard.leave(worker.number)
             self.fork_failures += 1
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.fork_failures - 1))
+            delay = _backoff_delay(self.fork_failures + 1)  # the first retry waits too
             if self.fork_failures == 1:  # once per episode: a process limit can last
                 error_log.error("cannot fork worker %d: %s; retrying in %.1f s, then less "
                                 "often", worker.number, exc.strerror, delay)
@@ -585,8 +585,7 @@ class Master:
         self._backoff()
 
     def _backoff(self) -> None:
-        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 2)) if self.failures > 1 \
-            else 0.0
+        delay = _backoff_delay(self.failures)
         if delay:
             error_log.warning("%d failures in a row: next worker starts in %.1f s",
                               self.failures, delay)
@@ -828,6 +827,12 @@ class Master:
 
     def _set_title(self) -> None:
         setproctitle(f"forkserve: master [{self.cfg.app}] {self.size} workers")
+
+
+def _backoff_delay(failures: int) -> float:
+    """How long to wait before the next start after `failures` in a row: none after one,
+    then BACKOFF_FIRST doubling up to BACKOFF_MAX."""
+    return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 2)) if failures > 1 else 0.0
 
 
 def _record_only(signum: int, frame: object) -> None:

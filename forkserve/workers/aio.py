@@ -243,7 +243,7 @@ class AsyncioWorker(Worker):
         if not self._below_limit():
             # Idle connections must not lock out new clients (thousands that connect and
             # send nothing): the one idle longest makes room.
-            oldest = quiet_one(self.idle, _fileno)
+            oldest = quiet_one(self.idle)
             if oldest is not None:
                 del self.idle[oldest]
                 oldest.close()
@@ -257,7 +257,7 @@ class AsyncioWorker(Worker):
         """May this worker take another connection? At --worker-connections it still may
         when it can close an idle connection for it."""
         return not self.over_memory and (
-            self._below_limit() or quiet_one(self.idle, _fileno) is not None)
+            self._below_limit() or quiet_one(self.idle) is not None)
 
     def _below_limit(self) -> bool:
         return len(self.connections) + self.accepted < self.cfg.worker_connections
@@ -743,10 +743,6 @@ class HTTPProtocol(asyncio.Protocol):
             self.ws.close(SERVICE_RESTART, "server restarting")
         elif self.cycle is not None:
             self.cycle.stop(deadline=True)
-
-
-def _fileno(protocol: HTTPProtocol) -> int:
-    return protocol.fd
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:

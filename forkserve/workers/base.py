@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from itertools import islice
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from setproctitle import setproctitle
 
@@ -41,7 +41,12 @@ from forkserve.proxy import TrustedProxies
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
 
-T = TypeVar("T")
+
+class _HasFd(Protocol):
+    fd: int
+
+
+C = TypeVar("C", bound=_HasFd)
 DUMP_SIGNAL = signal.SIGUSR2
 # Connections accepted per readiness event at most.
 ACCEPT_BATCH = 16
@@ -354,20 +359,20 @@ def tell_master_stopping(channel_fd: int, signum: int) -> None:
         pass  # the master is gone: nobody to tell
 
 
-def quiet_one(candidates: Iterable[T], fileno: Callable[[T], int]) -> T | None:
-    """The first of `candidates` (EVICT_SCAN at most) with no bytes waiting to be read, or
-    None. A connection whose request has arrived but is not read yet is not idle, however
-    new: closing it would lose that request."""
-    batch = [item for item in islice(candidates, EVICT_SCAN) if fileno(item) >= 0]
+def quiet_one(connections: Iterable[C]) -> C | None:
+    """The first of `connections` (EVICT_SCAN at most, each with its socket's `fd`) with no
+    bytes waiting to be read, or None. A connection whose request has arrived but is not read
+    yet is not idle, however new: closing it would lose that request."""
+    batch = [conn for conn in islice(connections, EVICT_SCAN) if conn.fd >= 0]
     if not batch:
         return None
     poller = select.poll()
-    for item in batch:
-        poller.register(fileno(item), select.POLLIN)
+    for conn in batch:
+        poller.register(conn.fd, select.POLLIN)
     ready = {fd for fd, _ in poller.poll(0)}
-    for item in batch:
-        if fileno(item) not in ready:
-            return item
+    for conn in batch:
+        if conn.fd not in ready:
+            return conn
     return None
 
 

@@ -156,8 +156,7 @@ class SyncWorker(Worker):
         """The connection waiting longest for a request that has not begun (a new one that
         sent nothing, or keep-alive between requests) and has no bytes waiting, if any.
         `waiting` is in the order connections began to wait."""
-        return quiet_one((conn for conn in self.waiting if not conn.head_started),
-                         _fileno)
+        return quiet_one(conn for conn in self.waiting if not conn.head_started)
 
     def _accept(self, listening: socket.socket) -> None:
         self.accept_batch(listening, self._pause_accepting, self._take)
@@ -352,7 +351,3 @@ class SyncWorker(Worker):
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
         self.selector.close()
-
-
-def _fileno(conn: ClientConnection) -> int:
-    return conn.fd
