@@ -21,7 +21,7 @@ from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import quote, unquote_to_bytes
 
-from forkserve.errors import StopNow
+from forkserve.errors import ClientDisconnected, StopNow
 from forkserve.http.base import HTTPConnection, Request, complete_headers, error_response
 from forkserve.logs import error_log
 from forkserve.proxy import Forwarded
@@ -31,10 +31,6 @@ ASGI_HTTP = {"version": "3.0", "spec_version": "2.3"}  # see the module's docstr
 Message = dict[str, Any]
 ASGIApp = Callable[[dict, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
                    Awaitable[None]]
-
-
-class ClientDisconnected(OSError):
-    """Raised by `send` once the client is gone (ASGI: an OSError subclass)."""
 
 
 def wrap_asgi2(app: Callable[[dict], Any]) -> ASGIApp:
@@ -47,13 +43,19 @@ def wrap_asgi2(app: Callable[[dict], Any]) -> ASGIApp:
 
 
 class Output(Protocol):
-    """What a cycle writes through: the worker's connection."""
+    """What a cycle (ASGI's or WSGI's) writes through: the worker's connection."""
+
+    loop: asyncio.AbstractEventLoop
 
     def write(self, data: bytes) -> None: ...
 
     @property
     def closing(self) -> bool:
         """The connection is closed or closing: nothing written will arrive."""
+
+    @property
+    def paused(self) -> bool:
+        """The client is slow to take what was written: `drain()` would wait."""
 
     async def drain(self) -> None:
         """Wait while the client is slow to take what was written (backpressure)."""
@@ -62,6 +64,9 @@ class Output(Protocol):
         """The app consumed the buffered body: read more of it."""
 
     def close(self) -> None: ...
+
+    def abort(self) -> None:
+        """Drop the connection now, whatever is buffered for it."""
 
 
 def http_scope(request: Request, client: Any, server: Any, root_path: str,

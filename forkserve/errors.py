@@ -22,3 +22,9 @@ class StopNow(SystemExit):
 
     def __init__(self) -> None:
         super().__init__(EXIT_OK)
+
+
+class ClientDisconnected(OSError):
+    """The client is gone (it closed or reset the connection, or stalled past the I/O
+    timeout), or the server ended its request. ASGI's `send` raises it (the spec wants an
+    OSError), and so do a WSGI app's writes and wsgi.input reads."""

@@ -311,11 +311,11 @@ error log, kills it and starts a replacement.
 A worker that dies is replaced; one that keeps dying soon after booting is restarted with
 a growing delay (0.5 s doubling to 30 s).
 .Pp
-WSGI apps are served by the sync worker, a selector loop that calls the app inline or in
-a pool of
+Each worker runs one event loop (uvloop when it is installed) that accepts connections and
+reads requests.
+A WSGI app is called inline in that loop, or in a pool of
 .Fl -threads
-threads.
-ASGI apps are served by the asyncio worker, on uvloop when it is installed.
+threads; an ASGI app runs as a task per request.
 The worker kind follows the app's interface unless
 .Fl k
 says otherwise.

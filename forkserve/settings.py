@@ -185,8 +185,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "threads", ("--threads",), 1, _int_at_least(1),
-        "Requests served concurrently by each worker. With 1 the app is called in the "
-        "worker's event loop; with more, in a pool of that many threads.", metavar="N",
+        "WSGI: requests served at once by each worker. With 1 the app is called in the "
+        "worker's event loop once the request body is in (a large body, or one sent after "
+        "100 Continue, is read by the app from a thread while the loop calls it for no one "
+        "else); with more, in a pool of that many threads.", metavar="N",
     ),
     Setting(
         "worker_connections", ("--worker-connections",), 1000, _int_at_least(1),
@@ -266,8 +268,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "worker_class", ("-k", "--worker-class"), "auto", _choice("auto", "sync", "asgi"),
-        "Worker kind: 'sync' (WSGI: a selector loop, the app inline or in --threads), "
-        "'asgi' (ASGI: an asyncio event loop), or 'auto' to follow the app's interface.",
+        "Worker kind: 'sync' (WSGI: the app called inline or in --threads), 'asgi' (ASGI: "
+        "a task per request), or 'auto' to follow the app's interface. Both run on one "
+        "event loop per worker (--loop).",
         metavar="KIND", section="app",
     ),
     Setting(
@@ -277,8 +280,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "loop", ("--loop",), "auto", _choice("auto", "asyncio", "uvloop"),
-        "Event loop of ASGI workers: uvloop (the 'fast' extra), asyncio, or auto (uvloop if "
-        "installed).", metavar="LOOP", section="app",
+        "Event loop of the workers: uvloop (installed with forkserve where it has wheels), "
+        "asyncio, or auto (uvloop if installed).", metavar="LOOP", section="app",
     ),
     Setting(
         "http", ("--http",), "auto", _http_parser,

@@ -1,8 +1,8 @@
 """The WSGI interface (PEP 3333): environ, wsgi.input, start_response, file wrapper.
 
-No socket I/O happens here. The worker supplies two things: a `read_chunk` callable that
-returns the next piece of the request body (b"" at its end), and a `ResponseWriter` that puts
-the response on the wire. `call_app` runs one request through the app between the two.
+No I/O happens here. `respond` runs one request through the app between a `read_chunk`
+callable (the next piece of the request body, b"" at its end, for wsgi.input) and a
+`ResponseWriter` that puts the response on the wire (see `wsgi_cycle.WSGICycle`).
 """
 
 from __future__ import annotations
@@ -27,22 +27,24 @@ _STATUS = re.compile(r"([1-9][0-9][0-9]) ([^\x00-\x08\x0a-\x1f\x7f]*)")
 
 
 class ResponseWriter(Protocol):
-    """What `call_app` needs from the worker to send a response.
+    """What `respond` needs to send a response.
 
-    `start` records the head; it is sent with the first non-empty body piece or at `finish`
-    (PEP 3333: headers wait for the body). `write` sends a piece at once. `finish(last)` sends
-    `last` and ends the response; if nothing was sent before, `last` is the whole body (None:
-    empty) and the writer may add the Content-Length the app left out. `send_file` sends
-    `count` bytes of `fd` from `offset`.
+    `start` records the head; it is sent with the first non-empty body piece, by `send_head`,
+    or at `finish` (PEP 3333: headers wait for the body). `write` sends a piece. `send_head`
+    sends the head now with `length` as its Content-Length unless the app gave one (a file
+    follows in pieces). `finish(last)` sends `last` and ends the response; if nothing was sent
+    before, `last` is the whole body (None: empty) and the writer may add the Content-Length
+    the app left out. `paused`: the client is not reading; write no more until it drained.
     """
 
-    headers_sent: bool
+    head_sent: bool
+    paused: bool
 
     def start(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
 
     def write(self, data: bytes) -> None: ...
 
-    def send_file(self, fd: int, offset: int, count: int) -> None: ...
+    def send_head(self, length: int) -> None: ...
 
     def finish(self, last: bytes | None = None) -> None: ...
 
@@ -191,7 +193,7 @@ class StartResponse:
     def __call__(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None):
         if exc_info is not None:
             try:
-                if self._writer.headers_sent:
+                if self._writer.head_sent:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
@@ -372,12 +374,15 @@ def _environ_key(name: bytes) -> str | None:
     return key
 
 
-def call_app(app: Callable[..., Any], environ: dict[str, Any], writer: ResponseWriter) -> None:
+def respond(app: Callable[..., Any], environ: dict[str, Any],
+            writer: ResponseWriter) -> Iterator[None]:
     """Run one request through a WSGI app and send its response through `writer`.
 
-    The result's close() is always called, also when sending fails. Exceptions from the app
-    propagate: the caller answers 500 if `writer.headers_sent` is false, else drops the
-    connection.
+    A generator: it yields when `writer.paused` after a piece, and goes on when next() is
+    called once the writer drained, so that a client that reads slowly holds no thread and
+    no loop. The result's close() is always called, also when sending fails. Exceptions
+    from the app propagate: the caller answers 500 if `writer.head_sent` is false, else
+    drops the connection.
     """
     start_response = StartResponse(writer)
     result = app(environ, start_response)
@@ -386,6 +391,8 @@ def call_app(app: Callable[..., Any], environ: dict[str, Any], writer: ResponseW
             _require_started(start_response)
             writer.finish(_check_bytes(result[0]))
             return
+        head_only = environ["REQUEST_METHOD"] == "HEAD"
+        pieces: Iterable[Any] = result
         if type(result) is FileWrapper:
             file_range = result.file_range()
             if file_range is not None:
@@ -393,22 +400,38 @@ def call_app(app: Callable[..., Any], environ: dict[str, Any], writer: ResponseW
                 fd, offset, count = file_range
                 if start_response.content_length is not None:
                     count = min(count, start_response.content_length)
-                writer.send_file(fd, offset, count)
-                writer.finish()
-                return
-        head_only = environ["REQUEST_METHOD"] == "HEAD"
-        for chunk in result:
+                writer.send_head(count)
+                pieces = () if head_only else _file_pieces(fd, offset, count)
+        for chunk in pieces:
             if chunk:
                 _require_started(start_response)
                 writer.write(_check_bytes(chunk))
                 if head_only:
                     break  # the body is not sent: do not make the app produce all of it
+                if writer.paused:
+                    yield
         _require_started(start_response)
         writer.finish()
     finally:
         close = getattr(result, "close", None)
         if close is not None:
             close()
+
+
+def _file_pieces(fd: int, offset: int, count: int) -> Iterator[bytes]:
+    """`count` bytes of file `fd` from `offset`, in pieces of FILE_PIECE bytes. Raises
+    OSError if the file ends before (the response, already announced, is then cut)."""
+    while count > 0:
+        piece = os.pread(fd, min(count, FILE_PIECE), offset)
+        if not piece:
+            raise OSError(f"the file ended {count} bytes before its announced length")
+        yield piece
+        offset += len(piece)
+        count -= len(piece)
+
+
+# Bytes read from a file at a time for wsgi.file_wrapper.
+FILE_PIECE = 256 * 1024
 
 
 def _require_started(start_response: StartResponse) -> None:

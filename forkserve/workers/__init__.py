@@ -1,12 +1,12 @@
-"""Worker processes: boot (load the app, pick the worker kind for its interface), then serve.
+"""Worker processes: boot (load the app, check the worker kind against its interface), then
+serve.
 
-Both kinds are imported here, in the master, so that a worker forked after the master
+The worker is imported here, in the master, so that a worker forked after the master
 dropped its privileges needs to read nothing more than the app.
 
-`run_worker` is what a forked child runs. The kinds:
-
-    sync   workers/sync.py  WSGI apps: a selector loop, the app called inline or in threads
-    asgi   workers/aio.py   ASGI apps: an asyncio (or uvloop) event loop
+`run_worker` is what a forked child runs: `AsyncioWorker` (workers/aio.py), an event loop
+whose connections (workers/protocol.py) hand requests to the app's interface: `-k sync`
+for WSGI apps (forkserve.wsgi), `-k asgi` for ASGI apps (forkserve.asgi).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from forkserve.workers.base import (
     report_boot_failure,
     tell_master_stopping,
 )
-from forkserve.workers.sync import SyncWorker
 
 
 def run_worker(cfg: Config, listeners: list[Listener], channel_fd: int, number: int,
@@ -51,15 +50,15 @@ def run_worker(cfg: Config, listeners: list[Listener], channel_fd: int, number: 
         if app is None:
             app = load_app(cfg.app, cfg.chdir)
         interface = detect_interface(app, cfg.interface)
-        kind = worker_kind(cfg.worker_class, interface)
+        worker_kind(cfg.worker_class, interface)
     except StopNow:
         return EXIT_OK  # told to stop while loading: not a boot failure
     except ConfigError as exc:
         return report_boot_failure(channel_fd, EXIT_CONFIG, str(exc))
     except BaseException:  # the app's own import or factory raised (even SystemExit)
         return report_boot_failure(channel_fd, EXIT_BOOT, traceback.format_exc().rstrip())
-    worker = _worker_class(kind)(cfg, listeners, channel_fd, number, master_pid, scoreboard,
-                                 app, interface, tls)
+    worker = AsyncioWorker(cfg, listeners, channel_fd, number, master_pid, scoreboard, app,
+                           interface, tls)
     hook("post_fork", worker)
     status = worker.run()
     hook("worker_exit", worker)
@@ -74,10 +73,6 @@ def worker_kind(worker_class: str, interface: str) -> str:
         raise ConfigError(f"-k {worker_class} cannot serve {described} app "
                           f"(use -k {wanted} or --interface)")
     return wanted
-
-
-def _worker_class(kind: str) -> type[Worker]:
-    return SyncWorker if kind == "sync" else AsyncioWorker
 
 
 def _boot_signals(channel_fd: int) -> None:

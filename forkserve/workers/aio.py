@@ -1,9 +1,10 @@
-"""The ASGI worker: an asyncio (or uvloop) event loop serving HTTP/1.1 to an ASGI app.
+"""The worker: an asyncio (or uvloop) event loop serving HTTP/1.1 to a WSGI or an ASGI app.
 
 The loop accepts on the shared listening sockets itself (so the scoreboard can spread
-connections across workers, as in the sync worker), runs one `HTTPProtocol` per connection
-and one task per request. The heartbeat is a loop timer: an app that blocks the loop stops
-it, and the master then sees a hang and dumps the tracebacks.
+connections across workers) and runs one `HTTPProtocol` per connection. An ASGI request runs
+as a task; a WSGI app is called inline in the loop (--threads 1, once the request's body is
+in) or in a pool of --threads threads (see `run_wsgi`). The heartbeat is a loop timer: an
+app that blocks the loop stops it, and the master then sees a hang and dumps the tracebacks.
 """
 
 from __future__ import annotations
@@ -13,44 +14,29 @@ import os
 import socket
 import ssl
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from forkserve.asgi import (
-    ClientDisconnected,
-    HTTPCycle,
-    Lifespan,
-    LifespanFailed,
-    apply_forwarded,
-    http_scope,
-    wrap_asgi2,
-)
+from forkserve.asgi import Lifespan, LifespanFailed, wrap_asgi2
 from forkserve.errors import EXIT_BOOT, StopNow
-from forkserve.http.base import (
-    CLOSED,
-    END_OF_MESSAGE,
-    NEED_DATA,
-    Data,
-    ProtocolError,
-    Request,
-    error_response,
-)
-from forkserve.logs import access_log, error_log, format_access_line
-from forkserve.proxy import forwarded
+from forkserve.http.base import error_response
+from forkserve.logs import error_log
 from forkserve.proxy_protocol import ProxyHeader, ProxyProtocolError
-from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http, tls_extension
-from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
-from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade, websocket_scope
+from forkserve.scoreboard import UNAVAILABLE
+from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http
 from forkserve.workers.base import (
     BALANCE_MARGIN,
     DEFER_POLL,
-    LINGER_SECONDS,
-    MAX_DRAIN,
     STOP_GRACE,
     BootFailed,
     ProxyHeaderReader,
     Worker,
     quiet_one,
 )
+from forkserve.workers.protocol import HTTPProtocol
+from forkserve.wsgi_cycle import WSGICycle
 
 # On a graceful stop, open WebSockets are closed, and responses still streaming without a
 # Content-Length ended, this many seconds before --graceful-timeout ends (so that the worker
@@ -74,15 +60,24 @@ def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
 
 
 class AsyncioWorker(Worker):
-    """Serves ASGI apps from one event loop per process."""
+    """Serves a WSGI or an ASGI app from one event loop per process."""
 
     accepting = False  # listeners registered with the loop
     serving = False  # booted and not stopping: a stop signal must wake its loop
     deferring = False  # accepting paused for a while (a lighter peer, or no descriptors)
+    quick_stopping = False  # see stop_loop_now
 
     def serve(self) -> None:
         cfg = self.cfg
         self.asgi_app = wrap_asgi2(self.app) if self.interface == "asgi2" else self.app
+        wsgi = self.interface == "wsgi"
+        # WSGI: the pool of --threads, or with --threads 1 the one thread that calls the app
+        # for a request whose body is still coming (then no other call runs meanwhile).
+        self.pool = ThreadPoolExecutor(cfg.threads, "forkserve") if wsgi else None
+        self.app_threaded = cfg.threads > 1
+        self.thread_busy = False  # --threads 1: the app is being called in the thread
+        self.waiting_for_app: deque[Callable[[], None]] = deque()  # until it is not
+        self.in_threads: set[WSGICycle] = set()
         self.connections: set[HTTPProtocol] = set()
         # Connections waiting for a request that has not begun, longest waiting first.
         self.idle: dict[HTTPProtocol, None] = {}
@@ -105,15 +100,23 @@ class AsyncioWorker(Worker):
             # "running"): nothing more runs on it, the process exits now.
             quick_stop = True
             raise
+        except RuntimeError:  # "Event loop stopped before Future completed"
+            if not self.quick_stopping:
+                raise
+            quick_stop = True
+            raise StopNow from None
         finally:
             if not quick_stop:
                 _cancel_leftovers(self.loop)
                 self.loop.close()
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def _main(self) -> None:
         self.stopped = asyncio.Event()
         self.all_closed = asyncio.Event()
-        self.lifespan = Lifespan(self.asgi_app, self.cfg.lifespan)
+        self.lifespan = Lifespan(self.asgi_app,
+                                 "off" if self.interface == "wsgi" else self.cfg.lifespan)
         try:
             await self.lifespan.startup()
         except LifespanFailed as exc:
@@ -142,6 +145,12 @@ class AsyncioWorker(Worker):
         # explicitly rather than through the worker's wakeup pipe.
         if self.serving:
             self.loop.call_soon_threadsafe(self._begin_stop)
+
+    def stop_loop_now(self) -> None:
+        """The quick stop's StopNow reached a protocol callback, where uvloop would log and
+        swallow it: stop the loop instead, and `serve` raises it again."""
+        self.quick_stopping = True
+        self.loop.stop()
 
     def _on_wakeup(self) -> None:
         try:
@@ -173,6 +182,8 @@ class AsyncioWorker(Worker):
             listener.sock.close()
         for protocol in list(self.connections):
             protocol.begin_stop()
+        for cycle in self._stuck_in_threads():
+            cycle.out.abort()  # it cannot be ended: stop without waiting for it
         self.loop.call_later(max(0.0, self.cfg.graceful_timeout - WS_CLOSE_MARGIN),
                              self._stop_deadline)
         self.stopped.set()
@@ -254,8 +265,10 @@ class AsyncioWorker(Worker):
             self._set_accepting(False)  # connection_closed starts again once one is gone
 
     def _has_room(self) -> bool:
-        """May this worker take another connection? At --worker-connections it still may
-        when it can close an idle connection for it."""
+        """May this worker take another connection (--worker-connections, free threads)? At
+        --worker-connections it still may when it can close an idle connection for it."""
+        if self.app_threaded and self.in_flight >= self.cfg.threads:
+            return False
         return not self.over_memory and (
             self._below_limit() or quiet_one(self.idle) is not None)
 
@@ -345,7 +358,88 @@ class AsyncioWorker(Worker):
         self._set_accepting(False)
 
     def _publish(self) -> None:
-        self.scoreboard.set(self.number, len(self.connections) + self.accepted)
+        if self.app_threaded and self.in_flight >= self.cfg.threads:
+            load = UNAVAILABLE  # every thread is busy: peers must not wait for this worker
+        else:
+            load = len(self.connections) + self.accepted
+        self.scoreboard.set(self.number, load)
+
+    # -- calling a WSGI app -----------------------------------------------------------------------
+
+    def run_wsgi(self, cycle: WSGICycle) -> None:
+        """Call the WSGI app for `cycle` (counted in `in_flight` already). With --threads N
+        in the pool. With --threads 1 inline in the loop when the body is in (the protocol
+        awaits a small one), else in the one thread (a large body, or one the client sends
+        after 100 Continue). A call in that thread runs alone, the app being told it is not
+        multithreaded: the loop calls the app again only once it returned."""
+        if self.app_threaded:
+            self._run_in_thread(cycle, self.request_done)
+        elif self.thread_busy:
+            self.waiting_for_app.append(lambda: self.run_wsgi(cycle))
+        elif cycle.body_complete:
+            # The loop is blocked in the app: peers must not wait for it to accept, and if it
+            # hangs the master can tell which request it was serving.
+            request = cycle.request
+            self.scoreboard.serving(self.number, request.method + b" " + request.target)
+            cycle.run_inline(self.request_done, self.app_free)
+            self.scoreboard.served(self.number)
+            self._publish()
+        else:
+            self.thread_busy = True
+            self._run_in_thread(cycle, self._thread_call_done)
+
+    def _run_in_thread(self, cycle: WSGICycle, on_done: Callable[[], None]) -> None:
+        self.in_threads.add(cycle)
+        cycle.run_in_thread(self.pool, on_done)
+        if self.app_threaded and not self._has_room():
+            self._set_accepting(False)  # let other workers take new connections
+            self._publish()
+
+    def _thread_call_done(self) -> None:
+        self.thread_busy = False
+        self.request_done()
+        while self.waiting_for_app and not self.thread_busy:
+            self.waiting_for_app.popleft()()
+
+    def app_free(self) -> asyncio.Future[None] | None:
+        """None if the loop may call the app now; else a future done once it may try again
+        (--threads 1: a call in the thread is running)."""
+        if not self.thread_busy:
+            return None
+        free = self.loop.create_future()
+        self.waiting_for_app.append(lambda: free.done() or free.set_result(None))
+        return free
+
+    def request_done(self) -> None:
+        """A request's exchange is over (the app may have left a task behind)."""
+        self.in_flight -= 1
+        if self.in_threads:
+            self.in_threads = {cycle for cycle in self.in_threads if not cycle.done}
+        if self.memory_limit_kib and not self.over_memory:
+            self.check_memory()
+        if self.app_threaded:
+            self._publish()
+            if not self.accepting and not self.deferring and not self.stopping \
+                    and self._has_room():
+                self._set_accepting(True)
+
+    def stuck_request(self) -> str:
+        stuck = self._stuck_in_threads()
+        if not stuck:
+            return ""
+        oldest = min(stuck, key=lambda cycle: cycle.started)
+        line = (oldest.request.method + b" " + oldest.request.target).decode("latin-1")
+        return (f"stuck in {line!r} in a thread for "
+                f"{time.monotonic() - oldest.started:.1f} s (limit {self.cfg.timeout:g} s)")
+
+    def _stuck_in_threads(self) -> list[WSGICycle]:
+        """Requests whose app has run in a pool thread for --timeout without reading from
+        or writing to its client."""
+        timeout = self.cfg.timeout
+        if not self.in_threads or timeout <= 0:
+            return []
+        since = time.monotonic() - timeout
+        return [cycle for cycle in self.in_threads if not cycle.done and cycle.started < since]
 
     def connection_opened(self, protocol: HTTPProtocol) -> None:
         self.connections.add(protocol)
@@ -376,373 +470,6 @@ class AsyncioWorker(Worker):
     def _check_all_closed(self) -> None:
         if not self.connections and not self.accepted:
             self.all_closed.set()
-
-
-class HTTPProtocol(asyncio.Protocol):
-    """One client connection: bytes to the parser, requests to `HTTPCycle` tasks."""
-
-    def __init__(self, worker: AsyncioWorker, proxy_header: ProxyHeader | None = None) -> None:
-        self.worker = worker
-        self.proxy_header = proxy_header
-        self.loop = worker.loop
-        self.conn = worker.new_connection(worker.limits)
-        self.transport: asyncio.Transport | None = None
-        self.cycle: HTTPCycle | None = None
-        self.ws: WebSocketSession | None = None
-        self.request: Request | None = None
-        self.started = 0.0
-        self.discarding = False  # reading and dropping a body the app did not read
-        self.discarded = 0
-        self.reading_paused = False
-        self.writable = asyncio.Event()
-        self.writable.set()
-        self.timer: asyncio.TimerHandle | None = None
-        self.closed = False
-        self.client: Any = None
-        self.server: Any = None
-        self.trusted = False  # the peer is a trusted proxy: believe its forwarded headers
-        self.tls: dict[str, Any] | None = None  # the ASGI TLS extension, on HTTPS
-        self.head_started = False  # the next request's first bytes have arrived
-        self.fd = -1  # the socket's descriptor
-
-    # -- asyncio.Protocol -----------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            self.fd = sock.fileno()
-        peer = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
-        if sock is not None and sock.family == socket.AF_UNIX:
-            self.client, self.server = None, (local or "", None)
-        elif peer is None or local is None:  # reset before the transport could ask
-            self.closed = True
-            transport.abort()
-            return
-        else:
-            self.client, self.server = tuple(peer[:2]), tuple(local[:2])
-        self.trusted = self.worker.proxies.trusts(self.client[0] if self.client else None)
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            self.tls = tls_extension(ssl_object)
-        header = self.proxy_header
-        if header is not None and header.client is not None:
-            self.client = header.client
-        self.worker.connection_opened(self)
-        self._wait_for_request(self.worker.first_byte_timeout)
-        if self.worker.stopping:
-            self.begin_stop()
-
-    def data_received(self, data: bytes) -> None:
-        if self.ws is not None:
-            self.ws.receive_data(data)
-            return
-        self.conn.receive_data(data)
-        self._process()
-        # The keep-alive timer runs on until a whole request head is in; once a head has
-        # begun it must be complete within --header-timeout (slowloris).
-        header_timeout = self.worker.cfg.header_timeout
-        if self.cycle is None and self.ws is None and not self.head_started \
-                and not self.closed and header_timeout:
-            self.head_started = True
-            self.worker.not_idle(self)
-            if self.timer is None or self.timer.when() > self.loop.time() + header_timeout:
-                self._cancel_timer()
-                self.timer = self.loop.call_later(header_timeout, self.close)
-
-    def eof_received(self) -> bool:
-        if self.ws is not None:
-            self.ws.receive_data(None)
-            return False
-        self.conn.receive_data(b"")
-        if self.cycle is not None and self.cycle.client_eof():
-            self.transport.abort()  # it left during the response: drop what waits for it
-            return False
-        self._process()
-        # Keep our side open to finish a response in progress (TLS cannot half-close).
-        return self.tls is None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._cancel_timer()
-        if self.cycle is not None:
-            self.cycle.disconnect()
-        if self.ws is not None:
-            self.ws.connection_lost()
-        self.writable.set()
-        self.worker.connection_closed(self)
-
-    def pause_writing(self) -> None:
-        self.writable.clear()
-
-    def resume_writing(self) -> None:
-        self.writable.set()
-
-    # -- Output (what the cycle writes through) -------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        if not self.closed and data:
-            self.transport.write(data)
-
-    @property
-    def closing(self) -> bool:
-        return self.closed or self.transport.is_closing()
-
-    async def drain(self) -> None:
-        if not self.writable.is_set():
-            try:
-                await asyncio.wait_for(self.writable.wait(), self.worker.io_timeout)
-            except asyncio.TimeoutError:  # the client stopped reading: give up on it
-                self.transport.abort()
-                raise ClientDisconnected(
-                    f"client stalled for {self.worker.io_timeout:g} s") from None
-
-    def resume_reading(self) -> None:
-        if self.reading_paused and not self.closed:
-            self.reading_paused = False
-            self.transport.resume_reading()
-            self.loop.call_soon(self._process)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.transport.close()
-
-    def abort(self) -> None:
-        """Drop the connection now, whatever is buffered for it."""
-        if not self.closed:
-            self.transport.abort()
-
-    # -- parsing ----------------------------------------------------------------------------------
-
-    def _process(self) -> None:
-        """Pull events from the parser until it needs bytes or must wait for a response."""
-        conn = self.conn
-        while not self.closing:
-            cycle = self.cycle
-            if cycle is not None and cycle.body_complete and not self.discarding:
-                # The request is read; the next one waits for this response. Bytes pipelined
-                # meanwhile are kept up to a request head's worth, then reading pauses.
-                if conn.buffered() > self.worker.limits.head_size and not self.reading_paused:
-                    self.reading_paused = True
-                    self.transport.pause_reading()
-                return
-            if cycle is not None and not self.discarding and not cycle.wants_body:
-                self.reading_paused = True
-                self.transport.pause_reading()
-                return
-            try:
-                event = conn.next_event()
-            except ProtocolError as exc:
-                self._reject(exc)
-                return
-            kind = type(event)
-            if kind is Data:
-                if not self.discarding:
-                    cycle.feed_body(event.data)
-                else:
-                    self.discarded += len(event.data)
-                    if self.discarded > MAX_DRAIN:
-                        self.close()
-                        return
-            elif event is END_OF_MESSAGE:
-                if self.discarding:
-                    self.discarding = False
-                    self._cancel_timer()
-                    self._next_cycle()
-                else:
-                    cycle.feed_end()
-            elif kind is Request:
-                if is_upgrade(event):
-                    self._upgrade(event)
-                    return
-                self._start_cycle(event)
-            elif event is NEED_DATA:
-                return
-            elif event is CLOSED:
-                self.close()
-                return
-            else:  # PAUSED: a response is still in progress
-                return
-
-    def _start_cycle(self, request: Request) -> None:
-        worker = self.worker
-        worker.not_idle(self)
-        scope = self._completed(request, http_scope(
-            request, self.client, self.server, worker.cfg.root_path,
-            worker.lifespan.state if worker.lifespan.supported else None))
-        close = worker.stopping or worker.over_memory or worker.cfg.keep_alive <= 0
-        self._cancel_timer()
-        self.request = request
-        self.started = time.time() if worker.access_log_format else 0.0
-        self.cycle = HTTPCycle(scope, self.conn, self, close, self._response_complete,
-                               worker.io_timeout)
-        if worker.stopping:
-            self.cycle.stop()
-        worker.in_flight += 1
-        worker.served += 1
-        self.loop.create_task(self._run(self.cycle))
-
-    def _completed(self, request: Request, scope: dict[str, Any]) -> dict[str, Any]:
-        """`scope` with what the connection adds: TLS (scheme, extension; or TLS at the load
-        balancer, per its PROXY header), then what a trusted proxy's headers say (which
-        may change the scheme back)."""
-        if self.tls is not None:
-            scope.setdefault("extensions", {})["tls"] = self.tls
-        if self.tls is not None or (self.proxy_header is not None and self.proxy_header.tls):
-            scope["scheme"] += "s"  # http → https, ws → wss
-        if self.trusted and request.proxy_headers:
-            apply_forwarded(scope, forwarded(request.headers, self.worker.proxies))
-        return scope
-
-    async def _run(self, cycle: HTTPCycle) -> None:
-        worker = self.worker
-        try:
-            await cycle.run(worker.asgi_app)
-        finally:
-            worker.in_flight -= 1
-            if worker.memory_limit_kib and not worker.over_memory:
-                worker.check_memory()
-
-    def _upgrade(self, request: Request) -> None:
-        """Hand the connection to a WebSocket session (or refuse: no wsproto)."""
-        worker = self.worker
-        if not WEBSOCKET_AVAILABLE:
-            if not worker.warned_no_websocket:
-                worker.warned_no_websocket = True
-                error_log.warning("refusing WebSocket requests: wsproto is not installed "
-                                  "(pip install 'forkserve[ws]')")
-            self.write(error_response(501, "WebSocket support is not installed"))
-            self.close()
-            return
-        try:
-            while self.conn.next_event() is END_OF_MESSAGE:
-                pass  # a GET has no body: the parser now waits for the protocol switch
-        except ProtocolError as exc:
-            self._reject(exc)
-            return
-        self._cancel_timer()
-        worker.not_idle(self)
-        cfg = worker.cfg
-        scope = self._completed(request, websocket_scope(
-            request, self.client, self.server, cfg.root_path,
-            worker.lifespan.state if worker.lifespan.supported else None))
-        self.ws = WebSocketSession(scope, request, self, cfg.ws_max_size, cfg.ws_ping_interval,
-                                   cfg.ws_ping_timeout)
-        worker.in_flight += 1
-        worker.served += 1
-        self.loop.create_task(self._run_websocket(self.ws, self.conn.trailing_data()))
-
-    async def _run_websocket(self, session: WebSocketSession, leftover: bytes) -> None:
-        if leftover:
-            session.receive_data(leftover)
-        try:
-            await session.run(self.worker.asgi_app)
-        finally:
-            self.worker.in_flight -= 1
-
-    def _response_complete(self, cycle: HTTPCycle) -> None:
-        self._log_access(cycle)
-        if self.closing or cycle.failed:
-            return
-        if not cycle.body_complete:
-            if self.conn.client_waiting_for_continue:
-                self.close()  # it never sent the body; the response said Connection: close
-                return
-            if not self.conn.will_close():
-                self._discard_body(self.worker.io_timeout)  # then go on with the next request
-            elif self.transport.can_write_eof():
-                # The response ended the connection: shut our side, and discard what comes
-                # for a moment (closing with unread bytes would make the kernel reset the
-                # connection, and the client could lose the response).
-                self.transport.write_eof()
-                self._discard_body(LINGER_SECONDS)
-            else:  # TLS cannot half-close
-                self.close()
-            return
-        self._next_cycle()
-
-    def _discard_body(self, seconds: float) -> None:
-        """Read and drop the rest of a body the app did not read: at most MAX_DRAIN bytes,
-        for at most `seconds`, after which the connection is closed."""
-        self.discarding = True
-        self.discarded = 0
-        self.timer = self.loop.call_later(seconds, self.close)
-        self.resume_reading()
-        self._process()
-
-    def _next_cycle(self) -> None:
-        self.cycle = None
-        if not self.conn.start_next_cycle():
-            self.close()
-            return
-        self._wait_for_request()
-        self.resume_reading()  # if pipelined bytes had filled the buffer
-        self._process()
-
-    def _reject(self, exc: ProtocolError) -> None:
-        error_log.debug("refused request: %s %s", exc.status, exc.detail)
-        if self.cycle is not None and self.cycle.head_sent:
-            self.close()
-            return
-        if self.cycle is not None:
-            self.cycle.disconnect()  # the app must not answer a request that broke
-        self.write(error_response(exc.status, exc.explain))
-        self.close()
-
-    def _log_access(self, cycle: HTTPCycle) -> None:
-        if not self.started or self.request is None:
-            return
-        request, scope = self.request, cycle.scope
-        access_log.info(format_access_line(
-            self.worker.access_log_format,
-            remote=self.client[0] if self.client else "",
-            method=scope["method"],
-            target=request.target.decode("latin-1"),
-            version=scope["http_version"],
-            status=cycle.status,
-            sent=cycle.sent,
-            started=self.started,
-            duration=time.time() - self.started,
-            request_headers=request.headers,
-            response_headers=cycle.headers,
-        ))
-        self.started = 0.0
-
-    # -- timers and stopping ----------------------------------------------------------------------
-
-    def _wait_for_request(self, timeout: float = 0.0) -> None:
-        """Wait for the next request for `timeout` seconds (default: the idle timeout
-        between keep-alive requests; STOP_GRACE once stopping)."""
-        self.head_started = False
-        worker = self.worker
-        worker.now_idle(self)
-        self.timer = self.loop.call_later(
-            STOP_GRACE if worker.stopping else timeout or worker.idle_timeout, self.close)
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def begin_stop(self) -> None:
-        """Graceful stop: a request in progress finishes, but an event stream (SSE) is ended
-        (`HTTPCycle.stop`); an idle connection gets STOP_GRACE seconds to bring one more
-        (answered with Connection: close). A WebSocket stays open until `end_now`."""
-        if self.cycle is not None:
-            self.cycle.stop()
-        elif self.ws is None:
-            self._cancel_timer()
-            self._wait_for_request()
-
-    def end_now(self) -> None:
-        """--graceful-timeout is about to run out: a WebSocket is closed with 1012 (service
-        restart), a response streaming without a Content-Length is ended (`HTTPCycle.stop`);
-        a request still to answer may yet do so."""
-        if self.ws is not None:
-            self.ws.close(SERVICE_RESTART, "server restarting")
-        elif self.cycle is not None:
-            self.cycle.stop(deadline=True)
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:

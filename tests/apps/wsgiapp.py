@@ -189,6 +189,33 @@ def barrier(environ, start_response):
     return _reply(start_response, b"together")
 
 
+_calls_running = 0
+
+
+def exclusive(environ, start_response):
+    """Reads the body, then sleeps ?s=; logs OVERLAP if another call of the app is running
+    meanwhile (the server says wsgi.multithread is false)."""
+    global _calls_running
+    _calls_running += 1
+    try:
+        if _calls_running > 1 and not environ["wsgi.multithread"]:
+            environ["wsgi.errors"].write("OVERLAP\n")
+        environ["wsgi.errors"].write(f"EXCLUSIVE {_query(environ).get('tag')}\n")
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        time.sleep(float(_query(environ).get("s", "0")))
+        environ["wsgi.errors"].write(f"EXCLUSIVE-END {_query(environ).get('tag')}\n")
+    finally:
+        _calls_running -= 1
+    return _reply(start_response, body)
+
+
+def big(environ, start_response):
+    """?mb= MiB of b"x" in 64 KiB pieces, with a Content-Length."""
+    size = int(_query(environ).get("mb", "16")) << 20
+    start_response("200 OK", TEXT + [("Content-Length", str(size))])
+    return (b"x" * 65536 for _ in range(size >> 16))
+
+
 def _channel_fd() -> int:
     """The worker's pipe to the master: the write end of a pipe whose read end is elsewhere
     (the worker's own wakeup pipe has both ends here; fds 0-2 belong to the test harness)."""
@@ -257,6 +284,8 @@ ROUTES = {
     "/marked": marked,
     "/sleep": sleep,
     "/barrier": barrier,
+    "/exclusive": exclusive,
+    "/big": big,
     "/garbage": garbage,
     "/close-pipe": close_pipe,
     "/crash": crash,

@@ -1,0 +1,514 @@
+"""One client connection on a worker's event loop: bytes to the parser, requests to the app.
+
+`HTTPProtocol` is the connection layer of both interfaces. It feeds what the client sends to
+the HTTP connection (`forkserve.http`), and hands each request to a cycle of the app's
+interface: `asgi.HTTPCycle` (a task per request) or `wsgi.WSGICycle` (the app called inline
+or in a pool thread, see `AsyncioWorker.run_wsgi`). It owns the connection's timers (idle,
+--header-timeout), flow control (pipelined bytes, unread bodies, a client that does not read)
+and the end of each exchange: next request, discard of an unread body, or close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from forkserve.asgi import (
+    BODY_HIGH_WATER,
+    ClientDisconnected,
+    HTTPCycle,
+    apply_forwarded,
+    http_scope,
+)
+from forkserve.errors import StopNow
+from forkserve.http.base import (
+    CLOSED,
+    END_OF_MESSAGE,
+    NEED_DATA,
+    Data,
+    ProtocolError,
+    Request,
+    error_response,
+)
+from forkserve.logs import access_log, error_log, format_access_line
+from forkserve.proxy import forwarded
+from forkserve.proxy_protocol import ProxyHeader
+from forkserve.tls import tls_environ, tls_extension
+from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
+from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade, websocket_scope
+from forkserve.workers.base import LINGER_SECONDS, MAX_DRAIN, STOP_GRACE
+from forkserve.wsgi import EnvironFactory
+from forkserve.wsgi_cycle import WSGICycle
+
+if TYPE_CHECKING:
+    from forkserve.workers.aio import AsyncioWorker
+
+
+class HTTPProtocol(asyncio.Protocol):
+    """One client connection: bytes to the parser, requests to the interface's cycles."""
+
+    def __init__(self, worker: AsyncioWorker, proxy_header: ProxyHeader | None = None) -> None:
+        self.worker = worker
+        self.proxy_header = proxy_header
+        self.loop = worker.loop
+        self.conn = worker.new_connection(worker.limits)
+        self.transport: asyncio.Transport | None = None
+        self.cycle: HTTPCycle | WSGICycle | None = None
+        self.cycle_started = False  # the app has the cycle (see _start_pending)
+        self.ws: WebSocketSession | None = None
+        self.request: Request | None = None
+        self.started = 0.0
+        self.discarding = False  # reading and dropping a body the app did not read
+        self.discarded = 0
+        self.reading_paused = False
+        self.processing = False  # _process is running: an exchange ending inside it goes on
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.timer: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.client: Any = None
+        self.server: Any = None
+        self.trusted = False  # the peer is a trusted proxy: believe its forwarded headers
+        self.tls: dict[str, Any] | None = None  # the ASGI TLS extension, on HTTPS
+        self.environ_factory: EnvironFactory | None = None  # a WSGI app's per-connection part
+        self.small_body = False  # the request's body is awaited before the app (_awaits_body)
+        self.head_started = False  # the next request's first bytes have arrived
+        self.fd = -1  # the socket's descriptor
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            self.client, self.server = None, (local or "", None)
+        elif peer is None or local is None:  # reset before the transport could ask
+            self.closed = True
+            transport.abort()
+            return
+        else:
+            self.client, self.server = tuple(peer[:2]), tuple(local[:2])
+        worker = self.worker
+        self.trusted = worker.proxies.trusts(self.client[0] if self.client else None)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.tls = tls_extension(ssl_object)
+        header = self.proxy_header
+        if header is not None and header.client is not None:
+            self.client = header.client
+        if worker.interface == "wsgi":
+            self.environ_factory = self._environ_factory(local, peer, ssl_object)
+        worker.connection_opened(self)
+        self._wait_for_request(worker.first_byte_timeout)
+        if worker.stopping:
+            self.begin_stop()
+
+    def _environ_factory(self, local: Any, peer: Any, ssl_object: Any) -> EnvironFactory:
+        """The WSGI environ template of this connection: addresses, TLS, PROXY header."""
+        worker = self.worker
+        cfg = worker.cfg
+        header = self.proxy_header
+        https = ssl_object is not None or (header is not None and header.tls)
+        factory = EnvironFactory(local, peer, cfg.threads > 1, cfg.root_path,
+                                 "https" if https else "http", worker.proxies)
+        variables = tls_environ(ssl_object) if ssl_object is not None else {}
+        if header is not None and header.client is not None:
+            variables.update(REMOTE_ADDR=header.client[0], REMOTE_PORT=str(header.client[1]))
+        if variables:
+            factory.extend(variables)
+        return factory
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.receive_data(data)
+            return
+        self.conn.receive_data(data)
+        self._process()
+        # The keep-alive timer runs on until a whole request head is in; once a head has
+        # begun (bytes wait in the parser) it must be complete within --header-timeout
+        # (slowloris).
+        header_timeout = self.worker.cfg.header_timeout
+        if self.cycle is None and self.ws is None and not self.head_started \
+                and not self.closed and header_timeout and self.conn.buffered():
+            self.head_started = True
+            self.worker.not_idle(self)
+            if self.timer is None or self.timer.when() > self.loop.time() + header_timeout:
+                self._cancel_timer()
+                self.timer = self.loop.call_later(header_timeout, self.close)
+
+    def eof_received(self) -> bool:
+        if self.ws is not None:
+            self.ws.receive_data(None)
+            return False
+        self.conn.receive_data(b"")
+        if self.cycle is not None and self.cycle.client_eof():
+            self.transport.abort()  # it left during the response: drop what waits for it
+            return False
+        self._process()
+        # Keep our side open to finish a response in progress (TLS cannot half-close).
+        return self.tls is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        if self.cycle is not None:
+            self.cycle.disconnect()
+        if self.ws is not None:
+            self.ws.connection_lost()
+        self.writable.set()
+        self.worker.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    # -- Output (what the cycles write through) -------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and data:
+            self.transport.write(data)
+
+    @property
+    def closing(self) -> bool:
+        return self.closed or self.transport.is_closing()
+
+    @property
+    def paused(self) -> bool:
+        """The client is not reading fast enough: write no more until `drain()`."""
+        return not self.writable.is_set()
+
+    async def drain(self) -> None:
+        if not self.writable.is_set():
+            try:
+                await asyncio.wait_for(self.writable.wait(), self.worker.io_timeout)
+            except asyncio.TimeoutError:  # the client stopped reading: give up on it
+                self.transport.abort()
+                raise ClientDisconnected(
+                    f"client stalled for {self.worker.io_timeout:g} s") from None
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+            self.loop.call_soon(self._process)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, whatever is buffered for it."""
+        if not self.closed:
+            self.transport.abort()
+
+    # -- parsing ----------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Pull events from the parser until it needs bytes or must wait for a response.
+
+        An exchange that ends while this runs (a WSGI app answering inline) goes on to the
+        next pipelined request here, not in a nested call."""
+        if self.processing:
+            return
+        self.processing = True
+        try:
+            while self._step():
+                pass
+        except StopNow:  # the quick stop signal came while a WSGI app ran inline
+            self.worker.stop_loop_now()  # (uvloop would swallow it in a protocol callback)
+        finally:
+            self.processing = False
+
+    def _step(self) -> bool:
+        """Handle one parser event; False when there is nothing more to do for now."""
+        if self.closing:
+            return False
+        conn = self.conn
+        cycle = self.cycle
+        if cycle is not None and not self.discarding and (
+                cycle.body_complete or not cycle.wants_body):
+            if cycle.body_complete:
+                # The request is read; the next one waits for this response. Bytes pipelined
+                # meanwhile are kept up to a request head's worth, then reading pauses.
+                if conn.buffered() > self.worker.limits.head_size and not self.reading_paused:
+                    self.reading_paused = True
+                    self.transport.pause_reading()
+            else:
+                self.reading_paused = True
+                self.transport.pause_reading()
+            return self._start_pending()
+        try:
+            event = conn.next_event()
+        except ProtocolError as exc:
+            self._reject(exc)
+            return False
+        kind = type(event)
+        if kind is Data:
+            if not self.discarding:
+                cycle.feed_body(event.data)
+            else:
+                self.discarded += len(event.data)
+                if self.discarded > MAX_DRAIN:
+                    self.close()
+                    return False
+        elif event is END_OF_MESSAGE:
+            if self.discarding:
+                self.discarding = False
+                self._cancel_timer()
+                self._next_cycle()
+            else:
+                cycle.feed_end()
+        elif kind is Request:
+            if self.environ_factory is None and is_upgrade(event):
+                self._upgrade(event)
+                return False
+            self._new_cycle(event)
+        elif event is NEED_DATA:
+            return self._start_pending()
+        elif event is CLOSED:
+            self.close()
+            return False
+        else:  # PAUSED: a response is still in progress
+            return self._start_pending()
+        return True
+
+    def _start_pending(self) -> bool:
+        """Give the current request to the app if it does not have it yet, now that the
+        body bytes that came with the head are fed to it. True if the exchange ended at once
+        (a WSGI app answered inline): go on with the next request."""
+        cycle = self.cycle
+        if cycle is None or self.cycle_started or self._awaits_body(cycle):
+            return False
+        self._cancel_timer()  # (a body stall timer)
+        self.cycle_started = True
+        worker = self.worker
+        worker.in_flight += 1
+        worker.served += 1
+        if type(cycle) is WSGICycle:
+            worker.run_wsgi(cycle)
+        else:
+            self.loop.create_task(self._run(cycle))
+        return self.cycle is not cycle or self.discarding
+
+    def _awaits_body(self, cycle: HTTPCycle | WSGICycle) -> bool:
+        """WSGI with --threads 1: a small body still coming (`small_body`) is awaited here in
+        the loop, so that the app is called inline and a slow client holds no thread and no
+        app call. Not a body the client sends only after 100 Continue (the app decides), nor
+        one past what is buffered (the app reads it in the thread). True while it waits; a
+        client that sends nothing for the I/O timeout is answered 408."""
+        if not self.small_body or cycle.body_complete or not cycle.wants_body \
+                or self.conn.client_waiting_for_continue:
+            return False
+        self._cancel_timer()
+        self.timer = self.loop.call_later(self.worker.io_timeout, self._body_stalled)
+        return True
+
+    def _body_stalled(self) -> None:
+        request = self.request
+        error_log.info("%s %s: the client sent no body for %g s; answered 408",
+                       request.method.decode("ascii"), request.target.decode("latin-1"),
+                       self.worker.io_timeout)
+        self.cycle.disconnect()
+        self.write(error_response(408, head=request.method == b"HEAD"))
+        self.close()
+
+    def _new_cycle(self, request: Request) -> None:
+        worker = self.worker
+        worker.not_idle(self)
+        close = worker.stopping or worker.over_memory or worker.cfg.keep_alive <= 0
+        self._cancel_timer()
+        self.request = request
+        self.started = time.time() if worker.access_log_format else 0.0
+        self.cycle_started = False
+        if self.environ_factory is not None:
+            self.small_body = not worker.app_threaded and _length(request) <= BODY_HIGH_WATER
+            self.cycle = WSGICycle(worker.app, self.environ_factory, request, self.conn, self,
+                                   close, self._response_complete, worker.io_timeout)
+        else:
+            scope = self._completed(request, http_scope(
+                request, self.client, self.server, worker.cfg.root_path,
+                worker.lifespan.state if worker.lifespan.supported else None))
+            self.cycle = HTTPCycle(scope, self.conn, self, close, self._response_complete,
+                                   worker.io_timeout)
+        if worker.stopping:
+            self.cycle.stop()
+
+    def _completed(self, request: Request, scope: dict[str, Any]) -> dict[str, Any]:
+        """`scope` with what the connection adds: TLS (scheme, extension; or TLS at the load
+        balancer, per its PROXY header), then what a trusted proxy's headers say (which
+        may change the scheme back)."""
+        if self.tls is not None:
+            scope.setdefault("extensions", {})["tls"] = self.tls
+        if self.tls is not None or (self.proxy_header is not None and self.proxy_header.tls):
+            scope["scheme"] += "s"  # http → https, ws → wss
+        if self.trusted and request.proxy_headers:
+            apply_forwarded(scope, forwarded(request.headers, self.worker.proxies))
+        return scope
+
+    async def _run(self, cycle: HTTPCycle) -> None:
+        worker = self.worker
+        try:
+            await cycle.run(worker.asgi_app)
+        finally:
+            worker.request_done()
+
+    def _upgrade(self, request: Request) -> None:
+        """Hand the connection to a WebSocket session (or refuse: no wsproto)."""
+        worker = self.worker
+        if not WEBSOCKET_AVAILABLE:
+            if not worker.warned_no_websocket:
+                worker.warned_no_websocket = True
+                error_log.warning("refusing WebSocket requests: wsproto is not installed "
+                                  "(pip install 'forkserve[ws]')")
+            self.write(error_response(501, "WebSocket support is not installed"))
+            self.close()
+            return
+        try:
+            while self.conn.next_event() is END_OF_MESSAGE:
+                pass  # a GET has no body: the parser now waits for the protocol switch
+        except ProtocolError as exc:
+            self._reject(exc)
+            return
+        self._cancel_timer()
+        worker.not_idle(self)
+        cfg = worker.cfg
+        scope = self._completed(request, websocket_scope(
+            request, self.client, self.server, cfg.root_path,
+            worker.lifespan.state if worker.lifespan.supported else None))
+        self.ws = WebSocketSession(scope, request, self, cfg.ws_max_size, cfg.ws_ping_interval,
+                                   cfg.ws_ping_timeout)
+        worker.in_flight += 1
+        worker.served += 1
+        self.loop.create_task(self._run_websocket(self.ws, self.conn.trailing_data()))
+
+    async def _run_websocket(self, session: WebSocketSession, leftover: bytes) -> None:
+        if leftover:
+            session.receive_data(leftover)
+        try:
+            await session.run(self.worker.asgi_app)
+        finally:
+            self.worker.in_flight -= 1
+
+    def _response_complete(self, cycle: HTTPCycle | WSGICycle) -> None:
+        self._log_access(cycle)
+        if self.closing:
+            return
+        if not cycle.body_complete or cycle.failed:
+            if cycle.body_complete:
+                self.close()  # failed: the response was cut or said Connection: close
+                return
+            if self.conn.client_waiting_for_continue:
+                self.close()  # it never sent the body; the response said Connection: close
+                return
+            if not cycle.failed and not self.conn.will_close():
+                self._discard_body(self.worker.io_timeout)  # then go on with the next request
+            elif self.transport.can_write_eof():
+                # The response ended the connection: shut our side, and discard what comes
+                # for a moment (closing with unread bytes would make the kernel reset the
+                # connection, and the client could lose the response).
+                self.transport.write_eof()
+                self._discard_body(LINGER_SECONDS)
+            else:  # TLS cannot half-close
+                self.close()
+            return
+        self._next_cycle()
+
+    def _discard_body(self, seconds: float) -> None:
+        """Read and drop the rest of a body the app did not read: at most MAX_DRAIN bytes,
+        for at most `seconds`, after which the connection is closed."""
+        self.discarding = True
+        self.discarded = 0
+        self.timer = self.loop.call_later(seconds, self.close)
+        self.resume_reading()
+        self._process()
+
+    def _next_cycle(self) -> None:
+        self.cycle = None
+        if not self.conn.start_next_cycle():
+            self.close()
+            return
+        self._wait_for_request()
+        self.resume_reading()  # if pipelined bytes had filled the buffer
+        self._process()
+
+    def _reject(self, exc: ProtocolError) -> None:
+        error_log.debug("refused request: %s %s", exc.status, exc.detail)
+        if self.cycle is not None and self.cycle.head_sent:
+            self.close()
+            return
+        if self.cycle is not None:
+            self.cycle.disconnect()  # the app must not answer a request that broke
+        self.write(error_response(exc.status, exc.explain))
+        self.close()
+
+    def _log_access(self, cycle: HTTPCycle | WSGICycle) -> None:
+        if not self.started or self.request is None:
+            return
+        request = self.request
+        environ = cycle.environ if type(cycle) is WSGICycle else None
+        access_log.info(format_access_line(
+            self.worker.access_log_format,
+            remote=environ["REMOTE_ADDR"] if environ else self.client[0] if self.client else "",
+            method=request.method.decode("ascii"),
+            target=request.target.decode("latin-1"),
+            version=request.http_version.decode("ascii"),
+            status=cycle.status,
+            sent=cycle.sent,
+            started=self.started,
+            duration=time.time() - self.started,
+            request_headers=request.headers,
+            response_headers=cycle.headers,
+            environ=environ,
+        ))
+        self.started = 0.0
+
+    # -- timers and stopping ----------------------------------------------------------------------
+
+    def _wait_for_request(self, timeout: float = 0.0) -> None:
+        """Wait for the next request for `timeout` seconds (default: the idle timeout
+        between keep-alive requests; STOP_GRACE once stopping)."""
+        self.head_started = False
+        worker = self.worker
+        worker.now_idle(self)
+        self.timer = self.loop.call_later(
+            STOP_GRACE if worker.stopping else timeout or worker.idle_timeout, self.close)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def begin_stop(self) -> None:
+        """Graceful stop: a request in progress finishes, but an event stream (SSE) is ended
+        (`HTTPCycle.stop`); an idle connection gets STOP_GRACE seconds to bring one more
+        (answered with Connection: close). A WebSocket stays open until `end_now`."""
+        if self.cycle is not None:
+            self.cycle.stop()
+        elif self.ws is None:
+            self._cancel_timer()
+            self._wait_for_request()
+
+    def end_now(self) -> None:
+        """--graceful-timeout is about to run out: a WebSocket is closed with 1012 (service
+        restart), a response streaming without a Content-Length is ended (`HTTPCycle.stop`);
+        a request still to answer may yet do so."""
+        if self.ws is not None:
+            self.ws.close(SERVICE_RESTART, "server restarting")
+        elif self.cycle is not None:
+            self.cycle.stop(deadline=True)
+
+
+def _length(request: Request) -> int:
+    """The request's Content-Length (checked by the parser), 0 if it has none (chunked)."""
+    for name, value in request.headers:
+        if name == b"content-length":
+            return int(value)
+    return 0

@@ -1,0 +1,353 @@
+"""One WSGI request on the worker's event loop: `WSGICycle`, between an HTTP connection
+(`workers/protocol.py`) and the app, called inline in the loop or in a pool thread.
+
+The cycle is fed the request body by the connection and writes the response through it
+(`asgi.Output`); a pool thread does both through the loop (`_FromThread`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from forkserve.asgi import BODY_HIGH_WATER, Output
+from forkserve.errors import ClientDisconnected, StopNow
+from forkserve.http.base import HTTPConnection, Request, complete_headers, error_response
+from forkserve.logs import error_log
+from forkserve.wsgi import EnvironFactory, ErrorStream, InputStream, respond
+
+
+class WSGICycle:
+    """One request and its response between an HTTP connection and a WSGI app.
+
+    Driven by the connection's event loop as `asgi.HTTPCycle` is: the body arrives through
+    `feed_body`/`feed_end`, `wants_body` is the flow control, `on_complete` is called once the
+    exchange is over (`failed`: it broke, the connection must end), and `close` means the
+    response must end the connection. The worker calls the app with `run_inline` (in the
+    loop, once the whole body is in) or `run_in_thread` (in a pool thread, whose wsgi.input
+    reads and writes wait on the loop, each for `io_timeout` at most). Either way the response
+    iterable is pulled a piece at a time while the client reads: once it stops, the rest
+    waits for the connection to drain, and the loop serves other connections meanwhile.
+    """
+
+    def __init__(self, app: Callable[..., Any], factory: EnvironFactory, request: Request,
+                 conn: HTTPConnection, out: Output, close: bool,
+                 on_complete: Callable[[WSGICycle], None], io_timeout: float) -> None:
+        self.app = app
+        self.factory = factory
+        self.request = request
+        self.conn = conn
+        self.out = out
+        self.close = close
+        self.on_complete = on_complete
+        self.io_timeout = io_timeout
+        self.environ: dict[str, Any] = {}
+        self.body: deque[bytes] = deque()
+        self.buffered = 0
+        self.body_complete = False
+        self.disconnected = False
+        self.stopping = False
+        self.waiter: asyncio.Future[None] | None = None  # a pool thread waits for the body
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_sent = False
+        self.sent = 0
+        self.failed = False
+        self.done = False
+        # Since when the app has run without waiting on the client (monotonic; inf while it
+        # waits): the stuck check.
+        self.started = 0.0
+
+    # -- fed by the protocol -------------------------------------------------------------------
+
+    def feed_body(self, data: bytes) -> None:
+        self.body.append(data)
+        self.buffered += len(data)
+        self._wake()
+
+    def feed_end(self) -> None:
+        self.body_complete = True
+        self._wake()
+
+    def disconnect(self) -> None:
+        self.disconnected = True
+        self._wake()
+
+    def client_eof(self) -> bool:
+        """The client will send nothing more: True (drop the connection) if it left during
+        the response; before it, a response may still reach a half-closed client."""
+        if self.head_sent and not self.done:
+            self.disconnect()
+            return True
+        return False
+
+    def stop(self, deadline: bool = False) -> None:
+        """The server stops gracefully: the response says Connection: close. At the
+        `deadline` a response under way is cut, so that the worker can exit by itself."""
+        self.stopping = True
+        if deadline and self.head_sent and not self.done:
+            self.out.close()
+
+    @property
+    def wants_body(self) -> bool:
+        """Should the protocol read more of the body now? (Bounded buffering.)"""
+        return self.buffered < BODY_HIGH_WATER
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- calling the app -----------------------------------------------------------------------
+
+    def run_inline(self, on_done: Callable[[], None],
+                   app_free: Callable[[], asyncio.Future[None] | None]) -> None:
+        """Call the app in the loop (the body is complete: reading it never waits), and
+        `on_done()` once the response is sent. If the client stops reading, the rest of the
+        response is pulled as it drains, each time once `app_free()` says the loop may call
+        the app (None, or a future to wait for before asking again). The request's context
+        variables live in a context of its own, since other requests run meanwhile."""
+        self.started = time.monotonic()
+        context = contextvars.copy_context()
+        steps = self._serve(self)
+        try:
+            context.run(next, steps)
+        except StopIteration:
+            self._finish_cycle(on_done)
+            return
+        self.out.loop.create_task(self._resume(context, steps, on_done, app_free))
+
+    async def _resume(self, context: contextvars.Context, steps: Iterator[None],
+                      on_done: Callable[[], None],
+                      app_free: Callable[[], asyncio.Future[None] | None]) -> None:
+        try:
+            while True:
+                try:
+                    await self.out.drain()
+                except ClientDisconnected:
+                    context.run(steps.close)
+                    self.failed = True
+                    return
+                while (busy := app_free()) is not None:
+                    await busy
+                try:
+                    context.run(next, steps)
+                except StopIteration:
+                    return
+        finally:
+            self._finish_cycle(on_done)
+
+    def run_in_thread(self, pool: Executor, on_done: Callable[[], None]) -> None:
+        """Call the app in a thread of `pool`, and `on_done()` in the loop once it returned
+        and the response is sent."""
+        self.started = time.monotonic()
+        bridge = _FromThread(self, self.out.loop, self.io_timeout)
+        future = self.out.loop.run_in_executor(pool, _run_all, self._serve(bridge))
+        future.add_done_callback(lambda _: self._finish_cycle(on_done))
+
+    def _serve(self, writer: WSGICycle | _FromThread) -> Iterator[None]:
+        """The exchange, run by `writer`'s side: the app's errors are answered and logged."""
+        errors = ErrorStream()
+        self.environ = environ = self.factory.build(
+            self.request, InputStream(writer.read_chunk), errors)
+        try:
+            yield from respond(self.app, environ, writer)
+        except ClientDisconnected:
+            writer.fail(0)
+        except StopNow:  # the worker's own quick stop, not the app's
+            raise
+        except BaseException:  # the app's SystemExit and KeyboardInterrupt too, as peers do
+            error_log.exception("error handling %s %s", environ["REQUEST_METHOD"],
+                                environ["RAW_URI"])
+            writer.fail(500)
+        errors.flush()
+
+    def _finish_cycle(self, on_done: Callable[[], None]) -> None:
+        self.done = True
+        on_done()
+        self.on_complete(self)
+
+    # -- the response (ResponseWriter), and the body for wsgi.input ----------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self.out.paused
+
+    def start(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+    def _head(self, body_length: int | None) -> bytes:
+        """The response head; adds Date, Server, and Content-Length when `body_length` is
+        known and the app gave no framing. Callers set `head_sent` once the bytes that go
+        with it are composed: a framing error raised before then still gets a 500."""
+        if self.disconnected or self.out.closing:
+            raise ClientDisconnected("the client closed the connection")
+        conn = self.conn
+        close = self.close or self.stopping or (
+            conn.client_waiting_for_continue and not self.body_complete)
+        headers = complete_headers(self.headers, self.status, body_length, close)
+        return conn.send_response(self.status, self.reason, headers)
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.head_sent:
+            if self.disconnected or self.out.closing:
+                raise ClientDisconnected("the client closed the connection")
+            out = self.conn.send_data(data)
+        else:
+            out = self._head(None) + self.conn.send_data(data)
+            self.head_sent = True
+        self.out.write(out)
+        self.sent += len(data)
+
+    def send_head(self, length: int) -> None:
+        if not self.head_sent:
+            head = self._head(length)
+            self.head_sent = True
+            self.out.write(head)
+
+    def finish(self, last: bytes | None = None) -> None:
+        conn = self.conn
+        if self.head_sent:
+            out = conn.send_data(last) + conn.send_end() if last else conn.send_end()
+        elif last is None:
+            # An empty body; for HEAD the length of the GET body is unknown, so say nothing.
+            out = self._head(None if self.request.method == b"HEAD" else 0) + conn.send_end()
+        else:
+            out = self._head(len(last)) + conn.send_data(last) + conn.send_end()
+        self.head_sent = True
+        if last:
+            self.sent += len(last)
+        self.out.write(out)
+
+    def fail(self, status: int) -> None:
+        """The exchange broke: answer `status` if nothing was sent and it is not 0; the
+        connection then ends (`failed`)."""
+        if status and not self.head_sent and not self.disconnected and not self.out.closing:
+            self.status = status
+            self.head_sent = True
+            self.out.write(error_response(status, head=self.request.method == b"HEAD"))
+        self.failed = True
+
+    def read_chunk(self) -> bytes:
+        """The next piece of the body, b"" at its end (for an app called inline: the body
+        is all in)."""
+        if self.body:
+            piece = self.body.popleft()
+            self.buffered -= len(piece)
+            self.out.resume_reading()
+            return piece
+        if self.body_complete:
+            return b""
+        if self.disconnected:
+            raise ClientDisconnected("the client closed the connection")
+        raise RuntimeError("the body is not complete")  # (run_in_thread waits for it)
+
+    async def wait_for_body(self) -> bytes:
+        """The next piece of the body once it arrived (for an app in a pool thread): sends
+        100 Continue first if the client waits for it."""
+        while not self.body and not self.body_complete:
+            if self.disconnected:
+                raise ClientDisconnected("the client closed the connection")
+            conn = self.conn
+            if conn.client_waiting_for_continue and not self.head_sent:
+                self.out.write(conn.send_continue())
+            self.waiter = self.out.loop.create_future()
+            self.out.resume_reading()
+            await self.waiter
+        return self.read_chunk()
+
+
+class _FromThread:
+    """The ResponseWriter and body reader of a cycle whose app runs in a pool thread: each
+    call runs in the loop, and the thread waits for it, for the body, or for the client to
+    read what was sent, `timeout` seconds at most each (then ClientDisconnected)."""
+
+    __slots__ = ("cycle", "loop", "timeout")
+    paused = False  # each write waits until the client has room for more
+
+    def __init__(self, cycle: WSGICycle, loop: asyncio.AbstractEventLoop,
+                 timeout: float) -> None:
+        self.cycle = cycle
+        self.loop = loop
+        self.timeout = timeout
+
+    @property
+    def head_sent(self) -> bool:
+        return self.cycle.head_sent
+
+    def start(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.cycle.start(status, reason, headers)  # no I/O: the loop reads it when it writes
+
+    def write(self, data: bytes) -> None:
+        self._call(self._write_and_drain, data)
+
+    def _write_and_drain(self, data: bytes) -> Awaitable[None] | None:
+        self.cycle.write(data)
+        return self.cycle.out.drain() if self.cycle.out.paused else None
+
+    def send_head(self, length: int) -> None:
+        self._call(self.cycle.send_head, length)
+
+    def finish(self, last: bytes | None = None) -> None:
+        self._call(self.cycle.finish, last)
+
+    def fail(self, status: int) -> None:
+        self._call(self.cycle.fail, status)
+
+    def read_chunk(self) -> bytes:
+        return self._call(self.cycle.wait_for_body)
+
+    def _call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` run in the loop; if it returns an awaitable, what that gives."""
+        done: Future[Any] = Future()
+        cycle = self.cycle
+        cycle.started = math.inf  # waiting on the client is not the app being stuck
+        self.loop.call_soon_threadsafe(_run_in_loop, done, function, args)
+        try:
+            return done.result(self.timeout)
+        except FutureTimeout:
+            raise ClientDisconnected(f"client stalled for {self.timeout:g} s") from None
+        finally:
+            cycle.started = time.monotonic()
+
+
+def _run_in_loop(done: Future[Any], function: Callable[..., Any], args: tuple) -> None:
+    try:
+        result = function(*args)
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(lambda _: _settle(done, task))
+            return
+    except BaseException as exc:
+        done.set_exception(exc)
+        return
+    done.set_result(result)
+
+
+def _settle(done: Future[Any], task: asyncio.Future[Any]) -> None:
+    if task.cancelled():
+        done.set_exception(ClientDisconnected("the worker is stopping"))
+    elif task.exception() is not None:
+        done.set_exception(task.exception())
+    else:
+        done.set_result(task.result())
+
+
+def _run_all(steps: Iterator[None]) -> None:
+    for _ in steps:
+        pass

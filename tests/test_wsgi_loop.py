@@ -1,0 +1,79 @@
+"""How a WSGI app is called from the worker's event loop: inline with --threads 1 (the body
+awaited in the loop, the response pulled as the client reads), in a thread for a body the
+app must ask for, and never two calls at once when wsgi.multithread is false."""
+
+from __future__ import annotations
+
+import threading
+
+from conftest import Reader, exchange
+
+BIG = 16 << 20
+
+
+def get(path: bytes) -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path
+
+
+def test_a_client_that_does_not_read_holds_no_loop(start_server):
+    """--threads 1: a 16 MiB response waits for its client, who reads none of it for a while;
+    the worker's one loop serves other requests meanwhile, then sends the rest."""
+    server = start_server("wsgiapp:app", "-w", "1")
+    with server.connect() as slow:
+        slow.sendall(get(b"/big?mb=16"))
+        reader = Reader(slow)
+        head = reader.read_until(b"\r\n\r\n")  # the response began, and stalls
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % BIG in head
+        for _ in range(3):
+            assert exchange(server, get(b"/hello")).body == b"Hello, World!"
+        received = reader.buffer.count(b"x")
+        while received < BIG:
+            piece = slow.recv(1 << 20)
+            assert piece.count(b"x") == len(piece) > 0
+            received += len(piece)
+        assert received == BIG
+
+
+def test_a_small_body_that_comes_late_is_awaited_without_the_app(start_server):
+    """--threads 1: a body sent after the head is read by the loop before the app is called:
+    meanwhile the worker serves other requests (the app runs once, inline)."""
+    server = start_server("wsgiapp:app", "-w", "1")
+    with server.connect() as late:
+        late.sendall(b"POST /exclusive?tag=late HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n\r\nsl")
+        for _ in range(3):
+            assert exchange(server, get(b"/hello")).status == 200
+        assert "EXCLUSIVE late" not in server.log  # the app was not called yet
+        late.sendall(b"oth!")
+        assert Reader(late).response().body == b"sloth!"
+
+
+def test_a_body_sent_after_100_continue_is_read_in_a_thread_alone(start_server):
+    """--threads 1: the app asks for a body behind Expect: 100-continue from a thread; while
+    it runs there, the loop calls the app for nobody else (wsgi.multithread is false), and
+    the other request is answered once it returned."""
+    server = start_server("wsgiapp:app", "-w", "1")
+    with server.connect() as first, server.connect() as second:
+        first.sendall(b"POST /exclusive?tag=first&s=0.5 HTTP/1.1\r\nHost: t\r\n"
+                      b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        reader = Reader(first)
+        assert reader.read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 100 ")
+        server.wait_for("EXCLUSIVE first")
+        second.sendall(get(b"/exclusive?tag=second"))
+        first.sendall(b"hello")
+        assert reader.response().body == b"hello"
+        assert Reader(second).response().status == 200
+    assert "OVERLAP" not in server.log
+    assert server.log.index("EXCLUSIVE second") > server.log.index("EXCLUSIVE-END first")
+
+
+def test_threads_call_the_app_at_once(start_server):
+    """--threads 2: two requests run in the pool together (wsgi.multithread is true)."""
+    server = start_server("wsgiapp:app", "-w", "1", "--threads", "2")
+    results: list[bytes] = []
+    clients = [threading.Thread(target=lambda: results.append(
+        exchange(server, get(b"/barrier")).body)) for _ in range(2)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(15)
+    assert results == [b"together", b"together"]
