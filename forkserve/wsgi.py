@@ -210,35 +210,47 @@ class StartResponse:
         encoded = []
         self.content_length = None
         for item in headers:
-            if type(item) is not tuple or len(item) != 2:
-                raise TypeError(f"response header must be a (name, value) tuple: {item!r}")
-            name, value = item
-            if type(name) is not str or type(value) is not str:
-                raise TypeError(f"response header name and value must be str: {item!r}")
-            raw_name = _HEADER_NAMES.get(name)
-            if raw_name is None:
-                if not _TOKEN.fullmatch(name):
-                    raise ValueError(f"invalid response header name {name!r}")
-                raw_name = name.encode("ascii")
-                if len(_HEADER_NAMES) < 1024:
-                    _HEADER_NAMES[name] = raw_name
-            if _BAD_VALUE.search(value):
-                raise ValueError(f"invalid character in response header {name}: {value!r}")
-            try:
-                raw = value.encode("latin-1")
-            except UnicodeEncodeError:
-                raise ValueError(f"response header {name} is not latin-1: {value!r}") from None
-            if len(name) == 14 and name.lower() == "content-length":
-                digits = value.strip(" \t")  # optional white space (RFC 9110 §5.5)
-                if not (digits.isascii() and digits.isdigit()):
-                    raise ValueError(f"invalid Content-Length {value!r}")
-                self.content_length = int(digits)
-            encoded.append((raw_name, raw))
+            checked = _HEADERS.get(item) if type(item) is tuple else None
+            if checked is None:
+                checked = _check_header(item)
+            raw_name, raw_value, length = checked
+            if length is not None:
+                self.content_length = length
+            encoded.append((raw_name, raw_value))
         return encoded
 
 
-# Validated header names and status lines, by the str the app gave: apps use a handful.
-_HEADER_NAMES: dict[str, bytes] = {}
+def _check_header(item: Any) -> tuple[bytes, bytes, int | None]:
+    """A response header (name, value) as bytes, and its value as an int if it is a
+    Content-Length; raises TypeError or ValueError for one that is not valid. Remembered in
+    _HEADERS: apps send the same few headers over and over."""
+    if type(item) is not tuple or len(item) != 2:
+        raise TypeError(f"response header must be a (name, value) tuple: {item!r}")
+    name, value = item
+    if type(name) is not str or type(value) is not str:
+        raise TypeError(f"response header name and value must be str: {item!r}")
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"invalid response header name {name!r}")
+    if _BAD_VALUE.search(value):
+        raise ValueError(f"invalid character in response header {name}: {value!r}")
+    try:
+        raw = value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"response header {name} is not latin-1: {value!r}") from None
+    length = None
+    if len(name) == 14 and name.lower() == "content-length":
+        digits = value.strip(" \t")  # optional white space (RFC 9110 §5.5)
+        if not (digits.isascii() and digits.isdigit()):
+            raise ValueError(f"invalid Content-Length {value!r}")
+        length = int(digits)
+    checked = name.encode("ascii"), raw, length
+    if len(_HEADERS) < 4096:
+        _HEADERS[item] = checked
+    return checked
+
+
+# Validated headers and status lines, by what the app gave: apps use a handful.
+_HEADERS: dict[tuple[str, str], tuple[bytes, bytes, int | None]] = {}
 _STATUSES: dict[str, tuple[int, bytes]] = {}
 
 

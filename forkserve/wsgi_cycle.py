@@ -38,6 +38,24 @@ class WSGICycle:
     waits for the connection to drain, and the loop serves other connections meanwhile.
     """
 
+    # What a new cycle starts with (class attributes: a cycle is made per request).
+    environ: dict[str, Any] = {}  # (set when the app is called)
+    buffered = 0
+    body_complete = False
+    disconnected = False
+    stopping = False
+    waiter: asyncio.Future[None] | None = None  # a pool thread waits for the body
+    status = 0
+    reason = b""
+    headers: list[tuple[bytes, bytes]] = []
+    head_sent = False
+    sent = 0
+    failed = False
+    done = False
+    # Since when the app has run without waiting on the client (monotonic; inf while it
+    # waits): the stuck check.
+    started = 0.0
+
     def __init__(self, app: Callable[..., Any], factory: EnvironFactory, request: Request,
                  conn: HTTPConnection, out: Output, close: bool,
                  on_complete: Callable[[WSGICycle], None], io_timeout: float) -> None:
@@ -49,23 +67,7 @@ class WSGICycle:
         self.close = close
         self.on_complete = on_complete
         self.io_timeout = io_timeout
-        self.environ: dict[str, Any] = {}
         self.body: deque[bytes] = deque()
-        self.buffered = 0
-        self.body_complete = False
-        self.disconnected = False
-        self.stopping = False
-        self.waiter: asyncio.Future[None] | None = None  # a pool thread waits for the body
-        self.status = 0
-        self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_sent = False
-        self.sent = 0
-        self.failed = False
-        self.done = False
-        # Since when the app has run without waiting on the client (monotonic; inf while it
-        # waits): the stuck check.
-        self.started = 0.0
 
     # -- fed by the protocol -------------------------------------------------------------------
 

@@ -11,8 +11,10 @@ and the end of each exchange: next request, discard of an unread body, or close.
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from forkserve.asgi import (
@@ -66,7 +68,11 @@ class HTTPProtocol(asyncio.Protocol):
         self.processing = False  # _process is running: an exchange ending inside it goes on
         self.writable = asyncio.Event()
         self.writable.set()
+        # One timer per connection: `deadline` (loop time) is when `on_deadline` runs; the
+        # timer wakes at or before it (see _set_deadline).
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = math.inf
+        self.on_deadline: Callable[[], None] = self.close
         self.closed = False
         self.client: Any = None
         self.server: Any = None
@@ -138,9 +144,8 @@ class HTTPProtocol(asyncio.Protocol):
                 and not self.closed and header_timeout and self.conn.buffered():
             self.head_started = True
             self.worker.not_idle(self)
-            if self.timer is None or self.timer.when() > self.loop.time() + header_timeout:
-                self._cancel_timer()
-                self.timer = self.loop.call_later(header_timeout, self.close)
+            if self.deadline > self.loop.time() + header_timeout:
+                self._set_deadline(header_timeout)
 
     def eof_received(self) -> bool:
         if self.ws is not None:
@@ -156,7 +161,10 @@ class HTTPProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._cancel_timer()
+        self.deadline = math.inf
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.cycle is not None:
             self.cycle.disconnect()
         if self.ws is not None:
@@ -229,7 +237,7 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _step(self) -> bool:
         """Handle one parser event; False when there is nothing more to do for now."""
-        if self.closing:
+        if self.closed or self.transport.is_closing():
             return False
         conn = self.conn
         cycle = self.cycle
@@ -262,7 +270,7 @@ class HTTPProtocol(asyncio.Protocol):
         elif event is END_OF_MESSAGE:
             if self.discarding:
                 self.discarding = False
-                self._cancel_timer()
+                self.deadline = math.inf
                 self._next_cycle()
             else:
                 cycle.feed_end()
@@ -287,7 +295,7 @@ class HTTPProtocol(asyncio.Protocol):
         cycle = self.cycle
         if cycle is None or self.cycle_started or self._awaits_body(cycle):
             return False
-        self._cancel_timer()  # (a body stall timer)
+        self.deadline = math.inf  # (a body stall timer)
         self.cycle_started = True
         worker = self.worker
         worker.in_flight += 1
@@ -307,8 +315,7 @@ class HTTPProtocol(asyncio.Protocol):
         if not self.small_body or cycle.body_complete or not cycle.wants_body \
                 or self.conn.client_waiting_for_continue:
             return False
-        self._cancel_timer()
-        self.timer = self.loop.call_later(self.worker.io_timeout, self._body_stalled)
+        self._set_deadline(self.worker.io_timeout, self._body_stalled)
         return True
 
     def _body_stalled(self) -> None:
@@ -324,7 +331,7 @@ class HTTPProtocol(asyncio.Protocol):
         worker = self.worker
         worker.not_idle(self)
         close = worker.stopping or worker.over_memory or worker.cfg.keep_alive <= 0
-        self._cancel_timer()
+        self.deadline = math.inf
         self.request = request
         self.started = time.time() if worker.access_log_format else 0.0
         self.cycle_started = False
@@ -377,7 +384,7 @@ class HTTPProtocol(asyncio.Protocol):
         except ProtocolError as exc:
             self._reject(exc)
             return
-        self._cancel_timer()
+        self.deadline = math.inf
         worker.not_idle(self)
         cfg = worker.cfg
         scope = self._completed(request, websocket_scope(
@@ -426,7 +433,7 @@ class HTTPProtocol(asyncio.Protocol):
         for at most `seconds`, after which the connection is closed."""
         self.discarding = True
         self.discarded = 0
-        self.timer = self.loop.call_later(seconds, self.close)
+        self._set_deadline(seconds)
         self.resume_reading()
         self._process()
 
@@ -478,13 +485,29 @@ class HTTPProtocol(asyncio.Protocol):
         self.head_started = False
         worker = self.worker
         worker.now_idle(self)
-        self.timer = self.loop.call_later(
-            STOP_GRACE if worker.stopping else timeout or worker.idle_timeout, self.close)
+        self._set_deadline(STOP_GRACE if worker.stopping else timeout or worker.idle_timeout)
 
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def _set_deadline(self, seconds: float, action: Callable[[], None] | None = None) -> None:
+        """Run `action` (default: close the connection) in `seconds`, instead of what was
+        due. The timer is moved only when it would wake too late: a connection that serves
+        request after request re-arms nothing (a timer per request costs more than the
+        request's HTTP parsing); the timer then wakes early, and sleeps on."""
+        when = self.loop.time() + seconds
+        self.deadline = when
+        self.on_deadline = action or self.close
+        timer = self.timer
+        if timer is None or timer.when() > when:
+            if timer is not None:
+                timer.cancel()
+            self.timer = self.loop.call_at(when, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self.timer = None
+        if self.deadline <= self.loop.time():
+            self.deadline = math.inf
+            self.on_deadline()
+        elif self.deadline != math.inf:
+            self.timer = self.loop.call_at(self.deadline, self._deadline_passed)
 
     def begin_stop(self) -> None:
         """Graceful stop: a request in progress finishes, but an event stream (SSE) is ended
@@ -493,7 +516,7 @@ class HTTPProtocol(asyncio.Protocol):
         if self.cycle is not None:
             self.cycle.stop()
         elif self.ws is None:
-            self._cancel_timer()
+            self.deadline = math.inf
             self._wait_for_request()
 
     def end_now(self) -> None:
