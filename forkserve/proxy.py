@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from forkserve.errors import ConfigError
 
 DEFAULT_TRUSTED = "127.0.0.1,::1,unix"
+KNOWN_HOSTS = 4096  # answers kept (TrustedProxies.trusts)
 
 
 class TrustedProxies:
@@ -24,6 +25,8 @@ class TrustedProxies:
         self.everyone = False
         self.unix = False
         self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        # Answers for the hosts seen lately: parsing an address costs more than a request.
+        self._known: dict[str, bool] = {}
         for item in (part.strip() for part in spec.split(",")):
             if not item:
                 continue
@@ -44,6 +47,15 @@ class TrustedProxies:
             return True
         if not host:
             return self.unix
+        known = self._known.get(host)
+        if known is None:
+            known = self._trusts(host)
+            if len(self._known) >= KNOWN_HOSTS:
+                self._known.clear()
+            self._known[host] = known
+        return known
+
+    def _trusts(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(host)
         except ValueError:

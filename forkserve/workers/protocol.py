@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -92,8 +91,8 @@ class HTTPProtocol(asyncio.Protocol):
             self.fd = sock.fileno()
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
-        if sock is not None and sock.family == socket.AF_UNIX:
-            self.client, self.server = None, (local or "", None)
+        if isinstance(local, str | bytes):  # a unix socket's path (or "" when unnamed)
+            self.client, self.server = None, (local, None)
         elif peer is None or local is None:  # reset before the transport could ask
             self.closed = True
             transport.abort()
