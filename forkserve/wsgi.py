@@ -22,7 +22,6 @@ SERVER_SOFTWARE = SERVER.decode("ascii")
 
 # RFC 9110 §5.6.2 token characters.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _STATUS = re.compile(r"([1-9][0-9][0-9]) ([^\x00-\x08\x0a-\x1f\x7f]*)")
 
 
@@ -231,8 +230,6 @@ def _check_header(item: Any) -> tuple[bytes, bytes, int | None]:
         raise TypeError(f"response header name and value must be str: {item!r}")
     if not _TOKEN.fullmatch(name):
         raise ValueError(f"invalid response header name {name!r}")
-    if _BAD_VALUE.search(value):
-        raise ValueError(f"invalid character in response header {name}: {value!r}")
     try:
         raw = value.encode("latin-1")
     except UnicodeEncodeError:

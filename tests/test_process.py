@@ -117,14 +117,15 @@ def _fresh_connection_rate(server, requests: int = 400, clients: int = 10) -> fl
 @pytest.mark.timeout(90)
 def test_two_workers_serve_fresh_connections_no_slower_than_one(start_server, interface):
     # Two workers used to take turns idling (the balancing deferral held one off while its
-    # peer deferred in turn): 200 requests/s with -w 2 against 1,900 with -w 1. The client
-    # here is slower than either server, so healthy rates come out about equal.
+    # peer deferred in turn): 200 requests/s with -w 2 against 1,900 with -w 1. Healthy rates
+    # are bound by this Python client, which shares the machine's cores with the workers:
+    # -w 2 came out at 0.6-0.9 of -w 1 on 2 cores; the stall was 0.1.
     one = start_server(APP_OF[interface], "-w", "1")
     rate_one = _fresh_connection_rate(one)
     one.stop()
     two = start_server(APP_OF[interface], "-w", "2")
     rate_two = _fresh_connection_rate(two)
-    assert rate_two >= 0.7 * rate_one, f"-w 2: {rate_two:.0f}/s, -w 1: {rate_one:.0f}/s"
+    assert rate_two >= 0.5 * rate_one, f"-w 2: {rate_two:.0f}/s, -w 1: {rate_one:.0f}/s"
 
 
 def test_killed_worker_is_replaced(start_server):

@@ -241,6 +241,8 @@ def test_hup_with_broken_app_keeps_old_workers_serving(start_server, tmp_path):
                       "    start_response('200 OK', [('Content-Length', '2')])\n"
                       "    return [b'v3']\n")
     server.wait_for(r"replaced 1 workers", start=mark, timeout=30)
+    # (the old worker may take one more connection until it handles its TERM)
+    server.wait_for(rf"\(pid {old[0]}\) exited", start=mark)
     assert get(server, b"/") == b"v3"
 
 

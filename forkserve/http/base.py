@@ -121,11 +121,12 @@ class HTTPConnection(Protocol):
 
     Writing: `send_response` (head), `send_data`/`send_file` (body, framed as the head
     chose: Content-Length, chunked, or until close for HTTP/1.0), `send_end`; they raise
-    ValueError for a head or trailers that may not go out, after trimming the white space
-    around field values (`trim_field_values`). A HEAD request's body is swallowed. After
-    `send_end`, `start_next_cycle()` tells whether the connection can carry another request
-    (the request body must have been read to its end first), and `will_close()` whether it
-    cannot, whatever the client still sends.
+    ValueError for a head or trailers that may not go out (a field value with a control byte
+    other than HTAB among them), after trimming the white space around field values
+    (`trim_field_values`). A HEAD request's body is swallowed. After `send_end`,
+    `start_next_cycle()` tells whether the connection can carry another request (the request
+    body must have been read to its end first), and `will_close()` whether it cannot,
+    whatever the client still sends.
     """
 
     client_waiting_for_continue: bool
@@ -171,13 +172,13 @@ def check_partial_head(buffered: bytes, limits: Limits) -> None:
 
 
 # RFC 9112 §5.2: obs-fold (a line starting with space or tab) must be refused; and no
-# control bytes but HTAB may appear in a head (CR and LF only as line ends).
-_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_ORDINARY = bytes(range(0x20, 0x7F)) + b"\t\r\n"  # what a plain ASCII head is made of
-
-
-# Parsers merge repeated identical Content-Length fields; RFC 9112 §6.3 lets us refuse them.
-_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+# control bytes but HTAB may appear in a head (CR and LF only as line ends). A head that keeps
+# these rules: lines of HTAB, SP, VCHAR and obs-text, each ended by CRLF or LF, none after the
+# first starting with white space (one pass, for every request: cheaper than a test per rule).
+_FIELD_BYTE = rb"[\t\x20-\x7e\x80-\xff]"
+_PLAIN_HEAD = re.compile(rb"(?:" + _FIELD_BYTE + rb"*+\r?\n(?![ \t]))*+" + _FIELD_BYTE + rb"*+")
+# Such lines, not empty, up to the first empty one: a complete head that keeps the rules.
+_PLAIN_COMPLETE_HEAD = re.compile(rb"(?:" + _FIELD_BYTE + rb"++\r?\n(?![ \t]))*+\r?\n")
 
 
 # First bytes of the header names check_request looks at: host, content-length,
@@ -185,18 +186,21 @@ _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:([^\r\n]*)", re.IGNORECASE
 _CHECKED_FIRST_BYTES = frozenset(b"hctxf")
 
 
+def plain_head_length(buffered: bytes) -> int:
+    """The length of the request head that `buffered` starts with (its blank line included)
+    if it is complete and keeps check_head_bytes' rules; else 0: it is incomplete, or not
+    plain (check it)."""
+    plain = _PLAIN_COMPLETE_HEAD.match(buffered)
+    return 0 if plain is None else plain.end()
+
+
 def check_head_bytes(head: bytes) -> None:
-    """Refuse a raw request head (up to its blank line) with obs-fold, control bytes, or
-    more than one Content-Length. (Fast substring tests first: this runs for every request.)"""
-    if b"\n " in head or b"\n\t" in head:
-        raise ProtocolError(400, "obs-fold (a header line starting with white space)")
-    if head.count(b"\r") != head.count(b"\r\n") or (
-            head.translate(None, _ORDINARY) and _CONTROL.search(head)):
-        raise ProtocolError(400, "control character in the request head")
-    if b"ength" in head or b"ENGTH" in head:
-        lengths = _CONTENT_LENGTH.findall(head)
-        if len(lengths) > 1 or lengths and b"," in lengths[0]:
-            raise ProtocolError(400, "more than one Content-Length")
+    """Refuse a raw request head (up to its blank line, or a part of one) with obs-fold or
+    control bytes: what parsers unfold or let through."""
+    if _PLAIN_HEAD.fullmatch(head) is None:
+        if b"\n " in head or b"\n\t" in head:
+            raise ProtocolError(400, "obs-fold (a header line starting with white space)")
+        raise ProtocolError(400, "control character in the request head")  # or a bare CR
 
 
 # RFC 9110 §7.2: Host = uri-host [ ":" port ], the authority of a URI without its userinfo.
@@ -207,11 +211,30 @@ _HOST = re.compile(
     rb"(?::([0-9]*))?")
 
 
+# Host values found valid: clients send the same one or few with every request. Emptied when
+# full, so that the memory stays bounded whatever hosts are sent.
+_VALID_HOSTS: set[bytes] = set()
+_VALID_HOSTS_MAX = 256
+_CACHED_HOST_MAX = 300  # bytes: a DNS name has at most 253, a port 6 more
+
+
 def valid_host(value: bytes) -> bool:
     """Is `value` a uri-host with an optional port: a Host field value, or the authority of a
     request target? Userinfo ("user@") is not part of it, a bracketed literal must be an IPv6
     address (IPvFuture and zone identifiers are refused: nothing routes them), and a port
     must be a TCP port, 0 to 65535."""
+    if value in _VALID_HOSTS:
+        return True
+    if not _valid_host(value):
+        return False
+    if len(value) <= _CACHED_HOST_MAX:
+        if len(_VALID_HOSTS) >= _VALID_HOSTS_MAX:
+            _VALID_HOSTS.clear()
+        _VALID_HOSTS.add(value)
+    return True
+
+
+def _valid_host(value: bytes) -> bool:
     match = _HOST.fullmatch(value)
     if match is None:
         return False
@@ -250,13 +273,23 @@ def _other_target_form(request: Request) -> bool:
     return valid_host(authority)
 
 
+# Parsers merge repeated identical Content-Length fields; RFC 9112 §6.3 lets us refuse them.
+_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+
+
+def _merged_lengths(head: bytes) -> bool:
+    """Does raw `head` hold more than one Content-Length value (a parser may have merged)?"""
+    lengths = _CONTENT_LENGTH.findall(head)
+    return len(lengths) > 1 or any(b"," in value for value in lengths)
+
+
 CHUNKED = -1  # check_request's framing of a chunked request body
 
 
-def check_request(request: Request, limits: Limits) -> int:
-    """Refuse a parsed request head that breaks a limit or is ambiguous to frame; return its
-    body's framing: the Content-Length (0 without one) or CHUNKED. A version HTTP/1.2 to
-    HTTP/1.9 becomes 1.1 in `request`."""
+def check_request(request: Request, limits: Limits, head: bytes) -> int:
+    """Refuse a request head parsed from `head`, its raw bytes, that breaks a limit or is
+    ambiguous to frame; return its body's framing: the Content-Length (0 without one) or
+    CHUNKED. A version HTTP/1.2 to HTTP/1.9 becomes 1.1 in `request`."""
     version = request.http_version
     if version != b"1.1" and version != b"1.0":
         # RFC 9110 §2.5: a recipient reads a message of a higher minor version within a major
@@ -300,7 +333,7 @@ def check_request(request: Request, limits: Limits) -> int:
         raise ProtocolError(431, "request head too large")
     if hosts > 1:
         raise ProtocolError(400, "more than one Host header")
-    if lengths > 1:
+    if lengths > 1 or lengths and _merged_lengths(head):
         raise ProtocolError(400, "more than one Content-Length")
     if codings and lengths:
         # RFC 9112 §6.1: a request with both is a smuggling attempt; close after answering.

@@ -27,6 +27,7 @@ from forkserve.http.base import (
     check_head_bytes,
     check_partial_head,
     check_request,
+    plain_head_length,
 )
 from forkserve.http.chunked import ChunkedFraming
 
@@ -125,7 +126,7 @@ class BaseConnection:
 
     def _begin(self, head: bytearray) -> Request:
         request = self._parse_head(head)
-        framing = check_request(request, self._limits)
+        framing = check_request(request, self._limits, head)
         self._method = method = request.method
         self._empty_lines = 0
         self._body_read = 0
@@ -202,6 +203,9 @@ class BaseConnection:
                 inbox = self._inbox
                 if not inbox:
                     return None
+        length = plain_head_length(inbox)
+        if length:  # the usual case, checked in one pass
+            return self._take(length)
         end = _END_OF_HEAD.search(inbox)
         if end is None:
             # Parsers unfold obs-fold and let control bytes through: look at the raw head. A

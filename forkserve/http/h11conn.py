@@ -9,6 +9,7 @@ import h11
 
 from forkserve.http.base import FilePart, ProtocolError, Request, trim_field_values
 from forkserve.http.connection import BaseConnection
+from forkserve.http.writer import InvalidField, check_field_values
 
 _DONE = h11.DONE
 _MUST_CLOSE = h11.MUST_CLOSE
@@ -42,7 +43,7 @@ class H11Connection(BaseConnection):
     def send_response(self, status: int, reason: bytes, headers: list) -> bytes:
         try:
             out = self._h11.send(_event(h11.Response, headers, status_code=status, reason=reason))
-        except h11.LocalProtocolError as exc:
+        except (h11.LocalProtocolError, InvalidField) as exc:
             raise ValueError(f"invalid response head: {exc}") from None
         self.client_waiting_for_continue = False
         # A response ends an Upgrade proposal, unless it is a 2xx to CONNECT (h11 then
@@ -69,7 +70,7 @@ class H11Connection(BaseConnection):
     def send_end(self, trailers: list[tuple[bytes, bytes]] = ()) -> bytes:
         try:
             return self._h11.send(_event(h11.EndOfMessage, list(trailers)))
-        except h11.LocalProtocolError as exc:
+        except (h11.LocalProtocolError, InvalidField) as exc:
             raise ValueError(str(exc)) from None
 
     def _response_done(self) -> bool:
@@ -80,13 +81,16 @@ class H11Connection(BaseConnection):
 
 
 def _event(kind: type, headers: list[tuple[bytes, bytes]], **fields: Any) -> Any:
-    """h11's `kind` event with `headers`. h11 refuses white space around a field value; it is
+    """h11's `kind` event with `headers`, or InvalidField for a value with a control byte h11
+    lets through (see check_field_values). h11 refuses white space around a field value; it is
     trimmed (see trim_field_values) only when h11 refused the headers, so that the usual
     well-formed response pays nothing for it."""
     try:
-        return kind(headers=headers, **fields)
+        event = kind(headers=headers, **fields)
     except h11.LocalProtocolError:
         trimmed = trim_field_values(headers)
         if trimmed is None:
             raise
-        return kind(headers=trimmed, **fields)
+        event = kind(headers=trimmed, **fields)
+    check_field_values(event.headers.raw_items())
+    return event

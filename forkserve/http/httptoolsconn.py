@@ -10,8 +10,9 @@ llhttp is laxer than h11 in places and stricter in others, so it is never the ju
 - what it refuses that h11 takes (a method it does not know, a version other than 1.0 and
   1.1, a bare LF ending a line) is read again by the reference
   grammar below, which is h11's.
-Raw-byte rules (control bytes, obs-fold, bare CR, more than one Content-Length) and limits
-were applied to the head before it got here (check_head_bytes), and check_request follows.
+Raw-byte rules (control bytes, obs-fold, bare CR) and limits were applied to the head before
+it got here (check_head_bytes), and check_request follows (it also finds a repeated
+Content-Length in the raw head).
 """
 
 from __future__ import annotations

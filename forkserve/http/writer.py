@@ -2,24 +2,27 @@
 
 `ResponseWriter` is the writing half of a `BaseConnection` subclass: the same checks of
 names and values (h11's field grammar, one Content-Length value, Transfer-Encoding only
-"chunked"), the same framing headers (chunked for an HTTP/1.1 client when the length is
-unknown, none and a close for HTTP/1.0; HEAD framed as GET; none added to 204, 304 or a 2xx
-to CONNECT), the same `Connection: close` rules, the same states and the same bytes (Host
-first, then the fields in order, the framing and Connection fields h11 sets at the end).
+"chunked"; stricter on one point: no control byte in a value), the same framing headers
+(chunked for an HTTP/1.1 client when the length is unknown, none and a close for HTTP/1.0;
+HEAD framed as GET; none added to 204, 304 or a 2xx to CONNECT), the same `Connection: close`
+rules, the same states and the same bytes (Host first, then the fields in order, the framing
+and Connection fields h11 sets at the end).
 """
 
 from __future__ import annotations
 
 import re
 
-from forkserve.http.base import FilePart, trim_field_values
+from forkserve.http.base import FilePart
 from forkserve.http.connection import comma_values
 
 # h11/_abnf.py: field-name = token; field-value = *( field-content ), with field-content
-# = field-vchar [ 1*( SP / HTAB ) field-vchar ] and field-vchar any byte but NUL and white
-# space (obs-text included).
+# = field-vchar [ 1*( SP / HTAB ) field-vchar ]. h11's field-vchar is any byte but NUL and
+# white space; this one is RFC 9110 §5.5's, VCHAR / obs-text: no control byte (h11 lets
+# \x01-\x08, \x0e-\x1f and DEL through, and a proxy may read them as line ends).
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
-_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
+_FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # the control bytes, HTAB aside
 _DIGITS = re.compile(rb"[0-9]+")
 _MAX_LENGTH_DIGITS = 20  # as h11
 
@@ -37,8 +40,16 @@ _CHUNKED = 1
 _UNTIL_CLOSE = 2  # HTTP/1.0: no framing header, the close ends the body
 
 
-class _Invalid(ValueError):
-    """A field h11 refuses (raised before anything changes state)."""
+class InvalidField(ValueError):
+    """A response field that may not go out (raised before anything changes state)."""
+
+
+def check_field_values(fields: list[tuple[bytes, bytes]]) -> None:
+    """Raise InvalidField for a value with a control byte other than HTAB: for a serializer
+    (h11) whose grammar lets some through. `ResponseWriter` refuses them itself."""
+    for _, value in fields:
+        if _CONTROL.search(value):
+            raise InvalidField(f"Illegal header value {value!r}")
 
 
 def _bytes(value: object) -> bytes:
@@ -52,66 +63,107 @@ def _bytes(value: object) -> bytes:
     return bytes(value)
 
 
-def normalize_fields(headers) -> list[tuple[bytes, bytes, bytes]]:
-    """(raw name, lower-case name, value) for each field, checked and merged as h11's
-    normalize_and_validate does; raises _Invalid."""
+# A checked response field: (raw name, lower-case name, value, its line "Name: value\r\n",
+# its kind: one of the bits below, or 0 for a field the writer does not look into).
+_Field = tuple[bytes, bytes, bytes, bytes, int]
+_HOST = 1
+_CONNECTION = 2
+_CONTENT_LENGTH = 4
+_TRANSFER_ENCODING = 8
+_KINDS = {b"host": _HOST, b"connection": _CONNECTION, b"content-length": _CONTENT_LENGTH,
+          b"transfer-encoding": _TRANSFER_ENCODING}
+
+# Checked fields by the (name, value) pair the app gave: apps send the same few with every
+# response (and the Date changes once a second), so each is checked once, then looked up.
+# Emptied when full, so that values that keep changing (lengths, cookies) cost no more than a
+# check each and the memory stays bounded.
+_FIELDS: dict[tuple[bytes, bytes], _Field] = {}
+_FIELDS_MAX = 512
+_CACHED_VALUE_MAX = 1024  # bytes; a longer value is checked each time
+
+
+def _field(raw: bytes, lower: bytes, value: bytes) -> _Field:
+    return raw, lower, value, b"%s: %s\r\n" % (raw, value), _KINDS.get(lower, 0)
+
+
+_CHUNKED_FIELD = _field(b"Transfer-Encoding", b"transfer-encoding", b"chunked")
+
+
+def _check_field(name: object, value: object) -> _Field:
+    """One field checked and normalized as h11's normalize_and_validate does (a Content-Length
+    list of one repeated length becomes that length, a Transfer-Encoding is lower-cased), the
+    white space around a value that is refused with it trimmed as trim_field_values does (not
+    for a str); kept in _FIELDS. Raises InvalidField, TypeError or UnicodeError."""
+    raw = _bytes(name)
+    raw_value = _bytes(value)
+    if _TOKEN.fullmatch(raw) is None:
+        raise InvalidField(f"Illegal header name {raw!r}")
+    if _FIELD_VALUE.fullmatch(raw_value) is None:
+        trimmed = raw_value if isinstance(value, str) else raw_value.strip(b" \t")
+        if trimmed == raw_value or _FIELD_VALUE.fullmatch(trimmed) is None:
+            raise InvalidField(f"Illegal header value {raw_value!r}")
+        raw_value = trimmed
+    lower = raw.lower()
+    if lower == b"content-length":
+        lengths = {length.strip() for length in raw_value.split(b",")}
+        if len(lengths) != 1:
+            raise InvalidField("conflicting Content-Length headers")
+        raw_value = lengths.pop()
+        if _DIGITS.fullmatch(raw_value) is None or len(raw_value) > _MAX_LENGTH_DIGITS:
+            raise InvalidField("bad Content-Length")
+    elif lower == b"transfer-encoding":
+        raw_value = raw_value.lower()  # normalize_fields refuses what is not "chunked"
+    field = _field(raw, lower, raw_value)
+    if type(name) is bytes and type(value) is bytes and len(value) <= _CACHED_VALUE_MAX:
+        if len(_FIELDS) >= _FIELDS_MAX:
+            _FIELDS.clear()
+        _FIELDS[name, value] = field
+    return field
+
+
+def normalize_fields(headers) -> tuple[list[_Field], int, bytes | None]:
+    """Each field checked (see _check_field) and merged as h11's normalize_and_validate does:
+    (the fields, the kinds of field among them OR-ed, the Content-Length value or None).
+    Raises InvalidField for conflicting lengths, a second Transfer-Encoding or one that is not
+    "chunked" (in h11's order), and what _check_field raises."""
     fields = []
-    seen_length = None
-    saw_coding = False
+    kinds = 0
+    length = None
     for name, value in headers:
-        name = _bytes(name)
-        value = _bytes(value)
-        if _TOKEN.fullmatch(name) is None:
-            raise _Invalid(f"Illegal header name {name!r}")
-        if _FIELD_VALUE.fullmatch(value) is None:
-            raise _Invalid(f"Illegal header value {value!r}")
-        lower = name.lower()
-        if lower == b"content-length":
-            lengths = {length.strip() for length in value.split(b",")}
-            if len(lengths) != 1:
-                raise _Invalid("conflicting Content-Length headers")
-            value = lengths.pop()
-            if _DIGITS.fullmatch(value) is None or len(value) > _MAX_LENGTH_DIGITS:
-                raise _Invalid("bad Content-Length")
-            if seen_length is None:
-                seen_length = value
-                fields.append((name, lower, value))
-            elif seen_length != value:
-                raise _Invalid("conflicting Content-Length headers")
-        elif lower == b"transfer-encoding":
-            if saw_coding:
-                raise _Invalid("multiple Transfer-Encoding headers")
-            value = value.lower()
-            if value != b"chunked":
-                raise _Invalid("Only Transfer-Encoding: chunked is supported")
-            saw_coding = True
-            fields.append((name, lower, value))
-        else:
-            fields.append((name, lower, value))
-    return fields
+        try:
+            field = _FIELDS[name, value]
+        except (KeyError, TypeError):  # not seen yet, or unhashable (a bytearray)
+            field = _check_field(name, value)
+        kind = field[4]
+        if kind & _CONTENT_LENGTH:
+            if length is not None:
+                if length != field[2]:
+                    raise InvalidField("conflicting Content-Length headers")
+                continue
+            length = field[2]
+        elif kind & _TRANSFER_ENCODING:
+            if kinds & _TRANSFER_ENCODING:
+                raise InvalidField("multiple Transfer-Encoding headers")
+            if field[2] != b"chunked":
+                raise InvalidField("Only Transfer-Encoding: chunked is supported")
+        kinds |= kind
+        fields.append(field)
+    return fields, kinds, length
 
 
-def _checked_fields(headers) -> list[tuple[bytes, bytes, bytes]]:
-    """normalize_fields, retried once with the white space around values trimmed."""
-    try:
-        return normalize_fields(headers)
-    except _Invalid:
-        trimmed = trim_field_values(headers)
-        if trimmed is None:
-            raise
-        return normalize_fields(trimmed)
+def _comma_values(fields: list[_Field], name: bytes) -> list[bytes]:
+    return comma_values([(lower, value) for _, lower, value, _, _ in fields], name)
 
 
-def _comma_values(fields: list[tuple[bytes, bytes, bytes]], name: bytes) -> list[bytes]:
-    return comma_values([(lower, value) for _, lower, value in fields], name)
-
-
-def _write_fields(fields: list[tuple[bytes, bytes, bytes]]) -> bytes:
-    """The fields as h11 writes them (a Host field first), and the blank line."""
-    lines = [b"%s: %s\r\n" % (raw, value) for raw, lower, value in fields if lower == b"host"]
-    lines += [b"%s: %s\r\n" % (raw, value) for raw, lower, value in fields if lower != b"host"]
-    lines.append(b"\r\n")
-    return b"".join(lines)
+def _write_fields(first_line: bytes, fields: list[_Field], kinds: int) -> bytes:
+    """`first_line`, then the fields as h11 writes them (a Host field first), then the blank
+    line."""
+    if kinds & _HOST:
+        lines = [field[3] for field in fields if field[4] & _HOST]
+        lines += [field[3] for field in fields if not field[4] & _HOST]
+    else:
+        lines = [field[3] for field in fields]
+    return b"".join((first_line, *lines, b"\r\n"))
 
 
 class ResponseWriter:
@@ -145,8 +197,8 @@ class ResponseWriter:
 
     def send_response(self, status: int, reason: bytes, headers: list) -> bytes:
         try:
-            fields = _checked_fields(headers)
-        except (_Invalid, TypeError, UnicodeError) as exc:
+            fields, kinds, length_value = normalize_fields(headers)
+        except (InvalidField, TypeError, UnicodeError) as exc:
             raise ValueError(f"invalid response head: {exc}") from None
         if not isinstance(status, int) or not 200 <= status < 1000:
             raise ValueError(f"invalid response head: status {status!r}")
@@ -161,35 +213,29 @@ class ResponseWriter:
         if status == 204 or status == 304 or switched:
             framing = _LENGTH
             length = 0
+        elif length_value is not None and not kinds & _TRANSFER_ENCODING:
+            framing = _LENGTH
+            length = int(length_value)
         else:
+            # An unknown length: chunked for HTTP/1.1, the close for HTTP/1.0. HEAD is framed
+            # as GET would be.
             length = None
-            for _, lower, value in fields:
-                if lower == b"transfer-encoding":
-                    framing = _CHUNKED
-                    break
-                if lower == b"content-length" and length is None:
-                    length = int(value)
+            fields = [field for field in fields
+                      if not field[4] & (_CONTENT_LENGTH | _TRANSFER_ENCODING)]
+            if self._http10:
+                framing = _UNTIL_CLOSE
+                need_close = method != b"HEAD"
             else:
-                framing = _LENGTH if length is not None else _UNTIL_CLOSE
-            if framing != _LENGTH:
-                # An unknown length: chunked for HTTP/1.1, the close for HTTP/1.0. HEAD is
-                # framed as GET would be.
-                fields = [field for field in fields
-                          if field[1] != b"content-length" and field[1] != b"transfer-encoding"]
-                if self._http10:
-                    framing = _UNTIL_CLOSE
-                    need_close = method != b"HEAD"
-                else:
-                    framing = _CHUNKED
-                    fields.append((b"Transfer-Encoding", b"transfer-encoding", b"chunked"))
+                framing = _CHUNKED
+                fields.append(_CHUNKED_FIELD)
         if not keep_alive or need_close:
             connection = set(_comma_values(fields, b"connection"))
             connection.discard(b"keep-alive")
             connection.add(b"close")
-            fields = [field for field in fields if field[1] != b"connection"]
-            fields += [(b"Connection", b"connection", value) for value in sorted(connection)]
+            fields = [field for field in fields if not field[4] & _CONNECTION]
+            fields += [_field(b"Connection", b"connection", value) for value in sorted(connection)]
             keep_alive = False
-        elif b"close" in _comma_values(fields, b"connection"):
+        elif kinds & _CONNECTION and b"close" in _comma_values(fields, b"connection"):
             keep_alive = False
         self._keep_alive = keep_alive
         if method == b"HEAD":  # the body is swallowed: as h11, it frames nothing
@@ -203,7 +249,7 @@ class ResponseWriter:
         else:
             self._wstate = _SEND_BODY
             self._switch_proposed = False
-        return b"HTTP/1.1 %d %s\r\n" % (status, reason) + _write_fields(fields)
+        return _write_fields(b"HTTP/1.1 %d %s\r\n" % (status, reason), fields, kinds)
 
     def send_data(self, data: bytes) -> bytes:
         if self._method == b"HEAD":
@@ -235,14 +281,14 @@ class ResponseWriter:
 
     def send_end(self, trailers: list[tuple[bytes, bytes]] = ()) -> bytes:
         try:
-            fields = _checked_fields(list(trailers)) if trailers else []
-        except (_Invalid, TypeError, UnicodeError) as exc:
+            fields, kinds, _ = normalize_fields(trailers) if trailers else ([], 0, None)
+        except (InvalidField, TypeError, UnicodeError) as exc:
             raise ValueError(str(exc)) from None
         if self._wstate is not _SEND_BODY:
             raise self._fail(f"can't end a response in state {self._wstate}")
         framing = self._framing
         if framing == _CHUNKED:
-            out = b"0\r\n" + _write_fields(fields)
+            out = _write_fields(b"0\r\n", fields, kinds)
         elif framing == _LENGTH:
             if self._length_left:
                 raise self._fail("Too little data for declared Content-Length")

@@ -15,7 +15,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -260,7 +260,11 @@ class AsyncioWorker(Worker):
                 oldest.close()
         self.accepted += 1
         self._publish()  # count it now: peers must see this worker's load at once
-        self.loop.create_task(self._connect(sock))
+        if self.tls is None and not self.cfg.proxy_protocol:
+            self._open(self.loop.connect_accepted_socket(lambda: HTTPProtocol(self), sock),
+                       sock)
+        else:
+            self.loop.create_task(self._connect(sock))
         if not self._has_room():
             self._set_accepting(False)  # connection_closed starts again once one is gone
 
@@ -320,22 +324,21 @@ class AsyncioWorker(Worker):
         return False
 
     async def _connect(self, sock: socket.socket) -> None:
-        """Run an HTTPProtocol on an accepted socket; first read its PROXY header and do the
-        TLS handshake when the server wants them. As in the sync worker, the client has
+        """Run an HTTPProtocol on an accepted socket once its PROXY header is read and its
+        TLS handshake done (a plain socket goes through `_open`). The client has
         --keep-alive to send its first byte, then --header-timeout for all that (the request
         head's own bound starts once the protocol runs)."""
         tls = self.tls
         header = None
-        deadline = 0.0  # for the PROXY header and the TLS handshake (loop time)
+        cfg = self.cfg
         try:
-            if self.cfg.proxy_protocol or tls is not None:
-                cfg = self.cfg
-                await self._readable(sock, self.first_byte_timeout)
-                deadline = self.loop.time() + (cfg.header_timeout or self.idle_timeout)
-                if cfg.proxy_protocol:
-                    header = await self._proxy_header(sock, deadline)
-                if tls is not None and not await self._starts_tls(sock, deadline):
-                    return
+            await self._readable(sock, self.first_byte_timeout)
+            # For the PROXY header and the TLS handshake (loop time):
+            deadline = self.loop.time() + (cfg.header_timeout or self.idle_timeout)
+            if cfg.proxy_protocol:
+                header = await self._proxy_header(sock, deadline)
+            if tls is not None and not await self._starts_tls(sock, deadline):
+                return
             await self.loop.connect_accepted_socket(
                 lambda: HTTPProtocol(self, header), sock, ssl=tls,
                 ssl_handshake_timeout=max(0.001, deadline - self.loop.time()) if tls else None)
@@ -346,12 +349,31 @@ class AsyncioWorker(Worker):
                 error_log.info("closed a connection: %s", exc)
             sock.close()
         finally:
-            self.accepted -= 1
-            self._publish()
-            if self.stopping:
-                self._check_all_closed()
-            elif not self.accepting and not self.deferring and self._has_room():
-                self._set_accepting(True)
+            self._connected()
+
+    def _open(self, opening: Coroutine[Any, Any, Any], sock: socket.socket) -> None:
+        """Step `opening`, connect_accepted_socket on a plain socket, to its end. It only
+        waits for its transport to call connection_made on the next loop turn, so it is
+        stepped here rather than run as a task: a task per connection costs more than
+        parsing its request."""
+        try:
+            waiting = opening.send(None)
+        except StopIteration:
+            self._connected()
+        except (OSError, asyncio.CancelledError):
+            sock.close()
+            self._connected()
+        else:
+            waiting.add_done_callback(lambda _: self._open(opening, sock))
+
+    def _connected(self) -> None:
+        """An accepted socket runs its protocol now, or was closed."""
+        self.accepted -= 1
+        self._publish()
+        if self.stopping:
+            self._check_all_closed()
+        elif not self.accepting and not self.deferring and self._has_room():
+            self._set_accepting(True)
 
     def stop_taking_connections(self) -> None:
         # Responses say Connection: close from now on (_start_cycle reads over_memory).
