@@ -78,6 +78,7 @@ class AsyncioWorker(Worker):
         self.thread_busy = False  # --threads 1: the app is being called in the thread
         self.waiting_for_app: deque[Callable[[], None]] = deque()  # until it is not
         self.in_threads: set[WSGICycle] = set()
+        self.ready: deque[WSGICycle] = deque()  # requests read in this turn of the loop
         self.connections: set[HTTPProtocol] = set()
         # Connections waiting for a request that has not begun, longest waiting first.
         self.idle: dict[HTTPProtocol, None] = {}
@@ -387,6 +388,20 @@ class AsyncioWorker(Worker):
         self.scoreboard.set(self.number, load)
 
     # -- calling a WSGI app -----------------------------------------------------------------------
+
+    def start_wsgi(self, cycle: WSGICycle) -> None:
+        """Call the WSGI app for `cycle` once the loop has read what every ready connection
+        sent (`run_wsgi`): answering in a batch, as ASGI tasks do, rather than between reads
+        saves the kernel a wakeup of the client per response (27 us of CPU per request
+        instead of 36, hello world, 16 keep-alive connections)."""
+        self.ready.append(cycle)
+        if len(self.ready) == 1:
+            self.loop.call_soon(self._run_ready)
+
+    def _run_ready(self) -> None:
+        ready = self.ready
+        while ready:
+            self.run_wsgi(ready.popleft())
 
     def run_wsgi(self, cycle: WSGICycle) -> None:
         """Call the WSGI app for `cycle` (counted in `in_flight` already). With --threads N

@@ -229,7 +229,7 @@ class HTTPProtocol(asyncio.Protocol):
         try:
             while self._step():
                 pass
-        except StopNow:  # the quick stop signal came while a WSGI app ran inline
+        except StopNow:  # the quick stop signal came while this ran
             self.worker.stop_loop_now()  # (uvloop would swallow it in a protocol callback)
         finally:
             self.processing = False
@@ -289,8 +289,8 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _start_pending(self) -> bool:
         """Give the current request to the app if it does not have it yet, now that the
-        body bytes that came with the head are fed to it. True if the exchange ended at once
-        (a WSGI app answered inline): go on with the next request."""
+        body bytes that came with the head are fed to it. True if the exchange ended at once:
+        go on with the next request."""
         cycle = self.cycle
         if cycle is None or self.cycle_started or self._awaits_body(cycle):
             return False
@@ -300,7 +300,7 @@ class HTTPProtocol(asyncio.Protocol):
         worker.in_flight += 1
         worker.served += 1
         if type(cycle) is WSGICycle:
-            worker.run_wsgi(cycle)
+            worker.start_wsgi(cycle)
         else:
             self.loop.create_task(self._run(cycle))
         return self.cycle is not cycle or self.discarding
