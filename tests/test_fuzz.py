@@ -6,6 +6,7 @@ same way, they give the same events, the same refusals (status) and the same res
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -192,8 +193,27 @@ def trace(parser: str, pieces: list[bytes], answers: list) -> list:
 
 
 def assert_agree(pieces: list[bytes], answers: list = ()) -> None:
+    """The fast path does what h11 does, byte for byte, with one documented difference: an
+    HTTP/1.0 client that asks for keep-alive keeps its connection when the response has a
+    length (h11 closes every HTTP/1.0 connection). Up to that response the two agree, and
+    there h11 says close where the fast path says keep-alive and goes on."""
     reference = trace("h11", pieces, answers)
-    assert trace("httptools", pieces, answers) == reference
+    fast = trace("httptools", pieces, answers)
+    kept = next((i for i, (step, ref) in enumerate(zip(fast, reference, strict=False))
+                 if step != ref), None)
+    if kept is None or fast[kept][:1] != ("send_response",) \
+            or b"\r\nConnection: keep-alive\r\n" not in fast[kept][1]:
+        assert fast == reference
+        return
+    assert reference[kept] == ("send_response", fast[kept][1].replace(
+        b"\r\nConnection: keep-alive\r\n", b"\r\nConnection: close\r\n"))
+    ends = [_until_will_close(steps[kept + 1:]) for steps in (reference, fast)]
+    assert ends[0] == ends[1]  # the same body and end, and for h11 no next request
+    assert ("next", True) not in reference[kept:]
+
+
+def _until_will_close(steps: list) -> list:
+    return list(itertools.takewhile(lambda step: step[:1] != ("will_close",), steps))
 
 
 # -- requests -----------------------------------------------------------------------------------

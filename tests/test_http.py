@@ -542,3 +542,26 @@ def test_bytes_pipelined_behind_a_slow_response_are_not_buffered_without_bound(s
         assert reader.response().status == 200  # the pipelined request is served after it
         sender.join(30)
     assert _peak_rss_mib(worker) - before < 40
+
+
+def test_http10_keep_alive_is_kept_on_the_fast_path(start_server, interface, parser):
+    """An HTTP/1.0 client asking for keep-alive (ab -k) keeps its connection when the
+    response has a length, and is told so; without a length the close ends the body. The
+    h11 path closes every HTTP/1.0 connection, as h11 does (allowed: keep-alive is an offer)."""
+    server = start_server(APP_OF[interface], "-w", "1")
+    keep = b"Connection: keep-alive\r\n\r\n"
+    with server.connect() as sock:
+        reader = Reader(sock)
+        if parser == "h11":
+            sock.sendall(b"GET /hello HTTP/1.0\r\n" + keep)
+            assert reader.response().header("connection") == "close"
+            assert closed_by_peer(sock)
+            return
+        for _ in range(3):
+            sock.sendall(b"GET /hello HTTP/1.0\r\n" + keep)
+            response = reader.response()
+            assert response.body == b"Hello, World!"
+            assert response.header("connection") == "keep-alive"
+        sock.sendall(b"GET /stream?n=2 HTTP/1.0\r\n" + keep)
+        raw = reader.read_to_eof()  # no length: the close ends it
+        assert raw.endswith(b"\r\n\r\npiece 0\npiece 1\n") and b"keep-alive" not in raw.lower()

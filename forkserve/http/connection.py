@@ -70,7 +70,7 @@ class BaseConnection:
         self._chunked: ChunkedFraming | None = None
         self._switch_proposed = False  # Upgrade or CONNECT: PAUSED until a response says no
         # Set from the request head for the writing side: the client's Connection: close or
-        # HTTP/1.0 (no keep-alive either way), and its method.
+        # HTTP/1.0 without Connection: keep-alive (no keep-alive either way), and its method.
         self._close_asked = False
         self._http10 = False
         self._method = b""
@@ -135,16 +135,20 @@ class BaseConnection:
         else:
             self._chunked = None
             self._body_left = framing
-        self._http10 = close = request.http_version == b"1.0"
-        expect = upgrade = False
+        self._http10 = http10 = request.http_version == b"1.0"
+        close = keep_alive = expect = upgrade = False
         for name, _ in request.headers:
             if name == b"connection":
-                close = close or b"close" in comma_values(request.headers, b"connection")
+                tokens = comma_values(request.headers, b"connection")
+                close = b"close" in tokens
+                keep_alive = b"keep-alive" in tokens
             elif name == b"expect":
                 expect = True
             elif name == b"upgrade":
                 upgrade = upgrade or bool(comma_values(request.headers, b"upgrade"))
-        self._close_asked = close
+        # HTTP/1.0 keeps the connection only when the client asks (RFC 9112 §9.3, Appendix
+        # C.2.2): the writer may then answer keep-alive (h11's never does).
+        self._close_asked = close or http10 and not keep_alive
         self._switch_proposed = upgrade or method == b"CONNECT"
         self.client_waiting_for_continue = (
             expect and request.http_version == b"1.1"

@@ -6,7 +6,9 @@ names and values (h11's field grammar, one Content-Length value, Transfer-Encodi
 (chunked for an HTTP/1.1 client when the length is unknown, none and a close for HTTP/1.0;
 HEAD framed as GET; none added to 204, 304 or a 2xx to CONNECT), the same `Connection: close`
 rules, the same states and the same bytes (Host first, then the fields in order, the framing
-and Connection fields h11 sets at the end).
+and Connection fields h11 sets at the end). One more thing h11 does not do: an HTTP/1.0 client
+that asks for keep-alive keeps its connection when the response has a length, and is told so
+(`Connection: keep-alive`).
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def _field(raw: bytes, lower: bytes, value: bytes) -> _Field:
 
 
 _CHUNKED_FIELD = _field(b"Transfer-Encoding", b"transfer-encoding", b"chunked")
+_KEEP_ALIVE_FIELD = _field(b"Connection", b"connection", b"keep-alive")
 
 
 def _check_field(name: object, value: object) -> _Field:
@@ -237,6 +240,9 @@ class ResponseWriter:
             keep_alive = False
         elif kinds & _CONNECTION and b"close" in _comma_values(fields, b"connection"):
             keep_alive = False
+        elif self._http10 and not (kinds & _CONNECTION and b"keep-alive" in _comma_values(
+                fields, b"connection")):
+            fields = [*fields, _KEEP_ALIVE_FIELD]  # an HTTP/1.0 client closes without it
         self._keep_alive = keep_alive
         if method == b"HEAD":  # the body is swallowed: as h11, it frames nothing
             framing = _LENGTH
