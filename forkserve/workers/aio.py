@@ -332,6 +332,7 @@ class AsyncioWorker(Worker):
         tls = self.tls
         header = None
         cfg = self.cfg
+        sock.setblocking(False)  # read here before its transport exists
         try:
             await self._readable(sock, self.first_byte_timeout)
             # For the PROXY header and the TLS handshake (loop time):

@@ -209,9 +209,10 @@ class Worker:
     def accept_batch(self, listening: socket.socket, pause: Callable[[float, bool], None],
                      take: Callable[[socket.socket, Any], None]) -> None:
         """Accept up to ACCEPT_BATCH connections from `listening` and `take(sock, peer)` each
-        (non-blocking, TCP_NODELAY). Leaves new connections to a lighter peer for a moment
-        (`pause(ACCEPT_DEFER, True)`: rebalancing, ended early once no peer is lighter), and
-        pauses accepting when out of descriptors (`pause(RESOURCE_PAUSE, False)`)."""
+        (the event loop's transports make them non-blocking and set TCP_NODELAY). Leaves new
+        connections to a lighter peer for a moment (`pause(ACCEPT_DEFER, True)`:
+        rebalancing, ended early once no peer is lighter), and pauses accepting when out of
+        descriptors (`pause(RESOURCE_PAUSE, False)`)."""
         for _ in range(ACCEPT_BATCH):
             if self.accept_forced:
                 self.accept_forced = False
@@ -246,9 +247,6 @@ class Worker:
                                "from --forwarded-allow-ips", host or "a unix socket")
                 sock.close()
                 continue
-            sock.setblocking(False)
-            if host is not None:  # TCP
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             take(sock, peer)
 
     def tick(self) -> None:
