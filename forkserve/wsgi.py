@@ -384,10 +384,10 @@ def _environ_key(name: bytes) -> str | None:
 
 
 def respond(app: Callable[..., Any], environ: dict[str, Any],
-            writer: ResponseWriter) -> Iterator[None]:
+            writer: ResponseWriter) -> Iterator[bool]:
     """Run one request through a WSGI app and send its response through `writer`.
 
-    A generator: it yields when `writer.paused` after a piece, and goes on when next() is
+    A generator: it yields True when `writer.paused` after a piece, and goes on when next() is
     called once the writer drained, so that a client that reads slowly holds no thread and
     no loop. The result's close() is always called, also when sending fails. Exceptions
     from the app propagate: the caller answers 500 if `writer.head_sent` is false, else
@@ -418,11 +418,11 @@ def respond(app: Callable[..., Any], environ: dict[str, Any],
                 if head_only:
                     break  # the body is not sent: do not make the app produce all of it
                 if writer.paused:
-                    yield
+                    yield True
         _require_started(start_response)
         writer.finish()
     finally:
-        close = getattr(result, "close", None)
+        close = getattr(result, "close", None) if type(result) is not list else None
         if close is not None:
             close()
 

@@ -120,17 +120,14 @@ class WSGICycle:
         response is pulled as it drains, each time once `app_free()` says the loop may call
         the app (None, or a future to wait for before asking again). The request's context
         variables live in a context of its own, since other requests run meanwhile."""
-        self.started = time.monotonic()
         context = contextvars.copy_context()
         steps = self._serve(self)
-        try:
-            context.run(next, steps)
-        except StopIteration:
+        if not context.run(next, steps, False):
             self._finish_cycle(on_done)
             return
         self.out.loop.create_task(self._resume(context, steps, on_done, app_free))
 
-    async def _resume(self, context: contextvars.Context, steps: Iterator[None],
+    async def _resume(self, context: contextvars.Context, steps: Iterator[bool],
                       on_done: Callable[[], None],
                       app_free: Callable[[], asyncio.Future[None] | None]) -> None:
         try:
@@ -143,9 +140,7 @@ class WSGICycle:
                     return
                 while (busy := app_free()) is not None:
                     await busy
-                try:
-                    context.run(next, steps)
-                except StopIteration:
+                if not context.run(next, steps, False):
                     return
         finally:
             self._finish_cycle(on_done)
@@ -158,8 +153,9 @@ class WSGICycle:
         future = self.out.loop.run_in_executor(pool, _run_all, self._serve(bridge))
         future.add_done_callback(lambda _: self._finish_cycle(on_done))
 
-    def _serve(self, writer: WSGICycle | _FromThread) -> Iterator[None]:
-        """The exchange, run by `writer`'s side: the app's errors are answered and logged."""
+    def _serve(self, writer: WSGICycle | _FromThread) -> Iterator[bool]:
+        """The exchange, run by `writer`'s side: the app's errors are answered and logged.
+        Yields True each time the client must read before it goes on (see `respond`)."""
         errors = ErrorStream()
         self.environ = environ = self.factory.build(
             self.request, InputStream(writer.read_chunk), errors)
@@ -350,6 +346,6 @@ def _settle(done: Future[Any], task: asyncio.Future[Any]) -> None:
         done.set_result(task.result())
 
 
-def _run_all(steps: Iterator[None]) -> None:
+def _run_all(steps: Iterator[bool]) -> None:
     for _ in steps:
         pass

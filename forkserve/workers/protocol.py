@@ -78,7 +78,6 @@ class HTTPProtocol(asyncio.Protocol):
         self.trusted = False  # the peer is a trusted proxy: believe its forwarded headers
         self.tls: dict[str, Any] | None = None  # the ASGI TLS extension, on HTTPS
         self.environ_factory: EnvironFactory | None = None  # a WSGI app's per-connection part
-        self.small_body = False  # the request's body is awaited before the app (_awaits_body)
         self.head_started = False  # the next request's first bytes have arrived
         self.fd = -1  # the socket's descriptor
 
@@ -306,13 +305,14 @@ class HTTPProtocol(asyncio.Protocol):
         return self.cycle is not cycle or self.discarding
 
     def _awaits_body(self, cycle: HTTPCycle | WSGICycle) -> bool:
-        """WSGI with --threads 1: a small body still coming (`small_body`) is awaited here in
-        the loop, so that the app is called inline and a slow client holds no thread and no
-        app call. Not a body the client sends only after 100 Continue (the app decides), nor
-        one past what is buffered (the app reads it in the thread). True while it waits; a
-        client that sends nothing for the I/O timeout is answered 408."""
-        if not self.small_body or cycle.body_complete or not cycle.wants_body \
-                or self.conn.client_waiting_for_continue:
+        """WSGI with --threads 1: a small body still coming (up to BODY_HIGH_WATER) is
+        awaited here in the loop, so that the app is called inline and a slow client holds
+        no thread and no app call. Not a body the client sends only after 100 Continue (the
+        app decides), nor a larger one (the app reads it in the thread). True while it
+        waits; a client that sends nothing for the I/O timeout is answered 408."""
+        if type(cycle) is not WSGICycle or self.worker.app_threaded or cycle.body_complete \
+                or not cycle.wants_body or self.conn.client_waiting_for_continue \
+                or _length(cycle.request) > BODY_HIGH_WATER:
             return False
         self._set_deadline(self.worker.io_timeout, self._body_stalled)
         return True
@@ -335,7 +335,6 @@ class HTTPProtocol(asyncio.Protocol):
         self.started = time.time() if worker.access_log_format else 0.0
         self.cycle_started = False
         if self.environ_factory is not None:
-            self.small_body = not worker.app_threaded and _length(request) <= BODY_HIGH_WATER
             self.cycle = WSGICycle(worker.app, self.environ_factory, request, self.conn, self,
                                    close, self._response_complete, worker.io_timeout)
         else:
@@ -404,7 +403,8 @@ class HTTPProtocol(asyncio.Protocol):
             self.worker.in_flight -= 1
 
     def _response_complete(self, cycle: HTTPCycle | WSGICycle) -> None:
-        self._log_access(cycle)
+        if self.started:
+            self._log_access(cycle)
         if self.closing:
             return
         if not cycle.body_complete or cycle.failed:
@@ -456,8 +456,6 @@ class HTTPProtocol(asyncio.Protocol):
         self.close()
 
     def _log_access(self, cycle: HTTPCycle | WSGICycle) -> None:
-        if not self.started or self.request is None:
-            return
         request = self.request
         environ = cycle.environ if type(cycle) is WSGICycle else None
         access_log.info(format_access_line(
