@@ -122,8 +122,8 @@ class HTTPConnection(Protocol):
     Writing: `send_response` (head), `send_data`/`send_file` (body, framed as the head
     chose: Content-Length, chunked, or until close for HTTP/1.0), `send_end`; they raise
     ValueError for a head or trailers that may not go out (a field value with a control byte
-    other than HTAB among them), after trimming the white space around field values
-    (`trim_field_values`). A HEAD request's body is swallowed. After `send_end`,
+    other than HTAB among them), after trimming the white space (SP, HTAB) around field values
+    (RFC 9110 §5.5). A HEAD request's body is swallowed. After `send_end`,
     `start_next_cycle()` tells whether the connection can carry another request (the request
     body must have been read to its end first), and `will_close()` whether it cannot,
     whatever the client still sends.
@@ -363,25 +363,6 @@ def set_server_header(text: str) -> None:
     """What the Server header says: 'forkserve' means forkserve/VERSION; empty: no header."""
     global _server_header
     _server_header = SERVER if text == "forkserve" else (text.encode("latin-1") or None)
-
-
-_OWS = (0x20, 0x09)  # SP and HTAB, as items of a bytes value
-
-
-def trim_field_values(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]] | None:
-    """`headers` with the SP and HTAB around each value removed, or None if no value had any.
-
-    RFC 9110 §5.5: white space around a field value is not part of it (Django's Set-Cookie
-    values start with a space). Only that is removed: what else a value holds is still checked.
-    """
-    trimmed = []
-    changed = False
-    for name, value in headers:
-        if value and (value[0] in _OWS or value[-1] in _OWS):
-            value = value.strip(b" \t")
-            changed = True
-        trimmed.append((name, value))
-    return trimmed if changed else None
 
 
 def complete_headers(headers: list[tuple[bytes, bytes]], status: int, body_length: int | None,
