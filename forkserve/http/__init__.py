@@ -8,6 +8,12 @@ from collections.abc import Callable
 from forkserve.http.base import HTTPConnection, Limits
 from forkserve.http.h11conn import H11Connection
 
+# Imported here, in the master, so that the workers share its pages (PSS).
+try:
+    from forkserve.http.httptoolsconn import HttptoolsConnection
+except ImportError:  # no httptools on this platform: h11 only
+    HttptoolsConnection = None
+
 PARSERS = ("auto", "h11", "httptools")
 
 
@@ -17,13 +23,10 @@ def connection_factory(parser: str = "h11") -> Callable[[Limits], HTTPConnection
     if parser not in PARSERS:
         raise ValueError(f"unknown HTTP parser {parser!r}")
     if parser != "h11":
-        try:
-            from forkserve.http.httptoolsconn import HttptoolsConnection
-        except ImportError:
-            if parser == "httptools":
-                raise
-        else:
+        if HttptoolsConnection is not None:
             return HttptoolsConnection
+        if parser == "httptools":
+            raise ImportError("httptools is not installed")
     return H11Connection
 
 

@@ -20,6 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from forkserve.asgi import Lifespan, LifespanFailed, wrap_asgi2
+
+# Imported here, in the master, so that the workers share its pages (PSS).
+try:
+    import uvloop
+except ImportError:  # asyncio's own loop then
+    uvloop = None
 from forkserve.errors import EXIT_BOOT, StopNow
 from forkserve.http.base import error_response
 from forkserve.logs import error_log
@@ -47,15 +53,13 @@ LIFESPAN_SHUTDOWN_SECONDS = 10.0
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
-    """An event loop of `kind`: 'uvloop', 'asyncio', or 'auto' (uvloop when installed)."""
+    """An event loop of `kind`: 'uvloop', 'asyncio', or 'auto' (uvloop when installed).
+    Raises ImportError for 'uvloop' without uvloop."""
     if kind in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if kind == "uvloop":
-                raise
-        else:
+        if uvloop is not None:
             return uvloop.new_event_loop()
+        if kind == "uvloop":
+            raise ImportError("uvloop is not installed")
     return asyncio.new_event_loop()
 
 
