@@ -114,33 +114,36 @@ class WSGICycle:
     # -- calling the app -----------------------------------------------------------------------
 
     def run_inline(self, on_done: Callable[[], None],
-                   app_free: Callable[[], asyncio.Future[None] | None]) -> None:
+                   app_free: Callable[[], asyncio.Future[None] | None],
+                   in_app: Callable[..., bool]) -> None:
         """Call the app in the loop (the body is complete: reading it never waits), and
-        `on_done()` once the response is sent. If the client stops reading, the rest of the
+        `on_done()` once the response is sent. Each call into the app goes through
+        `in_app(self, function, *args)`. If the client stops reading, the rest of the
         response is pulled as it drains, each time once `app_free()` says the loop may call
         the app (None, or a future to wait for before asking again). The request's context
         variables live in a context of its own, since other requests run meanwhile."""
         context = contextvars.copy_context()
         steps = self._serve(self)
-        if not context.run(next, steps, False):
+        if not in_app(self, context.run, next, steps, False):
             self._finish_cycle(on_done)
             return
-        self.out.loop.create_task(self._resume(context, steps, on_done, app_free))
+        self.out.loop.create_task(self._resume(context, steps, on_done, app_free, in_app))
 
     async def _resume(self, context: contextvars.Context, steps: Iterator[bool],
                       on_done: Callable[[], None],
-                      app_free: Callable[[], asyncio.Future[None] | None]) -> None:
+                      app_free: Callable[[], asyncio.Future[None] | None],
+                      in_app: Callable[..., bool]) -> None:
         try:
             while True:
                 try:
                     await self.out.drain()
                 except ClientDisconnected:
-                    context.run(steps.close)
+                    in_app(self, context.run, steps.close)
                     self.failed = True
                     return
                 while (busy := app_free()) is not None:
                     await busy
-                if not context.run(next, steps, False):
+                if not in_app(self, context.run, next, steps, False):
                     return
         finally:
             self._finish_cycle(on_done)

@@ -34,6 +34,24 @@ def test_a_client_that_does_not_read_holds_no_loop(start_server):
         assert received == BIG
 
 
+def test_a_response_that_hangs_after_waiting_for_its_client_is_named(start_server):
+    """--threads 1: a response that waited for its client to read, then hangs in the app,
+    is reported as any hang is, with the request it is stuck in."""
+    server = start_server("wsgiapp:app", "-w", "1", "--timeout", "2")
+    (old,) = server.workers()
+    with server.connect() as sock:
+        sock.sendall(get(b"/big?mb=16&hang=1"))
+        reader = Reader(sock)
+        reader.read_until(b"\r\n\r\n")  # the response began; megabytes wait unread
+        # Another request answered: the loop is free, so the big response waits for its client.
+        assert exchange(server, get(b"/hello")).status == 200
+        received = len(reader.buffer)
+        while received < BIG:
+            received += len(sock.recv(1 << 20))
+        server.wait_for(rf"worker 1 \(pid {old}\) silent for [\d.]+ s \(limit 2 s\), "
+                        r"stuck in 'GET /big\?mb=16&hang=1'")
+
+
 def test_a_small_body_that_comes_late_is_awaited_without_the_app(start_server):
     """--threads 1: a body sent after the head is read by the loop before the app is called:
     meanwhile the worker serves other requests (the app runs once, inline)."""

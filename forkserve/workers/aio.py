@@ -419,13 +419,7 @@ class AsyncioWorker(Worker):
         elif self.thread_busy:
             self.waiting_for_app.append(lambda: self.run_wsgi(cycle))
         elif cycle.body_complete:
-            # The loop is blocked in the app: peers must not wait for it to accept, and if it
-            # hangs the master can tell which request it was serving.
-            request = cycle.request
-            self.scoreboard.serving(self.number, request.method + b" " + request.target)
-            cycle.run_inline(self.request_done, self.app_free)
-            self.scoreboard.served(self.number)
-            self._publish()
+            cycle.run_inline(self.request_done, self.app_free, self.in_app)
         else:
             self.thread_busy = True
             self._run_in_thread(cycle, self._thread_call_done)
@@ -442,6 +436,18 @@ class AsyncioWorker(Worker):
         self.request_done()
         while self.waiting_for_app and not self.thread_busy:
             self.waiting_for_app.popleft()()
+
+    def in_app(self, cycle: WSGICycle, call: Callable[..., bool], *args: Any) -> bool:
+        """`call(*args)`, a call into the app for `cycle` in the loop, which it blocks: the
+        scoreboard says so meanwhile, so that peers do not wait for this worker to accept,
+        and the master can name the request if it hangs."""
+        request = cycle.request
+        self.scoreboard.serving(self.number, request.method + b" " + request.target)
+        try:
+            return call(*args)
+        finally:
+            self.scoreboard.served(self.number)
+            self._publish()
 
     def app_free(self) -> asyncio.Future[None] | None:
         """None if the loop may call the app now; else a future done once it may try again

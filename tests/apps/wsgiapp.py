@@ -210,10 +210,18 @@ def exclusive(environ, start_response):
 
 
 def big(environ, start_response):
-    """?mb= MiB of b"x" in 64 KiB pieces, with a Content-Length."""
-    size = int(_query(environ).get("mb", "16")) << 20
+    """?mb= MiB of b"x" in 64 KiB pieces, with a Content-Length; ?hang=1: then it hangs."""
+    query = _query(environ)
+    size = int(query.get("mb", "16")) << 20
     start_response("200 OK", TEXT + [("Content-Length", str(size))])
-    return (b"x" * 65536 for _ in range(size >> 16))
+
+    def pieces():
+        for _ in range(size >> 16):
+            yield b"x" * 65536
+        if query.get("hang") == "1":
+            time.sleep(60)
+
+    return pieces()
 
 
 def _channel_fd() -> int:
