@@ -16,7 +16,7 @@ from typing import Any
 
 import h11
 
-from forkserve.http.base import FilePart, ProtocolError, Request
+from forkserve.http.base import ProtocolError, Request
 from forkserve.http.connection import BaseConnection
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # the control bytes, HTAB aside
@@ -64,14 +64,6 @@ class H11Reference(BaseConnection):
             return b""
         try:
             return self._h11.send(h11.Data(data=data))
-        except h11.LocalProtocolError as exc:
-            raise ValueError(str(exc)) from None
-
-    def send_file(self, part: FilePart) -> list[bytes | FilePart]:
-        if self._method == b"HEAD":
-            return []
-        try:
-            return self._h11.send_with_data_passthrough(h11.Data(data=part))
         except h11.LocalProtocolError as exc:
             raise ValueError(str(exc)) from None
 

@@ -25,7 +25,6 @@ from forkserve.http.base import (  # noqa: E402
     NEED_DATA,
     PAUSED,
     Data,
-    FilePart,
     ProtocolError,
     Request,
 )
@@ -144,7 +143,7 @@ REFERENCE = "h11 alone"
 def trace(parser: str, pieces: list[bytes], answers: list) -> list:
     """Everything one connection on `parser` (or REFERENCE) does with `pieces` (then the
     client's close), answering each request with the next of `answers`: (status, headers,
-    body pieces, trailers, how the body goes: bytes or file parts)."""
+    body pieces, trailers)."""
     conn = H11Reference(LIMITS) if parser == REFERENCE else new_connection(LIMITS, parser)
     seen: list = []
     answers = list(answers)
@@ -155,8 +154,7 @@ def trace(parser: str, pieces: list[bytes], answers: list) -> list:
         except ValueError:
             seen.append(("refused", call.__name__))
             return False
-        seen.append((call.__name__, [len(p) if isinstance(p, FilePart) else p for p in out]
-                     if isinstance(out, list) else out))
+        seen.append((call.__name__, out))
         return True
 
     try:
@@ -167,18 +165,14 @@ def trace(parser: str, pieces: list[bytes], answers: list) -> list:
                 seen.append(repr(event))
                 seen.append(("continue?", conn.client_waiting_for_continue))
                 if event is END_OF_MESSAGE:
-                    status, headers, body, trailers, as_file = (
-                        answers.pop(0) if answers else (200, [], [], [], False))
+                    status, headers, body, trailers = (
+                        answers.pop(0) if answers else (200, [], [], []))
                     if conn.client_waiting_for_continue and not send(conn.send_continue):
                         return seen
                     if not send(conn.send_response, status, b"OK", headers):
                         return seen
                     for chunk in body:
-                        if as_file:
-                            ok = send(conn.send_file, FilePart(0, 0, len(chunk)))
-                        else:
-                            ok = send(conn.send_data, chunk)
-                        if not ok:
+                        if not send(conn.send_data, chunk):
                             return seen
                     if not send(conn.send_end, trailers):
                         return seen
@@ -298,7 +292,7 @@ def answers(draw):
     body = draw(st.lists(st.sampled_from([b"", b"hello", b"x" * 7]), max_size=3))
     trailers = draw(st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(VALUES)),
                              max_size=2))
-    return status, headers, body, trailers, draw(st.booleans())
+    return status, headers, body, trailers
 
 
 @BOUNDED

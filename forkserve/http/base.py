@@ -95,20 +95,6 @@ CLOSED = _Sentinel("CLOSED")  # the client closed the connection between request
 Event = Request | Data | _Sentinel
 
 
-class FilePart:
-    """A range of an open file to be sent with os.sendfile(); only its length goes to a parser."""
-
-    __slots__ = ("fd", "offset", "count")
-
-    def __init__(self, fd: int, offset: int, count: int) -> None:
-        self.fd = fd
-        self.offset = offset
-        self.count = count
-
-    def __len__(self) -> int:
-        return self.count
-
-
 class HTTPConnection(Protocol):
     """One server-side HTTP/1.1 connection as a state machine. No I/O.
 
@@ -119,14 +105,13 @@ class HTTPConnection(Protocol):
     lines before a request line are skipped (RFC 9112 §2.2), up to `Limits.request_line`
     bytes of them.
 
-    Writing: `send_response` (head), `send_data`/`send_file` (body, framed as the head
-    chose: Content-Length, chunked, or until close for HTTP/1.0), `send_end`; they raise
-    ValueError for a head or trailers that may not go out (a field value with a control byte
-    other than HTAB among them), after trimming the white space (SP, HTAB) around field values
-    (RFC 9110 §5.5). A HEAD request's body is swallowed. After `send_end`,
-    `start_next_cycle()` tells whether the connection can carry another request (the request
-    body must have been read to its end first), and `will_close()` whether it cannot,
-    whatever the client still sends.
+    Writing: `send_response` (head), `send_data` (body, framed as the head chose:
+    Content-Length, chunked, or until close for HTTP/1.0), `send_end`; they raise ValueError
+    for a head or trailers that may not go out (a field value with a control byte other than
+    HTAB among them), after trimming the white space (SP, HTAB) around field values (RFC 9110
+    §5.5). A HEAD request's body is swallowed. After `send_end`, `start_next_cycle()` tells
+    whether the connection can carry another request (the request body must have been read
+    to its end first), and `will_close()` whether it cannot, whatever the client still sends.
     """
 
     client_waiting_for_continue: bool
@@ -140,8 +125,6 @@ class HTTPConnection(Protocol):
     def send_response(self, status: int, reason: bytes, headers: list) -> bytes: ...
 
     def send_data(self, data: bytes) -> bytes: ...
-
-    def send_file(self, part: FilePart) -> list[bytes | FilePart]: ...
 
     def send_end(self, trailers: list[tuple[bytes, bytes]] = ()) -> bytes: ...
 

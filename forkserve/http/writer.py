@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 
-from forkserve.http.base import FilePart
 from forkserve.http.connection import comma_values
 
 # h11/_abnf.py: field-name = token; field-value = *( field-content ), with field-content
@@ -261,20 +260,6 @@ class ResponseWriter:
             if self._length_left < 0:
                 raise self._fail("Too much data for declared Content-Length")
         return bytes(data)
-
-    def send_file(self, part: FilePart) -> list[bytes | FilePart]:
-        if self._method == b"HEAD":
-            return []
-        if self._wstate is not _SEND_BODY:
-            raise self._fail(f"can't send data in state {self._wstate}")
-        framing = self._framing
-        if framing == _CHUNKED:
-            return [b"%x\r\n" % len(part), part, b"\r\n"] if len(part) else []
-        if framing == _LENGTH:
-            self._length_left -= len(part)
-            if self._length_left < 0:
-                raise self._fail("Too much data for declared Content-Length")
-        return [part]
 
     def send_end(self, trailers: list[tuple[bytes, bytes]] = ()) -> bytes:
         try:
