@@ -209,7 +209,10 @@ class StartResponse:
         encoded = []
         self.content_length = None
         for item in headers:
-            checked = _HEADERS.get(item) if type(item) is tuple else None
+            try:
+                checked = _HEADERS.get(item) if type(item) is tuple else None
+            except TypeError:  # unhashable: _check_header says what is wrong with it
+                checked = None
             if checked is None:
                 checked = _check_header(item)
             raw_name, raw_value, length = checked

@@ -161,6 +161,14 @@ def test_invalid_response_headers_give_500(wsgi_server, path):
     assert response.header("x-name") is None
 
 
+def test_a_header_value_that_is_not_a_str_is_named_in_the_error_log(wsgi_server):
+    body = json.dumps([["X-List", ["not", "a", "str"]]]).encode()
+    response = exchange(wsgi_server, post(b"/respond-with", body))
+    assert response.status == 500
+    wsgi_server.wait_for(r"TypeError: response header name and value must be str: "
+                         r"\('X-List', \['not', 'a', 'str'\]\)")
+
+
 def test_close_is_called(wsgi_server):
     response = exchange(wsgi_server, b"GET /marked?tag=normal HTTP/1.1\r\nHost: t\r\n\r\n")
     assert response.body == b"start\n"
