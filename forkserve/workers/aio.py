@@ -425,8 +425,12 @@ class AsyncioWorker(Worker):
             self._run_in_thread(cycle, self._thread_call_done)
 
     def _run_in_thread(self, cycle: WSGICycle, on_done: Callable[[], None]) -> None:
+        def done() -> None:
+            self.in_threads.discard(cycle)
+            on_done()
+
         self.in_threads.add(cycle)
-        cycle.run_in_thread(self.pool, on_done)
+        cycle.run_in_thread(self.pool, done)
         if self.app_threaded and not self._has_room():
             self._set_accepting(False)  # let other workers take new connections
             self._publish()
@@ -461,8 +465,6 @@ class AsyncioWorker(Worker):
     def request_done(self) -> None:
         """A request's exchange is over (the app may have left a task behind)."""
         self.in_flight -= 1
-        if self.in_threads:
-            self.in_threads = {cycle for cycle in self.in_threads if not cycle.done}
         if self.memory_limit_kib and not self.over_memory:
             self.check_memory()
         if self.app_threaded:
@@ -487,7 +489,7 @@ class AsyncioWorker(Worker):
         if not self.in_threads or timeout <= 0:
             return []
         since = time.monotonic() - timeout
-        return [cycle for cycle in self.in_threads if not cycle.done and cycle.started < since]
+        return [cycle for cycle in self.in_threads if cycle.started < since]
 
     def connection_opened(self, protocol: HTTPProtocol) -> None:
         self.connections.add(protocol)

@@ -27,7 +27,6 @@ from forkserve.errors import StopNow
 from forkserve.http.base import (
     CLOSED,
     END_OF_MESSAGE,
-    NEED_DATA,
     Data,
     ProtocolError,
     Request,
@@ -220,8 +219,8 @@ class HTTPProtocol(asyncio.Protocol):
     def _process(self) -> None:
         """Pull events from the parser until it needs bytes or must wait for a response.
 
-        An exchange that ends while this runs (a WSGI app answering inline) goes on to the
-        next pipelined request here, not in a nested call."""
+        An exchange that ends while this runs (a discarded body read to its end) goes on to
+        the next pipelined request here, not in a nested call."""
         if self.processing:
             return
         self.processing = True
@@ -250,7 +249,8 @@ class HTTPProtocol(asyncio.Protocol):
             else:
                 self.reading_paused = True
                 self.transport.pause_reading()
-            return self._start_pending()
+            self._start_pending()
+            return False
         try:
             event = conn.next_event()
         except ProtocolError as exc:
@@ -268,7 +268,6 @@ class HTTPProtocol(asyncio.Protocol):
         elif event is END_OF_MESSAGE:
             if self.discarding:
                 self.discarding = False
-                self.deadline = math.inf
                 self._next_cycle()
             else:
                 cycle.feed_end()
@@ -277,22 +276,21 @@ class HTTPProtocol(asyncio.Protocol):
                 self._upgrade(event)
                 return False
             self._new_cycle(event)
-        elif event is NEED_DATA:
-            return self._start_pending()
         elif event is CLOSED:
             self.close()
             return False
-        else:  # PAUSED: a response is still in progress
-            return self._start_pending()
+        else:  # NEED_DATA, or PAUSED: a response is still in progress
+            self._start_pending()
+            return False
         return True
 
-    def _start_pending(self) -> bool:
+    def _start_pending(self) -> None:
         """Give the current request to the app if it does not have it yet, now that the
-        body bytes that came with the head are fed to it. True if the exchange ended at once:
-        go on with the next request."""
+        body bytes that came with the head are fed to it (the app runs later, in a task or in
+        the worker's batch: never inside this call)."""
         cycle = self.cycle
         if cycle is None or self.cycle_started or self._awaits_body(cycle):
-            return False
+            return
         self.deadline = math.inf  # (a body stall timer)
         self.cycle_started = True
         worker = self.worker
@@ -302,7 +300,6 @@ class HTTPProtocol(asyncio.Protocol):
             worker.start_wsgi(cycle)
         else:
             self.loop.create_task(self._run(cycle))
-        return self.cycle is not cycle or self.discarding
 
     def _awaits_body(self, cycle: HTTPCycle | WSGICycle) -> bool:
         """WSGI with --threads 1: a small body still coming (up to BODY_HIGH_WATER) is
@@ -513,7 +510,6 @@ class HTTPProtocol(asyncio.Protocol):
         if self.cycle is not None:
             self.cycle.stop()
         elif self.ws is None:
-            self.deadline = math.inf
             self._wait_for_request()
 
     def end_now(self) -> None:
