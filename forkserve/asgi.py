@@ -152,6 +152,27 @@ class HTTPCycle:
     stops for that is not at fault (`run`).
     """
 
+    # What a new cycle starts with (class attributes: a cycle is made per request).
+    buffered = 0
+    body_complete = False
+    body_delivered = False
+    disconnected = False  # the connection is gone: send() raises
+    client_done = False  # the client sent EOF: receive() says http.disconnect
+    interrupted = False  # the server ended the request: as if the client had left
+    stopping = False  # the server is stopping: an event stream is interrupted
+    told_disconnect = False  # receive() said http.disconnect before the response ended
+    status = 0
+    headers: list[tuple[bytes, bytes]] = []
+    trailers = False
+    response_started = False
+    head_sent = False
+    response_complete = False
+    failed = False
+    sent = 0
+    # Set when something changes that the app may wait for in receive(); made when it
+    # first waits (most requests never do).
+    event: asyncio.Event | None = None
+
     def __init__(self, scope: dict[str, Any], conn: HTTPConnection, out: Output, close: bool,
                  on_complete: Callable[[HTTPCycle], None], body_timeout: float) -> None:
         self.scope = scope
@@ -161,38 +182,21 @@ class HTTPCycle:
         self.close = close
         self.on_complete = on_complete
         self.body: list[bytes] = []
-        self.buffered = 0
-        self.body_complete = False
-        self.body_delivered = False
-        self.disconnected = False  # the connection is gone: send() raises
-        self.client_done = False  # the client sent EOF: receive() says http.disconnect
-        self.interrupted = False  # the server ended the request: as if the client had left
-        self.stopping = False  # the server is stopping: an event stream is interrupted
-        self.told_disconnect = False  # receive() said http.disconnect before the response ended
-        self.event = asyncio.Event()
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.trailers = False
-        self.response_started = False
-        self.head_sent = False
-        self.response_complete = False
-        self.failed = False
-        self.sent = 0
 
     # -- fed by the protocol -------------------------------------------------------------------
 
     def feed_body(self, data: bytes) -> None:
         self.body.append(data)
         self.buffered += len(data)
-        self.event.set()
+        self._wake()
 
     def feed_end(self) -> None:
         self.body_complete = True
-        self.event.set()
+        self._wake()
 
     def disconnect(self) -> None:
         self.disconnected = self.client_done = True
-        self.event.set()
+        self._wake()
 
     def client_eof(self) -> bool:
         """The client will send nothing more. Before the response is under way a response
@@ -203,7 +207,7 @@ class HTTPCycle:
             self.disconnect()
             return True
         self.client_done = True
-        self.event.set()
+        self._wake()
         return False
 
     def stop(self, deadline: bool = False) -> None:
@@ -222,7 +226,7 @@ class HTTPCycle:
         responses are cut (see `_end_early`)."""
         if not self.response_complete:
             self.interrupted = True
-            self.event.set()
+            self._wake()
 
     def _event_stream(self) -> bool:
         content_type = _header(self.headers, b"content-type") or b""
@@ -247,10 +251,10 @@ class HTTPCycle:
                 self.out.write(self.conn.send_continue())
             while not self.body and not self.body_complete and not self.client_done \
                     and not self.interrupted:
-                self.event.clear()  # before resume_reading: the body may come in at once
+                event = self._waiting()  # before resume_reading: the body may come at once
                 self.out.resume_reading()
                 try:
-                    await asyncio.wait_for(self.event.wait(), self.body_timeout)
+                    await asyncio.wait_for(event.wait(), self.body_timeout)
                 except asyncio.TimeoutError:
                     error_log.info("%s %s: the client sent no body for %g s; closing",
                                    self.scope["method"], _target(self.scope), self.body_timeout)
@@ -271,8 +275,20 @@ class HTTPCycle:
         return {"type": "http.disconnect"}
 
     async def _wait(self) -> None:
-        self.event.clear()
-        await self.event.wait()
+        await self._waiting().wait()
+
+    def _waiting(self) -> asyncio.Event:
+        """The event to wait on for the next change, cleared."""
+        event = self.event
+        if event is None:
+            self.event = event = asyncio.Event()
+        else:
+            event.clear()
+        return event
+
+    def _wake(self) -> None:
+        if self.event is not None:
+            self.event.set()
 
     @property
     def wants_body(self) -> bool:
@@ -302,7 +318,8 @@ class HTTPCycle:
             self._send_body(bytes(body) if type(body) is not bytes else body, more)
             if self.stopping and self._event_stream():
                 self._interrupt()  # it began while the server was stopping: this is its end
-            await self.out.drain()
+            if self.out.paused:
+                await self.out.drain()
         elif kind == "http.response.trailers" and self.trailers and self.head_sent:
             trailers = _headers(message.get("headers", ()))
             if not message.get("more_trailers", False):
@@ -332,7 +349,7 @@ class HTTPCycle:
 
     def _completed(self) -> None:
         self.response_complete = True
-        self.event.set()
+        self._wake()
         self.on_complete(self)
 
     # -- running the app -----------------------------------------------------------------------

@@ -55,6 +55,7 @@ class WSGICycle:
     # Since when the app has run without waiting on the client (monotonic; inf while it
     # waits): the stuck check.
     started = 0.0
+    body: deque[bytes] | None = None  # what arrived of the body and was not read yet
 
     def __init__(self, app: Callable[..., Any], factory: EnvironFactory, request: Request,
                  conn: HTTPConnection, out: Output, close: bool,
@@ -67,11 +68,12 @@ class WSGICycle:
         self.close = close
         self.on_complete = on_complete
         self.io_timeout = io_timeout
-        self.body: deque[bytes] = deque()
 
     # -- fed by the protocol -------------------------------------------------------------------
 
     def feed_body(self, data: bytes) -> None:
+        if self.body is None:
+            self.body = deque()
         self.body.append(data)
         self.buffered += len(data)
         self._wake()

@@ -21,7 +21,7 @@ import re
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from forkserve.http.base import ProtocolError, Request
+from forkserve.http.base import Limits, ProtocolError, Request
 from forkserve.http.connection import BaseConnection
 from forkserve.http.writer import ResponseWriter
 
@@ -35,16 +35,21 @@ _MAX_LENGTH_DIGITS = 20  # as h11
 
 
 class _Fields:
-    """httptools' callback target: collects the header fields of one head."""
+    """httptools' callback target: collects the header fields of one head, and sees whether
+    it was a whole message (no body follows)."""
 
-    __slots__ = ("fields",)
+    __slots__ = ("fields", "complete")
 
     def __init__(self) -> None:
         self.fields: list[tuple[bytes, bytes]] = []
+        self.complete = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # llhttp drops the white space before a value, not after it.
         self.fields.append((name.lower(), value.rstrip(b" \t")))
+
+    def on_message_complete(self) -> None:
+        self.complete = True
 
 
 def reference_fields(head: bytes | bytearray, start: int) -> list[tuple[bytes, bytes]]:
@@ -98,19 +103,48 @@ def check_fields(version: bytes, fields: list[tuple[bytes, bytes]]) -> None:
 class HttptoolsConnection(ResponseWriter, BaseConnection):
     """An `HTTPConnection` on httptools (see forkserve.http.base for the contract)."""
 
+    def __init__(self, limits: Limits) -> None:
+        super().__init__(limits)
+        self._sink = _Fields()
+        # The parser of the last head if that was a whole message: it then waits for the
+        # next one as a new parser would, and reusing it costs half as much as making one.
+        # Any other state (a body expected, an upgrade, an error) is left behind with it.
+        self._parser: HttpRequestParser | None = None
+
     def _parse_head(self, head: bytes | bytearray) -> Request:
         line = _REQUEST_LINE.match(head)
         if line is None:
             raise ProtocolError(400, "illegal request line")
         method, target, version = line.groups()
-        sink = _Fields()
-        try:
-            HttpRequestParser(sink).feed_data(head)
-            fields = sink.fields
-        except HttpParserUpgrade:  # Upgrade or CONNECT: the head was read all the same
-            fields = sink.fields
-        except HttpParserError:
-            fields = reference_fields(head, line.end())
+        parser = self._parser
+        self._parser = None
+        if parser is None:
+            fields = self._feed(HttpRequestParser(self._sink), head, line.end())
+        else:
+            try:
+                fields = self._feed(parser, head, None)
+            except HttpParserError:  # what it kept from the last message (it said close)
+                fields = self._feed(HttpRequestParser(self._sink), head, line.end())
         check_fields(version, fields)
         self._new_response()
         return Request(method, target, version, fields)
+
+    def _feed(self, parser: HttpRequestParser, head: bytes | bytearray,
+              fields_start: int | None) -> list[tuple[bytes, bytes]]:
+        """The header fields of `head`, through `parser`, kept for the next head if it
+        stays ready for one; a head llhttp refuses is read with the reference grammar from
+        `fields_start` (None: raise its HttpParserError)."""
+        sink = self._sink
+        sink.fields = fields = []
+        sink.complete = False
+        try:
+            parser.feed_data(head)
+        except HttpParserUpgrade:  # Upgrade or CONNECT: the head was read all the same
+            return fields
+        except HttpParserError:
+            if fields_start is None:
+                raise
+            return reference_fields(head, fields_start)
+        if sink.complete:
+            self._parser = parser
+        return fields

@@ -74,6 +74,15 @@ _FIELDS_MAX = 512
 _CACHED_VALUE_MAX = 1024  # bytes; a longer value is checked each time
 
 
+# Composed response heads (see ResponseWriter._compose) by what they were composed from: a
+# server answers with the same few heads, which change once a second (their Date). Emptied
+# when full, as _FIELDS.
+_Head = tuple[bytes, int, int, bool, bool]
+_HEADS: dict[tuple, _Head] = {}
+_HEADS_MAX = 256
+_CACHED_HEAD_MAX = 2048  # bytes
+
+
 def _field(raw: bytes, lower: bytes, value: bytes) -> _Field:
     return raw, lower, value, b"%s: %s\r\n" % (raw, value), _KINDS.get(lower, 0)
 
@@ -189,6 +198,37 @@ class ResponseWriter:
         return b"HTTP/1.1 100 \r\n\r\n"
 
     def send_response(self, status: int, reason: bytes, headers: list) -> bytes:
+        if self._wstate is not _SEND_RESPONSE:
+            # (after the checks of the head: they come first, as in h11)
+            self._compose(status, reason, headers)
+            raise self._fail(f"invalid response head: can't send a response in state "
+                             f"{self._wstate}")
+        method = self._method
+        try:
+            key = (status, reason, method, self._close_asked, self._http10, *headers)
+            head = _HEADS.get(key)
+        except TypeError:  # an unhashable value (a bytearray): composed each time
+            key = None
+            head = None
+        if head is None:
+            head = self._compose(status, reason, headers)
+            if key is not None and len(head[0]) <= _CACHED_HEAD_MAX:
+                if len(_HEADS) >= _HEADS_MAX:
+                    _HEADS.clear()
+                _HEADS[key] = head
+        data, self._framing, self._length_left, self._keep_alive, switched = head
+        self.client_waiting_for_continue = False
+        if switched:
+            self._wstate = _SWITCHED
+        else:
+            self._wstate = _SEND_BODY
+            self._switch_proposed = False
+        return data
+
+    def _compose(self, status: int, reason: bytes, headers: list) -> _Head:
+        """The response head for this request (h11's rules, see the module's docstring) and
+        what it decides: (its bytes, the body framing, the length, keep-alive, switched).
+        Raises ValueError for a head that may not go out; changes no state."""
         try:
             fields, kinds, length_value = normalize_fields(headers)
         except (InvalidField, TypeError, UnicodeError) as exc:
@@ -196,9 +236,6 @@ class ResponseWriter:
         if not isinstance(status, int) or not 200 <= status < 1000:
             raise ValueError(f"invalid response head: status {status!r}")
         reason = _bytes(reason)
-        if self._wstate is not _SEND_RESPONSE:
-            raise self._fail(f"invalid response head: can't send a response in state "
-                             f"{self._wstate}")
         method = self._method
         switched = method == b"CONNECT" and 200 <= status < 300
         need_close = False
@@ -233,19 +270,11 @@ class ResponseWriter:
         elif self._http10 and not (kinds & _CONNECTION and b"keep-alive" in _comma_values(
                 fields, b"connection")):
             fields = [*fields, _KEEP_ALIVE_FIELD]  # an HTTP/1.0 client closes without it
-        self._keep_alive = keep_alive
         if method == b"HEAD":  # the body is swallowed: as h11, it frames nothing
             framing = _LENGTH
             length = 0
-        self._framing = framing
-        self._length_left = length or 0
-        self.client_waiting_for_continue = False
-        if switched:
-            self._wstate = _SWITCHED
-        else:
-            self._wstate = _SEND_BODY
-            self._switch_proposed = False
-        return _write_fields(b"HTTP/1.1 %d %s\r\n" % (status, reason), fields, kinds)
+        data = _write_fields(b"HTTP/1.1 %d %s\r\n" % (status, reason), fields, kinds)
+        return data, framing, length or 0, keep_alive, switched
 
     def send_data(self, data: bytes) -> bytes:
         if self._method == b"HEAD":

@@ -451,7 +451,8 @@ class AsyncioWorker(Worker):
             return call(*args)
         finally:
             self.scoreboard.served(self.number)
-            self._publish()
+            if not self.ready:  # the last of a batch (see _run_ready) says it is free again
+                self._publish()
 
     def app_free(self) -> asyncio.Future[None] | None:
         """None if the loop may call the app now; else a future done once it may try again

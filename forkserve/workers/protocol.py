@@ -225,64 +225,65 @@ class HTTPProtocol(asyncio.Protocol):
             return
         self.processing = True
         try:
-            while self._step():
-                pass
+            self._pull_events()
         except StopNow:  # the quick stop signal came while this ran
             self.worker.stop_loop_now()  # (uvloop would swallow it in a protocol callback)
         finally:
             self.processing = False
 
-    def _step(self) -> bool:
-        """Handle one parser event; False when there is nothing more to do for now."""
-        if self.closed or self.transport.is_closing():
-            return False
+    def _pull_events(self) -> None:
         conn = self.conn
-        cycle = self.cycle
-        if cycle is not None and not self.discarding and (
-                cycle.body_complete or not cycle.wants_body):
-            if cycle.body_complete:
-                # The request is read; the next one waits for this response. Bytes pipelined
-                # meanwhile are kept up to a request head's worth, then reading pauses.
-                if conn.buffered() > self.worker.limits.head_size and not self.reading_paused:
+        transport = self.transport
+        while not self.closed and not transport.is_closing():
+            cycle = self.cycle
+            if cycle is not None and not self.discarding:
+                if cycle.body_complete:
+                    # The request is read; the next one waits for this response. Bytes
+                    # pipelined meanwhile are kept up to a request head's worth, then
+                    # reading pauses.
+                    if not self.reading_paused \
+                            and conn.buffered() > self.worker.limits.head_size:
+                        self.reading_paused = True
+                        transport.pause_reading()
+                    self._start_pending()
+                    return
+                if not cycle.wants_body:
                     self.reading_paused = True
-                    self.transport.pause_reading()
-            else:
-                self.reading_paused = True
-                self.transport.pause_reading()
-            self._start_pending()
-            return False
-        try:
-            event = conn.next_event()
-        except ProtocolError as exc:
-            self._reject(exc)
-            return False
-        kind = type(event)
-        if kind is Data:
-            if not self.discarding:
-                cycle.feed_body(event.data)
-            else:
-                self.discarded += len(event.data)
-                if self.discarded > MAX_DRAIN:
-                    self.close()
-                    return False
-        elif event is END_OF_MESSAGE:
-            if self.discarding:
-                self.discarding = False
-                self._next_cycle()
-            else:
-                cycle.feed_end()
-        elif kind is Request:
-            if self.environ_factory is None and is_upgrade(event):
-                self._upgrade(event)
-                return False
-            self._new_cycle(event)
-        elif event is CLOSED:
-            self.close()
-            return False
-        else:  # NEED_DATA, or PAUSED: a response is still in progress
-            self._start_pending()
-            return False
-        return True
+                    transport.pause_reading()
+                    self._start_pending()
+                    return
+            try:
+                event = conn.next_event()
+            except ProtocolError as exc:
+                self._reject(exc)
+                return
+            kind = type(event)
+            if kind is Request:
+                if self.environ_factory is None and is_upgrade(event):
+                    self._upgrade(event)
+                    return
+                self._new_cycle(event)
+            elif event is END_OF_MESSAGE:
+                if self.discarding:
+                    self.discarding = False
+                    self._next_cycle()
+                else:
+                    cycle.feed_end()
+            elif kind is Data:
+                if not self.discarding:
+                    cycle.feed_body(event.data)
+                else:
+                    self.discarded += len(event.data)
+                    if self.discarded > MAX_DRAIN:
+                        self.close()
+                        return
+            elif event is CLOSED:
+                self.close()
+                return
+            else:  # NEED_DATA, or PAUSED: a response is still in progress
+                if self.cycle is not None:
+                    self._start_pending()
+                return
 
     def _start_pending(self) -> None:
         """Give the current request to the app if it does not have it yet, now that the
@@ -439,7 +440,8 @@ class HTTPProtocol(asyncio.Protocol):
             self.close()
             return
         self._wait_for_request()
-        self.resume_reading()  # if pipelined bytes had filled the buffer
+        if self.reading_paused:  # pipelined bytes had filled the buffer
+            self.resume_reading()
         self._process()
 
     def _reject(self, exc: ProtocolError) -> None:
