@@ -66,8 +66,16 @@ class Request:
     target: bytes
     http_version: bytes
     headers: list[tuple[bytes, bytes]]
-    # Set by check_request: a Forwarded or X-Forwarded-* header is present.
+    # Set by check_request: a Forwarded or X-Forwarded-* header is present; the kinds of
+    # field among Connection, Expect and Upgrade that are present (bits below).
     proxy_headers: bool = False
+    options: int = 0
+
+
+# Request.options bits.
+CONNECTION = 1
+EXPECT = 2
+UPGRADE = 4
 
 
 @dataclass(slots=True)
@@ -165,8 +173,9 @@ _PLAIN_COMPLETE_HEAD = re.compile(rb"(?:" + _FIELD_BYTE + rb"++\r?\n(?![ \t]))*+
 
 
 # First bytes of the header names check_request looks at: host, content-length,
-# transfer-encoding, x-forwarded-*, forwarded.
-_CHECKED_FIRST_BYTES = frozenset(b"hctxf")
+# connection, transfer-encoding, x-forwarded-*, forwarded, expect, upgrade.
+_CHECKED_FIRST_BYTES = frozenset(b"hctxfeu")
+_OPTIONS = {b"connection": CONNECTION, b"expect": EXPECT, b"upgrade": UPGRADE}
 
 
 def plain_head_length(buffered: bytes) -> int:
@@ -272,7 +281,8 @@ CHUNKED = -1  # check_request's framing of a chunked request body
 def check_request(request: Request, limits: Limits, head: bytes) -> int:
     """Refuse a request head parsed from `head`, its raw bytes, that breaks a limit or is
     ambiguous to frame; return its body's framing: the Content-Length (0 without one) or
-    CHUNKED. A version HTTP/1.2 to HTTP/1.9 becomes 1.1 in `request`."""
+    CHUNKED. A version HTTP/1.2 to HTTP/1.9 becomes 1.1 in `request`, and its
+    `proxy_headers` and `options` are set."""
     version = request.http_version
     if version != b"1.1" and version != b"1.0":
         # RFC 9110 §2.5: a recipient reads a message of a higher minor version within a major
@@ -288,7 +298,7 @@ def check_request(request: Request, limits: Limits, head: bytes) -> int:
     headers = request.headers
     if len(headers) > limits.header_count:
         raise ProtocolError(431, "too many header fields")
-    hosts = lengths = codings = length = 0
+    hosts = lengths = codings = length = options = 0
     field_limit = limits.header_field_size - 2  # name ": " value, less the colon and space
     head_size = len(request.method) + len(request.target) + 12 + 4 * len(headers)
     for name, value in headers:
@@ -312,6 +322,9 @@ def check_request(request: Request, limits: Limits, head: bytes) -> int:
                     raise ProtocolError(413, "request body too large")
         elif name == b"transfer-encoding":
             codings += 1
+        else:
+            options |= _OPTIONS.get(name, 0)
+    request.options = options
     if head_size > limits.head_size:
         raise ProtocolError(431, "request head too large")
     if hosts > 1:

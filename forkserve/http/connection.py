@@ -16,9 +16,12 @@ import re
 from forkserve.http.base import (
     CHUNKED,
     CLOSED,
+    CONNECTION,
     END_OF_MESSAGE,
+    EXPECT,
     NEED_DATA,
     PAUSED,
+    UPGRADE,
     Data,
     Event,
     Limits,
@@ -136,23 +139,22 @@ class BaseConnection:
             self._chunked = None
             self._body_left = framing
         self._http10 = http10 = request.http_version == b"1.0"
-        close = keep_alive = expect = upgrade = False
-        for name, _ in request.headers:
-            if name == b"connection":
-                tokens = comma_values(request.headers, b"connection")
-                close = b"close" in tokens
-                keep_alive = b"keep-alive" in tokens
-            elif name == b"expect":
-                expect = True
-            elif name == b"upgrade":
-                upgrade = upgrade or bool(comma_values(request.headers, b"upgrade"))
-        # HTTP/1.0 keeps the connection only when the client asks (RFC 9112 §9.3, Appendix
-        # C.2.2): the writer may then answer keep-alive (h11's never does).
-        self._close_asked = close or http10 and not keep_alive
-        self._switch_proposed = upgrade or method == b"CONNECT"
-        self.client_waiting_for_continue = (
-            expect and request.http_version == b"1.1"
-            and b"100-continue" in comma_values(request.headers, b"expect"))
+        options = request.options
+        if options:
+            headers = request.headers
+            tokens = comma_values(headers, b"connection") if options & CONNECTION else ()
+            # HTTP/1.0 keeps the connection only when the client asks (RFC 9112 §9.3,
+            # Appendix C.2.2): the writer may then answer keep-alive (h11's never does).
+            self._close_asked = b"close" in tokens or http10 and b"keep-alive" not in tokens
+            self._switch_proposed = method == b"CONNECT" or bool(
+                options & UPGRADE and comma_values(headers, b"upgrade"))
+            self.client_waiting_for_continue = bool(
+                options & EXPECT and request.http_version == b"1.1"
+                and b"100-continue" in comma_values(headers, b"expect"))
+        else:
+            self._close_asked = http10
+            self._switch_proposed = method == b"CONNECT"
+            self.client_waiting_for_continue = False
         self._state = _BODY
         return request
 

@@ -288,7 +288,7 @@ class ResponseWriter:
             self._length_left -= len(data)
             if self._length_left < 0:
                 raise self._fail("Too much data for declared Content-Length")
-        return bytes(data)
+        return data if type(data) is bytes else bytes(data)
 
     def send_end(self, trailers: list[tuple[bytes, bytes]] = ()) -> bytes:
         try:
