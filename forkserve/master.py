@@ -237,7 +237,6 @@ class Master:
             error_log.error("cannot preload %s:\n%s", self.cfg.app, traceback.format_exc().rstrip())
             self.exit_status = EXIT_BOOT
             return False
-        gc.freeze()  # keep the collector from touching (and so copying) the shared pages
         error_log.info("preloaded %s", self.cfg.app)
         return True
 
@@ -438,6 +437,10 @@ class Master:
         read_fd, write_fd = os.pipe()
         self.scoreboard.join(worker.number)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        # What the master holds now (forkserve, the parser, the loop, a preloaded app) is
+        # out of the collector's reach: a worker's collections would write to every such
+        # object and so copy the pages it shares with the master.
+        gc.freeze()
         try:
             pid = os.fork()
         except OSError as exc:
