@@ -316,35 +316,41 @@ class EnvironFactory:
         """The environ of `request`, with `body` as wsgi.input and `errors` as wsgi.errors."""
         environ = self._template.copy()
         target = request.target.decode("latin-1")
-        path, _, query = _path_of(target).partition("?")
-        absolute = target[:1] != "/" and "://" in target
-        environ["REQUEST_METHOD"] = request.method.decode("ascii")
-        path_info = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
+        origin_form = target[:1] == "/"
+        path, _, query = (target if origin_form else _path_of(target)).partition("?")
+        if "%" in path:
+            path = unquote_to_bytes(path).decode("latin-1")
         root = self._root_path
-        if root and (path_info == root or path_info.startswith(root + "/")):
-            path_info = path_info[len(root):]  # SCRIPT_NAME + PATH_INFO is the whole path
-        environ["PATH_INFO"] = path_info
+        if root and (path == root or path.startswith(root + "/")):
+            path = path[len(root):]  # SCRIPT_NAME + PATH_INFO is the whole path
+        environ["REQUEST_METHOD"] = request.method.decode("ascii")
+        environ["PATH_INFO"] = path
         environ["QUERY_STRING"] = query
         environ["RAW_URI"] = environ["REQUEST_URI"] = target
-        environ["SERVER_PROTOCOL"] = "HTTP/" + request.http_version.decode("ascii")
+        environ["SERVER_PROTOCOL"] = _PROTOCOLS[request.http_version]
         environ["wsgi.input"] = body
         environ["wsgi.errors"] = errors
+        keys = _ENVIRON_KEYS
         for name, value in request.headers:
-            key = _ENVIRON_KEYS.get(name)
+            key = keys.get(name)
             if key is None:
                 key = _environ_key(name)
                 if key is None:
                     continue  # see _environ_key: names with "_" are dropped
-            text = value.decode("latin-1")
             if key in environ:
-                text = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + text
-            environ[key] = text
-        if absolute:
+                environ[key] += ("; " if key == "HTTP_COOKIE" else ",") + value.decode("latin-1")
+            else:
+                environ[key] = value.decode("latin-1")
+        if not origin_form and "://" in target:
             # RFC 9112 §3.2.2: with an absolute-form target, its authority is the host.
             environ["HTTP_HOST"] = target.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
         if self._proxies is not None and request.proxy_headers:
             _apply_forwarded(environ, forwarded(request.headers, self._proxies))
         return environ
+
+
+# SERVER_PROTOCOL by Request.http_version (check_request leaves only these two).
+_PROTOCOLS = {b"1.1": "HTTP/1.1", b"1.0": "HTTP/1.0"}
 
 
 def _apply_forwarded(environ: dict[str, Any], info: Forwarded) -> None:
@@ -358,8 +364,9 @@ def _apply_forwarded(environ: dict[str, Any], info: Forwarded) -> None:
 
 
 def _path_of(target: str) -> str:
-    """The path and query of a request target, also for the absolute form (RFC 9112 §3.2.2)."""
-    if target[:1] == "/" or "://" not in target:
+    """The path and query of a request target that is not in origin form: of the absolute
+    form (RFC 9112 §3.2.2); "*" and the authority form are their own."""
+    if "://" not in target:
         return target
     rest = target.split("://", 1)[1]
     slash = rest.find("/")
