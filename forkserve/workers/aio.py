@@ -83,6 +83,7 @@ class AsyncioWorker(Worker):
         self.waiting_for_app: deque[Callable[[], None]] = deque()  # until it is not
         self.in_threads: set[WSGICycle] = set()
         self.ready: deque[WSGICycle] = deque()  # requests read in this turn of the loop
+        self.in_batch = False  # _run_ready is calling the app for them
         self.connections: set[HTTPProtocol] = set()
         # Connections waiting for a request that has not begun, longest waiting first.
         self.idle: dict[HTTPProtocol, None] = {}
@@ -405,8 +406,13 @@ class AsyncioWorker(Worker):
 
     def _run_ready(self) -> None:
         ready = self.ready
-        while ready:
-            self.run_wsgi(ready.popleft())
+        self.in_batch = True
+        try:
+            while ready:
+                self.run_wsgi(ready.popleft())
+        finally:
+            self.in_batch = False
+        self._publish()  # free again: peers may leave connections to it (see in_app)
 
     def run_wsgi(self, cycle: WSGICycle) -> None:
         """Call the WSGI app for `cycle` (counted in `in_flight` already). With --threads N
@@ -451,7 +457,7 @@ class AsyncioWorker(Worker):
             return call(*args)
         finally:
             self.scoreboard.served(self.number)
-            if not self.ready:  # the last of a batch (see _run_ready) says it is free again
+            if not self.in_batch:  # (a batch publishes once, at its end)
                 self._publish()
 
     def app_free(self) -> asyncio.Future[None] | None:
