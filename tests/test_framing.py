@@ -288,6 +288,33 @@ def test_bytes_past_an_upgrade_request_are_handed_on(parser):
     assert conn.trailing_data() == b"\x81\x80frame"
 
 
+def test_the_same_response_is_framed_for_each_request(parser):
+    """One response (status and fields alike) to requests that differ in what the response
+    head must say: keep-alive or close, HTTP/1.0 with and without keep-alive, HEAD. Each head
+    is composed for its request, however many identical ones came before."""
+    fields = [(b"Content-Type", b"text/plain"), (b"Content-Length", b"5")]
+    cases = [  # (request, says Connection: close, says keep-alive, body follows, closes)
+        (b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", False, False, True, False),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", True, False, True, True),
+        # (as h11, --http h11 closes every HTTP/1.0 connection)
+        (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", parser == "h11",
+         parser != "h11", True, parser == "h11"),
+        (b"GET / HTTP/1.0\r\n\r\n", True, False, True, True),
+        (b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n", False, False, False, False),
+        (b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", False, False, True, False),
+    ]
+    for _ in range(2):
+        for raw, close, keep_alive, body, closes in cases:
+            conn = new_connection(Limits(), parser)
+            conn.receive_data(raw)
+            assert type(conn.next_event()) is Request
+            assert conn.next_event() is END_OF_MESSAGE
+            head = conn.send_response(200, b"OK", fields).lower()
+            out = conn.send_data(b"hello") + conn.send_end()
+            assert (b"connection: close" in head, b"connection: keep-alive" in head,
+                    out == b"hello", conn.will_close()) == (close, keep_alive, body, closes), raw
+
+
 @pytest.mark.parametrize(("value", "valid"), [
     (b"", True), (b"h", True), (b"h:", True), (b"h:0", True), (b"h:00080", True),
     (b"h:65535", True), (b":80", True), (b"[::1]", True), (b"[::ffff:1.2.3.4]:443", True),

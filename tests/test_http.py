@@ -59,6 +59,29 @@ def test_pipelined_requests_answered_in_order(http_server):
         assert reader.response().body.isdigit()
 
 
+def test_requests_of_every_framing_follow_each_other_on_one_connection(http_server):
+    # A parser that kept what it expected of one request (a body longer than the next head,
+    # a chunked body) would misread the next head: each must be read as if it came first.
+    body = bytes(range(32, 127)) * 4
+    requests = [
+        (get(b"/hello"), b"Hello, World!"),
+        (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+         body),
+        (get(b"/hello"), b"Hello, World!"),
+        (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"5\r\nhello\r\n0\r\n\r\n", b"hello"),
+        (get(b"/hello"), b"Hello, World!"),
+        (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n", b""),
+        (get(b"/hello"), b"Hello, World!"),
+    ]
+    with http_server.connect() as sock:
+        reader = Reader(sock)
+        for raw, answer in requests:
+            sock.sendall(raw)
+            response = reader.response()
+            assert (response.status, response.body) == (200, answer), raw[:40]
+
+
 def test_chunked_request_body_is_decoded(http_server):
     body = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n"
     response = exchange(
