@@ -118,22 +118,25 @@ class HttptoolsConnection(ResponseWriter, BaseConnection):
         method, target, version = line.groups()
         parser = self._parser
         self._parser = None
-        if parser is None:
-            fields = self._feed(HttpRequestParser(self._sink), head, line.end())
-        else:
+        fields = None
+        if parser is not None:
             try:
-                fields = self._feed(parser, head, None)
+                fields = self._feed(parser, head)
             except HttpParserError:  # what it kept from the last message (it said close)
-                fields = self._feed(HttpRequestParser(self._sink), head, line.end())
+                pass
+        if fields is None:
+            try:
+                fields = self._feed(HttpRequestParser(self._sink), head)
+            except HttpParserError:
+                fields = reference_fields(head, line.end())
         check_fields(version, fields)
         self._new_response()
         return Request(method, target, version, fields)
 
-    def _feed(self, parser: HttpRequestParser, head: bytes | bytearray,
-              fields_start: int | None) -> list[tuple[bytes, bytes]]:
+    def _feed(self, parser: HttpRequestParser,
+              head: bytes | bytearray) -> list[tuple[bytes, bytes]]:
         """The header fields of `head`, through `parser`, kept for the next head if it
-        stays ready for one; a head llhttp refuses is read with the reference grammar from
-        `fields_start` (None: raise its HttpParserError)."""
+        stays ready for one. Raises HttpParserError for a head llhttp refuses."""
         sink = self._sink
         sink.fields = fields = []
         sink.complete = False
@@ -141,10 +144,6 @@ class HttptoolsConnection(ResponseWriter, BaseConnection):
             parser.feed_data(head)
         except HttpParserUpgrade:  # Upgrade or CONNECT: the head was read all the same
             return fields
-        except HttpParserError:
-            if fields_start is None:
-                raise
-            return reference_fields(head, fields_start)
         if sink.complete:
             self._parser = parser
         return fields

@@ -440,8 +440,7 @@ class HTTPProtocol(asyncio.Protocol):
             self.close()
             return
         self._wait_for_request()
-        if self.reading_paused:  # pipelined bytes had filled the buffer
-            self.resume_reading()
+        self.resume_reading()  # if pipelined bytes had filled the buffer
         self._process()
 
     def _reject(self, exc: ProtocolError) -> None:
