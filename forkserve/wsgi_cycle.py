@@ -155,8 +155,7 @@ class WSGICycle:
         and the response is sent."""
         self.started = time.monotonic()
         bridge = _FromThread(self, self.out.loop, self.io_timeout)
-        future = self.out.loop.run_in_executor(pool, _run_all, self._serve(bridge))
-        future.add_done_callback(lambda _: self._finish_cycle(on_done))
+        pool.submit(bridge.run, self._serve(bridge), on_done)
 
     def _serve(self, writer: WSGICycle | _FromThread) -> Iterator[bool]:
         """The exchange, run by `writer`'s side: the app's errors are answered and logged.
@@ -171,10 +170,15 @@ class WSGICycle:
         except StopNow:  # the worker's own quick stop, not the app's
             raise
         except BaseException:  # the app's SystemExit and KeyboardInterrupt too, as peers do
-            error_log.exception("error handling %s %s", environ["REQUEST_METHOD"],
-                                environ["RAW_URI"])
-            writer.fail(500)
+            self._app_failed(writer)
         errors.flush()
+
+    def _app_failed(self, writer: WSGICycle | _FromThread) -> None:
+        """In an except clause: log the app's error, and answer 500 if nothing was sent."""
+        environ = self.environ
+        error_log.exception("error handling %s %s", environ["REQUEST_METHOD"],
+                            environ["RAW_URI"])
+        writer.fail(500)
 
     def _finish_cycle(self, on_done: Callable[[], None]) -> None:
         self.done = True
@@ -276,18 +280,47 @@ class WSGICycle:
 
 
 class _FromThread:
-    """The ResponseWriter and body reader of a cycle whose app runs in a pool thread: each
-    call runs in the loop, and the thread waits for it, for the body, or for the client to
-    read what was sent, `timeout` seconds at most each (then ClientDisconnected)."""
+    """The ResponseWriter and body reader of a cycle whose app runs in a pool thread.
 
-    __slots__ = ("cycle", "loop", "timeout")
-    paused = False  # each write waits until the client has room for more
+    What the app writes is handed to the loop without waiting (one wakeup of the loop, not a
+    round trip per call) while less than BODY_HIGH_WATER bytes of it are not yet written and
+    the client reads; past that, a write waits until the client has read, `timeout` seconds
+    at most (then ClientDisconnected). The end of the response (`finish`, `fail`) runs in the
+    loop with the thread's end (`run`): a whole response costs the loop one wakeup. An error
+    of a write handed over is raised by the thread's next call; one of the end is answered
+    there as the app's own (logged; 500 if nothing was sent). Reading the body waits."""
+
+    __slots__ = ("cycle", "loop", "timeout", "posted", "written", "error", "ending")
+    paused = False  # a write that must wait for the client waits in the thread itself
 
     def __init__(self, cycle: WSGICycle, loop: asyncio.AbstractEventLoop,
                  timeout: float) -> None:
         self.cycle = cycle
         self.loop = loop
         self.timeout = timeout
+        self.posted = 0  # bytes handed to the loop (counted by the thread only)
+        self.written = 0  # of those, bytes the loop wrote (counted by the loop only)
+        self.error: BaseException | None = None  # a write handed over failed
+        self.ending: list[tuple[Callable[..., Any], tuple]] = []  # finish, fail: at the end
+
+    def run(self, steps: Iterator[bool], on_done: Callable[[], None]) -> None:
+        """In the pool thread: the exchange, then its end in the loop (`_ended`)."""
+        try:
+            for _ in steps:
+                pass
+        finally:
+            self.loop.call_soon_threadsafe(self._ended, on_done)
+
+    def _ended(self, on_done: Callable[[], None]) -> None:
+        cycle = self.cycle
+        try:
+            for function, args in self.ending:
+                function(*args)
+        except ClientDisconnected:
+            cycle.failed = True
+        except Exception:
+            cycle._app_failed(cycle)
+        cycle._finish_cycle(on_done)
 
     @property
     def head_sent(self) -> bool:
@@ -297,9 +330,25 @@ class _FromThread:
         self.cycle.start(status, reason, headers)  # no I/O: the loop reads it when it writes
 
     def write(self, data: bytes) -> None:
-        self._call(self._write_and_drain, data)
+        if self.error is not None:
+            raise self.error
+        if self.posted - self.written > BODY_HIGH_WATER or self.cycle.out.paused:
+            self._call(self._write_and_drain, data)
+        else:
+            self.posted += len(data)
+            self.loop.call_soon_threadsafe(self._write_now, data)
+
+    def _write_now(self, data: bytes) -> None:
+        try:
+            if self.error is None:
+                self.cycle.write(data)
+        except Exception as exc:
+            self.error = exc
+        self.written += len(data)
 
     def _write_and_drain(self, data: bytes) -> Awaitable[None] | None:
+        if self.error is not None:
+            raise self.error
         self.cycle.write(data)
         return self.cycle.out.drain() if self.cycle.out.paused else None
 
@@ -307,10 +356,12 @@ class _FromThread:
         self._call(self.cycle.send_head, length)
 
     def finish(self, last: bytes | None = None) -> None:
-        self._call(self.cycle.finish, last)
+        if self.error is not None:
+            raise self.error
+        self.ending.append((self.cycle.finish, (last,)))
 
     def fail(self, status: int) -> None:
-        self._call(self.cycle.fail, status)
+        self.ending.append((self.cycle.fail, (status,)))
 
     def read_chunk(self) -> bytes:
         return self._call(self.cycle.wait_for_body)
@@ -349,8 +400,3 @@ def _settle(done: Future[Any], task: asyncio.Future[Any]) -> None:
         done.set_exception(task.exception())
     else:
         done.set_result(task.result())
-
-
-def _run_all(steps: Iterator[bool]) -> None:
-    for _ in steps:
-        pass

@@ -208,6 +208,15 @@ def group_members(pgid: int) -> list[int]:
     return [p for p, state, _, group in _processes() if group == pgid and state != "Z"]
 
 
+def rss_mib(pid: int) -> float:
+    """Process `pid`'s resident memory in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 @pytest.fixture
 def start_server(parser) -> Iterator[Callable[..., Server]]:
     """Start forkserve with the given arguments (on 127.0.0.1:0 unless -b is given, with
@@ -243,10 +252,11 @@ def public_apps() -> Iterator[Path]:
         shutil.rmtree(folder)
 
 
-@pytest.fixture
-def wsgi_server(start_server) -> Server:
-    """The validating test app, 2 workers."""
-    return start_server("wsgiapp:app", "-w", "2")
+@pytest.fixture(params=["1", "4"], ids=["inline", "threads"])
+def wsgi_server(start_server, request) -> Server:
+    """The validating test app, 2 workers; each test runs with the app called in the loop
+    (--threads 1) and in a pool of threads (--threads 4), whose writes go through the loop."""
+    return start_server("wsgiapp:app", "-w", "2", "--threads", request.param)
 
 
 # The same routes as a WSGI app (sync worker) and as an ASGI app (asyncio worker).

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import APP_OF, APPS, Reader, closed_by_peer, exchange, forkserve_command
+from conftest import APP_OF, APPS, Reader, closed_by_peer, exchange, forkserve_command, rss_mib
 
 GET = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -203,7 +203,7 @@ def test_a_client_that_never_reads_does_not_make_the_worker_buffer(asgi_server):
         asgi_server.wait_for(r"DOWNLOAD 0 rss=")
         time.sleep(1.0)  # nothing to wait for: this checks that nothing happens
         assert "DOWNLOAD 16777216" not in asgi_server.log  # the app is held back by send()
-        assert _rss_mib(worker) < 120
+        assert rss_mib(worker) < 120
         # Reading lets it go on to the end.
         sock.settimeout(30)
         received = 0
@@ -232,7 +232,7 @@ def test_unread_upload_pauses_reading(asgi_server):
             except BlockingIOError:
                 time.sleep(0.01)
         assert sent < 64 * 2**20  # the worker stopped reading after its buffer limit
-        assert _rss_mib(worker) < 120
+        assert rss_mib(worker) < 120
 
 
 def test_blocked_event_loop_is_a_hang(start_server):
@@ -285,14 +285,6 @@ def test_starlette_app_end_to_end(start_server):
     assert exchange(server, GET % b"/missing").status == 404
     assert exchange(server, GET % b"/boom").status == 500
     server.wait_for("ZeroDivisionError")
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def test_an_unfinished_request_head_is_dropped_after_keep_alive(start_server):

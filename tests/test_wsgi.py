@@ -46,7 +46,8 @@ def test_environ_has_every_required_key(wsgi_server):
     assert env["HTTP_X_MULTI"] == "1,2"
     assert env["HTTP_COOKIE"] == "a=1; b=2"
     assert env["wsgi.url_scheme"] == "http"
-    assert env["wsgi.multithread"] is False
+    assert env["wsgi.multithread"] is (wsgi_server.args[wsgi_server.args.index("--threads") + 1]
+                                       != "1")
     assert env["wsgi.multiprocess"] is True
     assert env["wsgi.version"] == [1, 0]
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import threading
 
-from conftest import Reader, exchange
+import pytest
+from conftest import Reader, exchange, rss_mib
 
 BIG = 16 << 20
 
@@ -32,6 +33,28 @@ def test_a_client_that_does_not_read_holds_no_loop(start_server):
             assert piece.count(b"x") == len(piece) > 0
             received += len(piece)
         assert received == BIG
+
+
+def test_a_client_that_does_not_read_holds_back_a_thread_not_memory(start_server):
+    """--threads 2: what a pool thread writes goes to the loop without a round trip per
+    write, but only while the client reads; one that stops holds the app in its thread (the
+    rest of a 256 MiB response is not produced into memory), and the other thread serves."""
+    server = start_server("wsgiapp:app", "-w", "1", "--threads", "2")
+    worker = server.workers()[0]
+    with server.connect() as slow:
+        slow.sendall(get(b"/big?mb=256&tag=slow"))
+        reader = Reader(slow)
+        assert reader.read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+        assert exchange(server, get(b"/hello")).body == b"Hello, World!"
+        with pytest.raises(AssertionError):  # (not logged within that time)
+            server.wait_for("BIG slow PRODUCED", timeout=1.5)
+        assert rss_mib(worker) < 120, "the response was produced into the worker's memory"
+        received = reader.buffer.count(b"x")
+        while received < 256 << 20:
+            piece = slow.recv(1 << 20)
+            assert piece.count(b"x") == len(piece) > 0
+            received += len(piece)
+    server.wait_for("BIG slow PRODUCED")
 
 
 def test_a_response_that_hangs_after_waiting_for_its_client_is_named(start_server):

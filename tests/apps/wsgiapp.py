@@ -210,7 +210,8 @@ def exclusive(environ, start_response):
 
 
 def big(environ, start_response):
-    """?mb= MiB of b"x" in 64 KiB pieces, with a Content-Length; ?hang=1: then it hangs."""
+    """?mb= MiB of b"x" in 64 KiB pieces, with a Content-Length; ?hang=1: then it hangs;
+    ?tag=: logs "BIG <tag> PRODUCED" once the last piece is taken."""
     query = _query(environ)
     size = int(query.get("mb", "16")) << 20
     start_response("200 OK", TEXT + [("Content-Length", str(size))])
@@ -218,6 +219,9 @@ def big(environ, start_response):
     def pieces():
         for _ in range(size >> 16):
             yield b"x" * 65536
+        if "tag" in query:
+            environ["wsgi.errors"].write(f"BIG {query['tag']} PRODUCED\n")
+            environ["wsgi.errors"].flush()
         if query.get("hang") == "1":
             time.sleep(60)
 
