@@ -47,7 +47,7 @@ class Config:
     bind: list[str]
     backlog: int
     workers: int
-    threads: int
+    threads: int | str  # or 'auto'
     worker_connections: int
     timeout: float
     boot_timeout: float

@@ -49,7 +49,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _workers(text: str) -> int | str:
+def _count_or_auto(text: str) -> int | str:
     if text == "auto":
         return "auto"
     try:
@@ -179,16 +179,21 @@ SETTINGS: tuple[Setting, ...] = (
         "Maximum number of pending connections queued by the kernel.", metavar="N",
     ),
     Setting(
-        "workers", ("-w", "--workers"), "auto", _workers,
+        "workers", ("-w", "--workers"), "auto", _count_or_auto,
         "Number of worker processes, or 'auto' for one per CPU this process may use "
         "(CPU affinity, capped by the cgroup CPU quota).", metavar="N|auto",
     ),
     Setting(
-        "threads", ("--threads",), 1, _int_at_least(1),
+        "threads", ("--threads",), 1, _count_or_auto,
         "WSGI: requests served at once by each worker. With 1 the app is called in the "
         "worker's event loop once the request body is in (a large body, or one sent after "
         "100 Continue, is read by the app from a thread while the loop calls it for no one "
-        "else); with more, in a pool of that many threads.", metavar="N",
+        "else); with more, in a pool of that many threads. 'auto', for apps that wait on "
+        "databases or other services: called in the loop while its calls return within "
+        "1 ms; once some take longer (3 in a second, and 1% of its calls), in a pool that "
+        "grows as requests wait, up to 64 threads, until 10 s pass without that (the idle "
+        "threads then end). "
+        "With more than 1 or 'auto', wsgi.multithread is true.", metavar="N|auto",
     ),
     Setting(
         "worker_connections", ("--worker-connections",), 1000, _int_at_least(1),

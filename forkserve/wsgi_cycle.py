@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from time import perf_counter
 from typing import Any
 
 from forkserve.asgi import BODY_HIGH_WATER, Output
@@ -55,6 +56,7 @@ class WSGICycle:
     # Since when the app has run without waiting on the client (monotonic; inf while it
     # waits): the stuck check.
     started = 0.0
+    app_seconds = 0.0  # how long the call in a pool thread took, waits on the client included
     body: deque[bytes] | None = None  # what arrived of the body and was not read yet
 
     def __init__(self, app: Callable[..., Any], factory: EnvironFactory, request: Request,
@@ -305,10 +307,12 @@ class _FromThread:
 
     def run(self, steps: Iterator[bool], on_done: Callable[[], None]) -> None:
         """In the pool thread: the exchange, then its end in the loop (`_ended`)."""
+        started = perf_counter()
         try:
             for _ in steps:
                 pass
         finally:
+            self.cycle.app_seconds = perf_counter() - started
             self.loop.call_soon_threadsafe(self._ended, on_done)
 
     def _ended(self, on_done: Callable[[], None]) -> None:

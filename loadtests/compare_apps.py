@@ -1,13 +1,21 @@
-"""The JSON apps of ``loadtests/compare``: a document of a few KB, encoded on every request.
-
-``wsgi`` and ``asgi`` answer every request with the same bytes, ``body()``, so that the load
-generator can check each response. The hello-world apps are ``hello/apps.py``'s (a copy of
+"""The apps of ``loadtests/compare`` beside hello world (``hello/apps.py``'s, a copy of
 ``../shared/bench/apps.py``).
+
+- ``wsgi``, ``asgi`` (the "json" app): a document of a few KB, encoded on every request.
+- ``blocking_wsgi``, ``blocking_asgi`` (the "blocking" app): a view that waits on a database,
+  as real apps do: each process's requests wait 1 ms, and every tenth 40 ms (``time.sleep``
+  in WSGI, which blocks its thread; ``asyncio.sleep`` in ASGI).
+
+Each answers every request with the same bytes (``body()``, ``BLOCKING_BODY``), so that the
+load generator can check each response.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -63,3 +71,27 @@ async def asgi(scope: dict[str, Any], receive: Receive, send: Send) -> None:
                for k, v in [*HEADERS, ("Content-Length", str(len(data)))]]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": data})
+
+
+BLOCKING_BODY = b"waited\n"
+_BLOCKING_HEADERS = [("Content-Type", "text/plain"), ("Content-Length", str(len(BLOCKING_BODY)))]
+_calls = itertools.count()  # this process's requests (next() on it is atomic across threads)
+
+
+def _wait_seconds() -> float:
+    return 0.040 if next(_calls) % 10 == 9 else 0.001
+
+
+def blocking_wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    time.sleep(_wait_seconds())
+    start_response("200 OK", _BLOCKING_HEADERS)
+    return [BLOCKING_BODY]
+
+
+async def blocking_asgi(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+        return await asgi(scope, receive, send)  # lifespan
+    await asyncio.sleep(_wait_seconds())
+    headers = [(k.lower().encode(), v.encode()) for k, v in _BLOCKING_HEADERS]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": BLOCKING_BODY})

@@ -122,6 +122,7 @@ def test_list_settings_from_the_environment_are_comma_separated():
 
 @pytest.mark.parametrize(("text", "message"), [
     ("workers = 'lots'\n", "workers: expected 'auto' or a whole number"),
+    ("threads = 0\n", "threads: expected 'auto' or a whole number >= 1"),
     ("timeout = true\n", "timeout: expected a string or number, got True"),
     ("bogus = 1\n", "unknown setting 'bogus'"),
     ("preload = 1\n", "preload: expected True or False"),
@@ -137,9 +138,9 @@ def test_bad_toml_is_one_line_naming_file_and_key(tmp_path, text, message):
 
 
 def test_bad_environment_value_names_the_variable():
-    with pytest.raises(ConfigError, match="environment variable FORKSERVE_THREADS: must be at "
+    with pytest.raises(ConfigError, match="environment variable FORKSERVE_BACKLOG: must be at "
                                           "least 1, got 0"):
-        parse_args([], environ={"FORKSERVE_THREADS": "0"})
+        parse_args([], environ={"FORKSERVE_BACKLOG": "0"})
 
 
 def test_check_config_prints_values_and_sources(tmp_path):

@@ -4,6 +4,7 @@ app must ask for, and never two calls at once when wsgi.multithread is false."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -118,3 +119,29 @@ def test_threads_call_the_app_at_once(start_server):
     for client in clients:
         client.join(15)
     assert results == [b"together", b"together"]
+
+
+def test_threads_auto_moves_calls_to_threads_once_one_is_slow_and_back_when_calm(start_server):
+    """--threads auto: the app is called in the loop while its calls are fast; once three
+    in a tick take more than 1 ms, in the pool, where a slow request holds no other; after
+    10 s without such a tick, in the loop again."""
+    server = start_server("wsgiapp:app", "-w", "1", "--threads", "auto", "--log-level", "debug")
+    assert exchange(server, get(b"/thread")).body == b"MainThread"
+    assert json.loads(exchange(server, get(b"/environ")).body)["wsgi.multithread"] is True
+    assert exchange(server, get(b"/sleep?s=0.05")).status == 200
+    assert exchange(server, get(b"/thread")).body == b"MainThread"  # one slow call: no move
+    for _ in range(2):
+        assert exchange(server, get(b"/sleep?s=0.05")).status == 200
+    server.wait_for(r"worker 1: 3 of \d+ calls into the app took over 1 ms in the loop \(the "
+                    r"last [\d.]+ ms\); calling it in up to 64 threads")
+    assert exchange(server, get(b"/thread")).body.startswith(b"forkserve")
+    with server.connect() as slow:
+        slow.sendall(get(b"/sleep?s=2&tag=long"))
+        server.wait_for("SLEEPING long")
+        with server.connect() as other:
+            other.settimeout(1.5)  # not behind the 2 s call
+            other.sendall(get(b"/hello"))
+            assert Reader(other).response().status == 200
+        assert Reader(slow).response().status == 200
+    server.wait_for("calling it in the loop again", timeout=20)
+    assert exchange(server, get(b"/thread")).body == b"MainThread"

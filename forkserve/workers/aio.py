@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from time import perf_counter
 from typing import Any
 
 from forkserve.asgi import Lifespan, LifespanFailed, wrap_asgi2
@@ -50,6 +51,15 @@ from forkserve.wsgi_cycle import WSGICycle
 WS_CLOSE_MARGIN = 1.0
 # How long lifespan shutdown may take on a graceful stop.
 LIFESPAN_SHUTDOWN_SECONDS = 10.0
+# --threads auto: calls into the app move to a pool of up to AUTO_THREADS threads once, in one
+# tick of the worker, SLOW_CALLS of them took over SLOW_CALL seconds, and those are at least
+# SLOW_SHARE of the calls (a fast app that the kernel preempted now and then does not move);
+# CALM_SECONDS without such a tick moves them back into the loop.
+SLOW_CALL = 0.001
+SLOW_CALLS = 3
+SLOW_SHARE = 0.01
+AUTO_THREADS = 64
+CALM_SECONDS = 10.0
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -77,8 +87,15 @@ class AsyncioWorker(Worker):
         wsgi = self.interface == "wsgi"
         # WSGI: the pool of --threads, or with --threads 1 the one thread that calls the app
         # for a request whose body is still coming (then no other call runs meanwhile).
-        self.pool = ThreadPoolExecutor(cfg.threads, "forkserve") if wsgi else None
-        self.app_threaded = cfg.threads > 1
+        self.auto_threads = cfg.threads == "auto"
+        self.thread_limit = AUTO_THREADS if self.auto_threads else cfg.threads
+        self.pool = ThreadPoolExecutor(self.thread_limit, "forkserve") if wsgi else None
+        self.concurrent = cfg.threads != 1  # calls into the app may overlap
+        self.app_threaded = self.concurrent and not self.auto_threads  # (auto: once slow)
+        # --threads auto: calls into the app in this tick, those slower than SLOW_CALL, and
+        # when (loop time) a tick last had too many of those
+        self.calls = self.slow_calls = 0
+        self.last_slow = 0.0
         self.thread_busy = False  # --threads 1: the app is being called in the thread
         self.waiting_for_app: deque[Callable[[], None]] = deque()  # until it is not
         self.in_threads: set[WSGICycle] = set()
@@ -176,6 +193,12 @@ class AsyncioWorker(Worker):
             return
         if not self.alive:
             self._begin_stop()
+        if self.auto_threads:
+            if self._calls_were_slow():
+                self.last_slow = self.loop.time()
+            elif self.app_threaded and self.loop.time() - self.last_slow > CALM_SECONDS:
+                self._call_inline_again()
+            self.calls = self.slow_calls = 0
         self.loop.call_later(self.tick_interval, self._tick)
 
     def _begin_stop(self) -> None:
@@ -277,7 +300,7 @@ class AsyncioWorker(Worker):
     def _has_room(self) -> bool:
         """May this worker take another connection (--worker-connections, free threads)? At
         --worker-connections it still may when it can close an idle connection for it."""
-        if self.app_threaded and self.in_flight >= self.cfg.threads:
+        if self.app_threaded and self.in_flight >= self.thread_limit:
             return False
         return not self.over_memory and (
             self._below_limit() or quiet_one(self.idle) is not None)
@@ -387,7 +410,7 @@ class AsyncioWorker(Worker):
         self._set_accepting(False)
 
     def _publish(self) -> None:
-        if self.app_threaded and self.in_flight >= self.cfg.threads:
+        if self.app_threaded and self.in_flight >= self.thread_limit:
             load = UNAVAILABLE  # every thread is busy: peers must not wait for this worker
         else:
             load = len(self.connections) + self.accepted
@@ -419,13 +442,17 @@ class AsyncioWorker(Worker):
         in the pool. With --threads 1 inline in the loop when the body is in (the protocol
         awaits a small one), else in the one thread (a large body, or one the client sends
         after 100 Continue). A call in that thread runs alone, the app being told it is not
-        multithreaded: the loop calls the app again only once it returned."""
+        multithreaded: the loop calls the app again only once it returned. --threads auto
+        is 1 until a call is slow (`in_app`), but a body still coming is read in the pool,
+        and then N (until `_call_inline_again`)."""
         if self.app_threaded:
             self._run_in_thread(cycle, self.request_done)
         elif self.thread_busy:
             self.waiting_for_app.append(lambda: self.run_wsgi(cycle))
         elif cycle.body_complete:
             cycle.run_inline(self.request_done, self.app_free, self.in_app)
+        elif self.concurrent:
+            self._run_in_thread(cycle, self.request_done)
         else:
             self.thread_busy = True
             self._run_in_thread(cycle, self._thread_call_done)
@@ -433,6 +460,8 @@ class AsyncioWorker(Worker):
     def _run_in_thread(self, cycle: WSGICycle, on_done: Callable[[], None]) -> None:
         def done() -> None:
             self.in_threads.discard(cycle)
+            if self.auto_threads:
+                self._timed(cycle.app_seconds)
             on_done()
 
         self.in_threads.add(cycle)
@@ -453,12 +482,43 @@ class AsyncioWorker(Worker):
         and the master can name the request if it hangs."""
         request = cycle.request
         self.scoreboard.serving(self.number, request.method + b" " + request.target)
+        started = perf_counter()
         try:
             return call(*args)
         finally:
             self.scoreboard.served(self.number)
+            if self.auto_threads:
+                self._timed(perf_counter() - started)
             if not self.in_batch:  # (a batch publishes once, at its end)
                 self._publish()
+
+    def _timed(self, seconds: float) -> None:
+        """--threads auto: a call into the app took `seconds` (in the loop, or in a thread).
+        Once calls in the loop are slow, the app is called in the pool from now on (requests
+        already read in this batch too)."""
+        self.calls += 1
+        if seconds <= SLOW_CALL:
+            return
+        self.slow_calls += 1
+        if not self.app_threaded and self._calls_were_slow():
+            self.app_threaded = True
+            self.last_slow = self.loop.time()
+            error_log.debug("worker %d: %d of %d calls into the app took over %g ms in the "
+                            "loop (the last %.1f ms); calling it in up to %d threads",
+                            self.number, self.slow_calls, self.calls, SLOW_CALL * 1000,
+                            seconds * 1000, self.thread_limit)
+
+    def _calls_were_slow(self) -> bool:
+        return self.slow_calls >= SLOW_CALLS and self.slow_calls >= SLOW_SHARE * self.calls
+
+    def _call_inline_again(self) -> None:
+        """--threads auto: no call was slow for CALM_SECONDS: call the app in the loop again,
+        and let the pool's idle threads end (a new pool grows when calls are slow again)."""
+        self.app_threaded = False
+        pool, self.pool = self.pool, ThreadPoolExecutor(self.thread_limit, "forkserve")
+        pool.shutdown(wait=False)  # calls still running in it finish
+        error_log.debug("worker %d: no call into the app took over %g ms for %g s; calling it "
+                        "in the loop again", self.number, SLOW_CALL * 1000, CALM_SECONDS)
 
     def app_free(self) -> asyncio.Future[None] | None:
         """None if the loop may call the app now; else a future done once it may try again

@@ -35,6 +35,11 @@ def pid(environ, start_response):
     return _reply(start_response, str(os.getpid()).encode())
 
 
+def thread_name(environ, start_response):
+    """The name of the thread the app is called in ("MainThread": the worker's loop)."""
+    return _reply(start_response, threading.current_thread().name.encode())
+
+
 def echo(environ, start_response):
     """The body, read with read(n) in pieces of ?size= bytes (default 8192)."""
     size = int(_query(environ).get("size", "8192"))
@@ -282,6 +287,7 @@ ROUTES = {
     "/": hello,
     "/hello": hello,
     "/pid": pid,
+    "/thread": thread_name,
     "/echo": echo,
     "/read-all": read_all,
     "/lines": lines,
