@@ -14,7 +14,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from time import perf_counter
 from typing import Any
@@ -23,6 +23,7 @@ from forkserve.asgi import BODY_HIGH_WATER, Output
 from forkserve.errors import ClientDisconnected, StopNow
 from forkserve.http.base import HTTPConnection, Request, complete_headers, error_response
 from forkserve.logs import error_log
+from forkserve.threadpool import ThreadPool
 from forkserve.wsgi import EnvironFactory, ErrorStream, InputStream, respond
 
 
@@ -152,7 +153,7 @@ class WSGICycle:
         finally:
             self._finish_cycle(on_done)
 
-    def run_in_thread(self, pool: Executor, on_done: Callable[[], None]) -> None:
+    def run_in_thread(self, pool: ThreadPool, on_done: Callable[[], None]) -> None:
         """Call the app in a thread of `pool`, and `on_done()` in the loop once it returned
         and the response is sent."""
         self.started = time.monotonic()

@@ -35,6 +35,15 @@ def pytest_configure(config) -> None:
                                        "fixture, and --http for the servers started)")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (`start_server` shows the servers' logs
+    when the test failed)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
 def pytest_generate_tests(metafunc) -> None:
     if metafunc.definition.get_closest_marker("both_parsers") and "parser" in \
             metafunc.fixturenames:
@@ -218,9 +227,10 @@ def rss_mib(pid: int) -> float:
 
 
 @pytest.fixture
-def start_server(parser) -> Iterator[Callable[..., Server]]:
+def start_server(parser, request) -> Iterator[Callable[..., Server]]:
     """Start forkserve with the given arguments (on 127.0.0.1:0 unless -b is given, with
-    --http `parser` when the test runs on each parser)."""
+    --http `parser` when the test runs on each parser). A failed test's report shows what
+    each server logged, and how it exited."""
     servers: list[Server] = []
 
     def start(*args: str, ready: bool = True, **kwargs) -> Server:
@@ -236,6 +246,11 @@ def start_server(parser) -> Iterator[Callable[..., Server]]:
     yield start
     for server in servers:
         server.stop()
+    failed = getattr(request.node, "report_call", None)
+    if failed is not None and failed.failed:
+        for server in servers:
+            failed.sections.append((f"forkserve {' '.join(server.args)} (exit status "
+                                    f"{server.proc.returncode})", server.log))
 
 
 @pytest.fixture
