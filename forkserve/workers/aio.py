@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 import ssl
 import time
@@ -52,9 +53,9 @@ WS_CLOSE_MARGIN = 1.0
 # How long lifespan shutdown may take on a graceful stop.
 LIFESPAN_SHUTDOWN_SECONDS = 10.0
 # --threads auto: calls into the app move to a pool of up to AUTO_THREADS threads once, in one
-# tick of the worker, SLOW_CALLS of them took over SLOW_CALL seconds, and those are at least
-# SLOW_SHARE of the calls (a fast app that the kernel preempted now and then does not move);
-# CALM_SECONDS without such a tick moves them back into the loop.
+# tick of the worker, SLOW_CALLS of them waited (the thread gave up the CPU: a database, a
+# service, a lock) and took over SLOW_CALL seconds, and those are at least SLOW_SHARE of the
+# calls; CALM_SECONDS without such a tick moves them back into the loop.
 SLOW_CALL = 0.001
 SLOW_CALLS = 3
 SLOW_SHARE = 0.01
@@ -99,6 +100,7 @@ class AsyncioWorker(Worker):
         # when (loop time) a tick last had too many of those
         self.calls = self.slow_calls = 0
         self.last_slow = 0.0
+        self.waits = 0  # --threads auto: the loop thread's voluntary context switches so far
         self.thread_busy = False  # --threads 1: the app is being called in the thread
         self.waiting_for_app: deque[Callable[[], None]] = deque()  # until it is not
         self.in_threads: set[WSGICycle] = set()
@@ -437,6 +439,8 @@ class AsyncioWorker(Worker):
     def _run_ready(self) -> None:
         ready = self.ready
         self.in_batch = True
+        if self.auto_threads:
+            self.waits = _voluntary_switches()
         try:
             while ready:
                 self.run_wsgi(ready.popleft())
@@ -489,20 +493,33 @@ class AsyncioWorker(Worker):
         and the master can name the request if it hangs."""
         request = cycle.request
         self.scoreboard.serving(self.number, request.method + b" " + request.target)
+        if self.auto_threads and not self.in_batch:
+            self.waits = _voluntary_switches()  # (a batch counts from its start)
         started = perf_counter()
         try:
             return call(*args)
         finally:
             self.scoreboard.served(self.number)
             if self.auto_threads:
-                self._timed(perf_counter() - started)
+                self._timed_in_loop(perf_counter() - started)
             if not self.in_batch:  # (a batch publishes once, at its end)
                 self._publish()
 
+    def _timed_in_loop(self, seconds: float) -> None:
+        """--threads auto: a call into the app took `seconds` in the loop. Only a call that
+        waited counts as slow: the loop thread switched out of its own accord since the
+        batch began (a call the kernel merely preempted, as it does when workers outnumber
+        CPUs, does not)."""
+        if seconds > SLOW_CALL:
+            waits, self.waits = self.waits, _voluntary_switches()
+            if self.waits == waits:
+                seconds = 0.0
+        self._timed(seconds)
+
     def _timed(self, seconds: float) -> None:
-        """--threads auto: a call into the app took `seconds` (in the loop, or in a thread).
-        Once calls in the loop are slow, the app is called in the pool from now on (requests
-        already read in this batch too)."""
+        """--threads auto: a call into the app took `seconds` (in a thread; in the loop, 0 if
+        it did not wait). Once calls in the loop are slow, the app is called in the pool from
+        now on (requests already read in this batch too)."""
         self.calls += 1
         if seconds <= SLOW_CALL:
             return
@@ -592,6 +609,15 @@ class AsyncioWorker(Worker):
     def _check_all_closed(self) -> None:
         if not self.connections and not self.accepted:
             self.all_closed.set()
+
+
+def _voluntary_switches() -> int:
+    """How many times this thread (or, where threads are not counted apart, this process) gave
+    up the CPU to wait for something."""
+    return resource.getrusage(_RUSAGE_OWN).ru_nvcsw
+
+
+_RUSAGE_OWN = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
