@@ -852,7 +852,7 @@ class WorkerStats:
         total = sum(self.served.values()) or 1
         parts = " / ".join(f"worker {w}: {n} ({n / total:.0%})"
                            for w, n in sorted(self.served.items()))
-        text = f"requests served per worker since boot (process titles, incl. warm-up): {parts}"
+        text = f"requests served per worker during the run (process titles): {parts}"
         if self.served_spread is not None:
             text += f"; busiest/least busy {fmt_spread(self.served_spread)}"
         return text
@@ -901,8 +901,8 @@ def proc_field(pid: int, name: str, key: str) -> int | None:
 def forkserve_served(master: int) -> dict[int, int]:
     """Requests each forkserve worker (by number) served since it booted, from its title.
 
-    Workers refresh their title on each heartbeat tick, so this waits for one after the load
-    has stopped: the totals are then exact.
+    Workers refresh their title on each heartbeat tick, so this waits for one first: taken
+    between loads, the totals are exact.
     """
     time.sleep(TITLE_REFRESH)
     served = {}
@@ -985,6 +985,7 @@ def load_server(row: Row, running: Running, port: int, load: Load,
     warm, _ = run(WARMUP_SECONDS)
     if warm.failure or warm.errors:
         row.notes.append(f"warm-up: {warm.failure or f'{warm.errors} errors'}")
+    served_before = forkserve_served(master) if row.server.kind == "forkserve" else {}
     before = session_processes(master)
     row.result, output = run(load.seconds)
     after = session_processes(master)
@@ -999,7 +1000,8 @@ def load_server(row: Row, running: Running, port: int, load: Load,
         row.failure = f"after the load: {why}"
     row.workers = stats = worker_stats(master, before, after)
     if row.server.kind == "forkserve":
-        stats.served = forkserve_served(master)
+        stats.served = {number: count - served_before.get(number, 0)
+                        for number, count in forkserve_served(master).items()}
     row.notes += [stats.cpu_text(), stats.memory_text()]
     row.notes += filter(None, [stats.served_text(), generator_text(row.result, stats),
                                pipelining_text(row.result, load)])
