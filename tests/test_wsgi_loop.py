@@ -5,7 +5,9 @@ app must ask for, and never two calls at once when wsgi.multithread is false."""
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 
 import pytest
 from conftest import Reader, exchange, rss_mib
@@ -145,3 +147,23 @@ def test_threads_auto_moves_calls_to_threads_once_one_is_slow_and_back_when_calm
         assert Reader(slow).response().status == 200
     server.wait_for("calling it in the loop again", timeout=20)
     assert exchange(server, get(b"/thread")).body == b"MainThread"
+
+
+def test_threads_auto_reads_a_large_body_from_the_pool_and_the_loop_serves_on(start_server):
+    """--threads auto, calls still in the loop: a body over 64 KiB still arriving is read by
+    the app from a pool thread, and other calls go on in the loop meanwhile (with
+    --threads 1 they would wait for that thread)."""
+    server = start_server("wsgiapp:app", "-w", "1", "--threads", "auto")
+    worker = server.workers()[0]
+    size = 1 << 20
+    with server.connect() as upload:
+        upload.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size
+                       + b"x" * 65536)
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{worker}/task")) < 2:  # the pool's thread started
+            assert time.monotonic() < deadline, "the upload was not given to a pool thread"
+            time.sleep(0.01)
+        assert exchange(server, get(b"/thread")).body == b"MainThread"
+        upload.sendall(b"x" * (size - 65536))
+        response = Reader(upload).response()
+    assert response.status == 200 and response.body == b"x" * size
