@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import socket
 import ssl
 import time
@@ -34,6 +33,7 @@ from forkserve.proxy_protocol import ProxyHeader, ProxyProtocolError
 from forkserve.scoreboard import UNAVAILABLE
 from forkserve.threadpool import ThreadPool
 from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http
+from forkserve.workers.autothreads import AUTO_THREADS, CALM_SECONDS, SLOW_CALL, AutoThreads
 from forkserve.workers.base import (
     BALANCE_MARGIN,
     DEFER_POLL,
@@ -52,15 +52,6 @@ from forkserve.wsgi_cycle import WSGICycle
 WS_CLOSE_MARGIN = 1.0
 # How long lifespan shutdown may take on a graceful stop.
 LIFESPAN_SHUTDOWN_SECONDS = 10.0
-# --threads auto: calls into the app move to a pool of up to AUTO_THREADS threads once, in one
-# tick of the worker, SLOW_CALLS of them waited (the thread gave up the CPU: a database, a
-# service, a lock) and took over SLOW_CALL seconds, and those are at least SLOW_SHARE of the
-# calls; CALM_SECONDS without such a tick moves them back into the loop.
-SLOW_CALL = 0.001
-SLOW_CALLS = 3
-SLOW_SHARE = 0.01
-AUTO_THREADS = 64
-CALM_SECONDS = 10.0
 # A pool thread waiting this long for a call ends (a new one starts when calls wait).
 THREAD_IDLE_SECONDS = CALM_SECONDS
 
@@ -90,17 +81,12 @@ class AsyncioWorker(Worker):
         wsgi = self.interface == "wsgi"
         # WSGI: the pool of --threads, or with --threads 1 the one thread that calls the app
         # for a request whose body is still coming (then no other call runs meanwhile).
-        self.auto_threads = cfg.threads == "auto"
-        self.thread_limit = AUTO_THREADS if self.auto_threads else cfg.threads
+        self.auto = AutoThreads() if cfg.threads == "auto" else None
+        self.thread_limit = AUTO_THREADS if self.auto else cfg.threads
         self.pool = ThreadPool(self.thread_limit, "forkserve", THREAD_IDLE_SECONDS) \
             if wsgi else None
         self.concurrent = cfg.threads != 1  # calls into the app may overlap
-        self.app_threaded = self.concurrent and not self.auto_threads  # (auto: once slow)
-        # --threads auto: calls into the app in this tick, those slower than SLOW_CALL, and
-        # when (loop time) a tick last had too many of those
-        self.calls = self.slow_calls = 0
-        self.last_slow = 0.0
-        self.waits = 0  # --threads auto: the loop thread's voluntary context switches so far
+        self.app_threaded = self.concurrent and not self.auto  # (auto: see AutoThreads)
         self.thread_busy = False  # --threads 1: the app is being called in the thread
         self.waiting_for_app: deque[Callable[[], None]] = deque()  # until it is not
         self.in_threads: set[WSGICycle] = set()
@@ -198,12 +184,8 @@ class AsyncioWorker(Worker):
             return
         if not self.alive:
             self._begin_stop()
-        if self.auto_threads:
-            if self._calls_were_slow():
-                self.last_slow = self.loop.time()
-            elif self.app_threaded and self.loop.time() - self.last_slow > CALM_SECONDS:
-                self._call_inline_again()
-            self.calls = self.slow_calls = 0
+        if self.auto is not None and self.auto.tick(self.loop.time()):
+            self._place_calls()
         self.loop.call_later(self.tick_interval, self._tick)
 
     def _begin_stop(self) -> None:
@@ -439,8 +421,8 @@ class AsyncioWorker(Worker):
     def _run_ready(self) -> None:
         ready = self.ready
         self.in_batch = True
-        if self.auto_threads:
-            self.waits = _voluntary_switches()
+        if self.auto is not None:
+            self.auto.batch_begins()
         try:
             while ready:
                 self.run_wsgi(ready.popleft())
@@ -454,8 +436,8 @@ class AsyncioWorker(Worker):
         awaits a small one), else in the one thread (a large body, or one the client sends
         after 100 Continue). A call in that thread runs alone, the app being told it is not
         multithreaded: the loop calls the app again only once it returned. --threads auto
-        is 1 until a call is slow (`in_app`), but a body still coming is read in the pool,
-        and then N (until `_call_inline_again`)."""
+        is 1 while `AutoThreads` says so, except that a body still coming is read in the
+        pool, and N otherwise."""
         if self.app_threaded:
             self._run_in_thread(cycle, self.request_done)
         elif self.thread_busy:
@@ -471,8 +453,9 @@ class AsyncioWorker(Worker):
     def _run_in_thread(self, cycle: WSGICycle, on_done: Callable[[], None]) -> None:
         def done() -> None:
             self.in_threads.discard(cycle)
-            if self.auto_threads:
-                self._timed(cycle.app_seconds)
+            auto = self.auto
+            if auto is not None and auto.called_in_thread(cycle.app_seconds, self.loop.time()):
+                self._place_calls()
             on_done()
 
         self.in_threads.add(cycle)
@@ -493,54 +476,34 @@ class AsyncioWorker(Worker):
         and the master can name the request if it hangs."""
         request = cycle.request
         self.scoreboard.serving(self.number, request.method + b" " + request.target)
-        if self.auto_threads and not self.in_batch:
-            self.waits = _voluntary_switches()  # (a batch counts from its start)
+        auto = self.auto
+        if auto is not None and not self.in_batch:
+            auto.batch_begins()
         started = perf_counter()
         try:
             return call(*args)
         finally:
             self.scoreboard.served(self.number)
-            if self.auto_threads:
-                self._timed_in_loop(perf_counter() - started)
+            if auto is not None and auto.called_in_loop(perf_counter() - started,
+                                                        self.loop.time()):
+                self._place_calls()
             if not self.in_batch:  # (a batch publishes once, at its end)
                 self._publish()
 
-    def _timed_in_loop(self, seconds: float) -> None:
-        """--threads auto: a call into the app took `seconds` in the loop. Only a call that
-        waited counts as slow: the loop thread switched out of its own accord since the
-        batch began (a call the kernel merely preempted, as it does when workers outnumber
-        CPUs, does not)."""
-        if seconds > SLOW_CALL:
-            waits, self.waits = self.waits, _voluntary_switches()
-            if self.waits == waits:
-                seconds = 0.0
-        self._timed(seconds)
-
-    def _timed(self, seconds: float) -> None:
-        """--threads auto: a call into the app took `seconds` (in a thread; in the loop, 0 if
-        it did not wait). Once calls in the loop are slow, the app is called in the pool from
-        now on (requests already read in this batch too)."""
-        self.calls += 1
-        if seconds <= SLOW_CALL:
-            return
-        self.slow_calls += 1
-        if not self.app_threaded and self._calls_were_slow():
-            self.app_threaded = True
-            self.last_slow = self.loop.time()
-            error_log.debug("worker %d: %d of %d calls into the app took over %g ms in the "
-                            "loop (the last %.1f ms); calling it in up to %d threads",
-                            self.number, self.slow_calls, self.calls, SLOW_CALL * 1000,
-                            seconds * 1000, self.thread_limit)
-
-    def _calls_were_slow(self) -> bool:
-        return self.slow_calls >= SLOW_CALLS and self.slow_calls >= SLOW_SHARE * self.calls
-
-    def _call_inline_again(self) -> None:
-        """--threads auto: no call was slow for CALM_SECONDS: call the app in the loop again
-        (the pool's threads, idle from now on, end after THREAD_IDLE_SECONDS)."""
-        self.app_threaded = False
-        error_log.debug("worker %d: no call into the app took over %g ms for %g s; calling it "
-                        "in the loop again", self.number, SLOW_CALL * 1000, CALM_SECONDS)
+    def _place_calls(self) -> None:
+        """--threads auto changed its mind: from now on the app is called in the pool
+        (requests already read in this batch too), or in the loop again (the pool's threads,
+        idle from then on, end after THREAD_IDLE_SECONDS)."""
+        auto = self.auto
+        self.app_threaded = auto.threaded
+        if auto.threaded:
+            error_log.debug("worker %d: %d of %d calls into the app waited over %g ms; "
+                            "calling it in up to %d threads", self.number, auto.slow_calls,
+                            auto.calls, SLOW_CALL * 1000, self.thread_limit)
+        else:
+            error_log.debug("worker %d: no call into the app waited over %g ms for %g s; "
+                            "calling it in the loop again", self.number, SLOW_CALL * 1000,
+                            CALM_SECONDS)
 
     def app_free(self) -> asyncio.Future[None] | None:
         """None if the loop may call the app now; else a future done once it may try again
@@ -609,15 +572,6 @@ class AsyncioWorker(Worker):
     def _check_all_closed(self) -> None:
         if not self.connections and not self.accepted:
             self.all_closed.set()
-
-
-def _voluntary_switches() -> int:
-    """How many times this thread (or, where threads are not counted apart, this process) gave
-    up the CPU to wait for something."""
-    return resource.getrusage(_RUSAGE_OWN).ru_nvcsw
-
-
-_RUSAGE_OWN = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
