@@ -30,7 +30,7 @@ def test_three_calls_that_waited_move_calls_to_threads_until_ten_calm_seconds():
     assert [_wait_in_loop(auto, 0.002, 1.0) for _ in range(3)] == [False, False, True]
     assert auto.threaded
     assert not auto.tick(1.5)  # a tick with slow calls: it stays, counting from 1.5
-    assert not auto.called_in_thread(0.0005, 3.0)  # fast, in a thread
+    assert not auto.called(0.0005, 3.0)  # fast, in a thread
     assert not auto.tick(11.0)  # calm, but not for 10 s yet
     assert auto.tick(11.6) and not auto.threaded
 

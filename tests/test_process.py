@@ -18,6 +18,7 @@ from conftest import (
     APPS,
     READY,
     Reader,
+    Response,
     closed_by_peer,
     exchange,
     forkserve_command,
@@ -74,21 +75,27 @@ def test_workers_auto_uses_every_allowed_cpu(start_server):
     assert len(server.workers()) == usable_cpus()
 
 
+def _burst_split(server, connections: int) -> list[int]:
+    """Open `connections` connections at once, ask each which worker holds it: how many
+    each worker holds, fewest first."""
+    socks = [server.connect() for _ in range(connections)]
+    try:
+        served_by = []
+        for sock in socks:
+            sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+            served_by.append(int(Reader(sock).response().body))
+    finally:
+        for sock in socks:
+            sock.close()
+    return sorted(served_by.count(pid) for pid in server.workers())
+
+
 def test_a_burst_of_keep_alive_connections_is_shared_between_workers(start_server, interface):
     server = start_server(APP_OF[interface], "-w", "2")
     splits = []
     for _ in range(3):  # balancing leans on the idle worker being scheduled in time: on a
         # loaded 2-core machine one burst in a few may still land on one worker
-        socks = [server.connect() for _ in range(12)]
-        try:
-            served_by = []
-            for sock in socks:
-                sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
-                served_by.append(int(Reader(sock).response().body))
-        finally:
-            for sock in socks:
-                sock.close()
-        splits.append(sorted(served_by.count(pid) for pid in server.workers()))
+        splits.append(_burst_split(server, 12))
         if splits[-1][0] >= 4:
             return
     # Balanced, a burst splits 6/6 or 5/7; without the scoreboard 4/8 or better came in 12%
@@ -102,36 +109,34 @@ def test_a_burst_of_keep_alive_connections_is_spread_over_four_workers(start_ser
     loaded 2-core machine a worker may not be scheduled in time for one burst (seen once:
     2/10/10/10), so two bursts of three must be spread so."""
     server = start_server(APP_OF[interface], "-w", "4")
-    splits = []
-    for _ in range(3):
-        socks = [server.connect() for _ in range(32)]
-        try:
-            served_by = []
-            for sock in socks:
-                sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
-                served_by.append(int(Reader(sock).response().body))
-        finally:
-            for sock in socks:
-                sock.close()
-        splits.append(sorted(served_by.count(pid) for pid in server.workers()))
+    splits = [_burst_split(server, 32) for _ in range(3)]
     assert sum(counts[-1] - counts[0] <= 4 for counts in splits) >= 2, splits
 
 
-def _fresh_connection_rate(server, requests: int = 400, clients: int = 10) -> float:
-    """Requests/s of `clients` threads each sending its share of `requests`, one request per
-    connection (as nginx's default proxy_pass and most health checkers do)."""
-    request = b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+def _fresh_connections(server, target: bytes, clients: int, each: int) -> list[Response]:
+    """`clients` threads each sending `each` requests for `target`, one per connection (as
+    nginx's default proxy_pass and most health checkers do): every response, each a 200."""
 
-    def one_client(count: int) -> None:
-        for _ in range(count):
+    def one_client() -> list[Response]:
+        responses = []
+        for _ in range(each):
             with server.connect() as sock:
-                sock.sendall(request)
-                assert Reader(sock).response().status == 200
+                sock.sendall(b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+                             % target)
+                responses.append(Reader(sock).response())
+                assert responses[-1].status == 200
+        return responses
 
-    began = time.monotonic()
     with ThreadPoolExecutor(clients) as pool:
-        for done in [pool.submit(one_client, requests // clients) for _ in range(clients)]:
-            done.result()
+        return [response for done in [pool.submit(one_client) for _ in range(clients)]
+                for response in done.result()]
+
+
+def _fresh_connection_rate(server, requests: int = 400, clients: int = 10) -> float:
+    """Requests/s of `clients` threads each sending its share of `requests` for /hello, one
+    request per connection."""
+    began = time.monotonic()
+    _fresh_connections(server, b"/hello", clients, requests // clients)
     return requests / (time.monotonic() - began)
 
 
@@ -145,19 +150,8 @@ def test_fresh_connections_are_shared_fairly_when_workers_are_busy(start_server,
     whose loop or threads are all in the app does not accept; a worker that took
     connections it cannot serve at once would fail it."""
     server = start_server("wsgiapp:app", "-w", str(workers), "--threads", threads)
-    request = b"GET /sleep?s=0.005 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-
-    def one_client(count: int) -> list[int]:
-        pids = []
-        for _ in range(count):
-            with server.connect() as sock:
-                sock.sendall(request)
-                pids.append(int(Reader(sock).response().body))
-        return pids
-
-    with ThreadPoolExecutor(32) as pool:
-        served = [pid for done in [pool.submit(one_client, 12) for _ in range(32)]
-                  for pid in done.result()]
+    served = [int(response.body)
+              for response in _fresh_connections(server, b"/sleep?s=0.005", 32, 12)]
     counts = sorted(served.count(pid) for pid in server.workers())
     assert len(counts) == workers and counts[-1] <= 1.25 * counts[0], counts
 

@@ -454,7 +454,7 @@ class AsyncioWorker(Worker):
         def done() -> None:
             self.in_threads.discard(cycle)
             auto = self.auto
-            if auto is not None and auto.called_in_thread(cycle.app_seconds, self.loop.time()):
+            if auto is not None and auto.called(cycle.app_seconds, self.loop.time()):
                 self._place_calls()
             on_done()
 

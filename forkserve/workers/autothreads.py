@@ -36,8 +36,8 @@ class AutoThreads:
     accord during it: a call the kernel merely preempted (as it does when workers outnumber
     CPUs) does not. The loop reports `batch_begins` before it calls the app, once or for a
     batch of requests, and each call with `called_in_loop`; a call in a pool thread reports
-    with `called_in_thread` (its time includes waits for the client); `tick` once per
-    heartbeat tick. Each returns True when `threaded` changed."""
+    with `called` (its time includes waits for the client); `tick` once per heartbeat tick.
+    Each returns True when `threaded` changed."""
 
     def __init__(self) -> None:
         self.threaded = False
@@ -53,9 +53,9 @@ class AutoThreads:
             waits, self.waits = self.waits, _voluntary_switches()
             if self.waits == waits:
                 seconds = 0.0  # preempted, not waiting
-        return self.called_in_thread(seconds, now)
+        return self.called(seconds, now)
 
-    def called_in_thread(self, seconds: float, now: float) -> bool:
+    def called(self, seconds: float, now: float) -> bool:
         self.calls += 1
         if seconds <= SLOW_CALL:
             return False

@@ -118,7 +118,7 @@ class HTTPProtocol(asyncio.Protocol):
         cfg = worker.cfg
         header = self.proxy_header
         https = ssl_object is not None or (header is not None and header.tls)
-        factory = EnvironFactory(local, peer, cfg.threads != 1, cfg.root_path,
+        factory = EnvironFactory(local, peer, worker.concurrent, cfg.root_path,
                                  "https" if https else "http", worker.proxies)
         variables = tls_environ(ssl_object) if ssl_object is not None else {}
         if header is not None and header.client is not None:
