@@ -39,6 +39,7 @@ from forkserve import channel, logs, privileges
 from forkserve.app import load_app
 from forkserve.config import Config, parse_args
 from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError
+from forkserve.handoff import HandoffChannel
 from forkserve.logs import error_log
 from forkserve.pidfile import Pidfile
 from forkserve.scoreboard import Scoreboard
@@ -115,6 +116,7 @@ class Master:
         self.signals: deque[int] = deque()
         self.selector = selectors.DefaultSelector()
         self.scoreboard = Scoreboard()
+        self.handoff = HandoffChannel()  # connections a blocked worker passes to its peers
         self.pidfile: Pidfile | None = None
         self.app: Callable[..., Any] | None = None  # set with --preload
         self.tls: ssl.SSLContext | None = None  # inherited by the workers forked next
@@ -487,7 +489,7 @@ class Master:
             self.selector.close()
             os.set_blocking(write_fd, False)
             status = run_worker(self.cfg, self.listeners, write_fd, number, self.pid,
-                                self.scoreboard, self.app, self.tls,
+                                self.scoreboard, self.handoff, self.app, self.tls,
                                 lambda name, worker: self.call_hook(name, self, worker))
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else EXIT_OK

@@ -106,3 +106,9 @@ class Scoreboard:
             return False
         return any(counts[slot] <= threshold and slot != number
                    for slot in range(1, counts[0] + 1))
+
+    def has_available_peer(self, number: int) -> bool:
+        """Worker: is another worker accepting connections now (not busy in the app)?"""
+        counts = self._counts
+        return any(counts[slot] != UNAVAILABLE and slot != number
+                   for slot in range(1, counts[0] + 1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -238,16 +240,18 @@ def test_silent_worker_is_killed_and_replaced(start_server):
 
 
 @pytest.mark.timeout(120)
-def test_a_hang_in_a_pool_thread_strands_no_other_request(start_server):
-    """Issue 15's hang scenario with the app in threads (--threads 4; `auto` once it calls
-    in threads): while a request hangs in one worker (-w 2 --timeout 5), a client sending
-    fresh requests one after another loses none, in 20 runs of 20. With --threads 1 this
-    fails within the first runs: the worker whose loop the hang blocks has often accepted
-    the connection queued as the hang began, and strands it until --timeout."""
+@pytest.mark.parametrize("threads", ["1", "auto", "4"])
+def test_a_hang_strands_no_other_request(start_server, threads):
+    """Issue 15's hang scenario: while a request hangs in one worker (-w 2 --timeout 5), a
+    client sending fresh requests one after another loses none, in 20 runs of 20. In a pool
+    (--threads 4) the loop serves on beside the hung thread. In the loop (--threads 1, and
+    `auto` while it calls there) the worker has often accepted the connection queued as the
+    hang began: it hands that one to its peer once the call runs past a few ms (without the
+    hand-off this fails within the first runs, the connection stranded until --timeout)."""
     request = b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
     for run in range(20):
-        server = start_server("wsgiapp:app", "-w", "2", "--timeout", "5", "--threads", "4",
-                              "--graceful-timeout", "1")
+        server = start_server("wsgiapp:app", "-w", "2", "--timeout", "5", "--threads",
+                              threads, "--graceful-timeout", "1")
         with server.connect() as hang:
             for answered in range(40):
                 with server.connect() as sock:
@@ -258,6 +262,87 @@ def test_a_hang_in_a_pool_thread_strands_no_other_request(start_server):
                     assert Reader(sock).response().status == 200, f"run {run}"
             server.wait_for("SLEEPING hang")  # (the hang did happen meanwhile)
         server.stop()
+
+
+def _get(sock: socket.socket, path: str, close: bool = False) -> None:
+    extra = b"Connection: close\r\n" if close else b""
+    sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: t\r\n" + extra + b"\r\n")
+
+
+Conn = tuple[socket.socket, Reader]
+
+
+@contextlib.contextmanager
+def _connections_by_worker(server, on_a: int) -> Iterator[tuple[bytes, list[Conn], bytes,
+                                                                list[Conn]]]:
+    """Keep-alive connections to a 2-worker server, sorted by the worker that answers them:
+    (A's pid, A's connections, B's pid, B's), with at least `on_a` on A and one on B."""
+    by_worker: dict[bytes, list[Conn]] = {}
+    try:
+        while max(map(len, by_worker.values()), default=0) < on_a or len(by_worker) < 2:
+            assert sum(map(len, by_worker.values())) < 60, "connections do not reach both"
+            sock = server.connect()
+            _get(sock, "/pid")
+            reader = Reader(sock)
+            by_worker.setdefault(reader.response().body, []).append((sock, reader))
+        (a_pid, a_conns), (b_pid, b_conns) = sorted(by_worker.items(),
+                                                    key=lambda item: -len(item[1]))
+        yield a_pid, a_conns, b_pid, b_conns
+    finally:
+        for conns in by_worker.values():
+            for sock, _ in conns:
+                sock.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_connections_waiting_behind_a_long_call_are_served_by_the_other_worker(start_server,
+                                                                                 http):
+    """-w 2, app called in the loop: while worker A's loop is in a 3 s call, its other
+    connections are handed to B (once B is free) and B answers them: an idle keep-alive one
+    that sends a request, one whose request A had already read and queued behind the call
+    (its bytes go along), and one answered with Connection: close, which the client sees
+    closed at once although A still holds a descriptor of it. They stay B's afterwards, and
+    B hands them on in turn when its own loop is held up."""
+    server = start_server("wsgiapp:app", "-w", "2", "--threads", "1", "--http", http,
+                          "--log-level", "debug")
+    with _connections_by_worker(server, 5) as (a_pid, a_conns, b_pid, b_conns):
+        (a1, a1r), (a2, a2r), (a3, a3r), (a4, a4r), (a5, a5r) = a_conns[:5]
+        b1, b1r = b_conns[0]
+        mark = server.mark()
+        _get(b1, "/sleep?s=1.5&tag=b")  # B busy: nothing can be handed to it yet
+        _get(a1, "/sleep?s=0.3&tag=a")
+        server.wait_for("SLEEPING b", start=mark)
+        server.wait_for("SLEEPING a", start=mark)
+        # Both arrive while A is in its call; A reads them together once it returns, and
+        # queues a3's request behind a2's 3 s call.
+        _get(a2, "/sleep?s=3&tag=long")
+        _get(a3, "/pid")
+        server.wait_for("SLEEPING long", start=mark)
+        _get(a4, "/pid")  # idle on A, which is in the app
+        _get(a5, "/pid", close=True)
+        started = time.monotonic()
+        assert a3r.response().body == b_pid  # its bytes went along to B
+        assert a4r.response().body == b_pid
+        assert a5r.response().body == b_pid
+        a5.settimeout(1.5)
+        assert a5r.read_to_eof() == b""  # closed now, not when A's call ends
+        assert time.monotonic() - started < 1.4  # all within B's wait, before A's call ended
+        server.wait_for(r"handed \d+ waiting connections to other workers", start=mark)
+        assert a1r.response().body == a_pid
+        assert a2r.response().body == a_pid
+        assert b1r.response().body == b_pid
+        for sock, reader in ((a3, a3r), (a4, a4r)):  # B's now, A having let go of them
+            _get(sock, "/pid")
+            assert reader.response().body == b_pid
+        mark = server.mark()
+        _get(b1, "/sleep?s=1&tag=b2")
+        server.wait_for("SLEEPING b2", start=mark)
+        _get(a3, "/pid")  # B hands it back to A
+        assert a3r.response().body == a_pid
+        assert b1r.response().body == b_pid
+        _get(a3, "/pid")  # B closed its copy as its call ended: that did not end it for A
+        assert a3r.response().body == a_pid
 
 
 def test_threads_serve_concurrently_and_idle_connections_pin_no_thread(start_server):

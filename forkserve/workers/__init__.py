@@ -23,6 +23,7 @@ from forkserve import logs
 from forkserve.app import detect_interface, load_app
 from forkserve.config import Config
 from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_OK, ConfigError, StopNow
+from forkserve.handoff import HandoffChannel
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
 from forkserve.workers.aio import AsyncioWorker
@@ -35,8 +36,9 @@ from forkserve.workers.base import (
 
 
 def run_worker(cfg: Config, listeners: list[Listener], channel_fd: int, number: int,
-               master_pid: int, scoreboard: Scoreboard, app: Callable[..., Any] | None,
-               tls: ssl.SSLContext | None, hook: Callable[[str, Worker], None]) -> int:
+               master_pid: int, scoreboard: Scoreboard, handoff: HandoffChannel,
+               app: Callable[..., Any] | None, tls: ssl.SSLContext | None,
+               hook: Callable[[str, Worker], None]) -> int:
     """Boot and run one worker in a freshly forked child; return its exit status.
 
     `app` is the preloaded app, or None to load it here; `tls` the SSL context to serve
@@ -57,8 +59,8 @@ def run_worker(cfg: Config, listeners: list[Listener], channel_fd: int, number: 
         return report_boot_failure(channel_fd, EXIT_CONFIG, str(exc))
     except BaseException:  # the app's own import or factory raised (even SystemExit)
         return report_boot_failure(channel_fd, EXIT_BOOT, traceback.format_exc().rstrip())
-    worker = AsyncioWorker(cfg, listeners, channel_fd, number, master_pid, scoreboard, app,
-                           interface, tls)
+    worker = AsyncioWorker(cfg, listeners, channel_fd, number, master_pid, scoreboard, handoff,
+                           app, interface, tls)
     hook("post_fork", worker)
     status = worker.run()
     hook("worker_exit", worker)

@@ -27,6 +27,7 @@ try:
 except ImportError:  # asyncio's own loop then
     uvloop = None
 from forkserve.errors import EXIT_BOOT, StopNow
+from forkserve.handoff import CallWatcher
 from forkserve.http.base import error_response
 from forkserve.logs import error_log
 from forkserve.proxy_protocol import ProxyHeader, ProxyProtocolError
@@ -35,6 +36,7 @@ from forkserve.threadpool import ThreadPool
 from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http
 from forkserve.workers.autothreads import AUTO_THREADS, CALM_SECONDS, SLOW_CALL, AutoThreads
 from forkserve.workers.base import (
+    ACCEPT_BATCH,
     BALANCE_MARGIN,
     DEFER_POLL,
     STOP_GRACE,
@@ -92,6 +94,19 @@ class AsyncioWorker(Worker):
         self.in_threads: set[WSGICycle] = set()
         self.ready: deque[WSGICycle] = deque()  # requests read in this turn of the loop
         self.in_batch = False  # _run_ready is calling the app for them
+        # Calls into the app in the loop hand its waiting connections to peers once they run
+        # long (forkserve.handoff); not TLS or PROXY connections, whose state is ours alone.
+        self.watcher: CallWatcher | None = None
+        if wsgi and not self.app_threaded and self.tls is None and not cfg.proxy_protocol:
+            try:
+                self.watcher = CallWatcher(self.handoff, self._waiting_connections,
+                                           self._peers_free)
+            except RuntimeError as exc:  # a process limit counts threads too
+                error_log.warning("worker %d cannot start its hand-off thread (%s): its "
+                                  "connections will wait behind long calls into the app",
+                                  self.number, exc)
+        self.opening: set[int] = set()  # descriptors accepted, their protocol not yet made
+        self.handed_opening: set[int] = set()  # of those, handed to a peer meanwhile
         self.connections: set[HTTPProtocol] = set()
         # Connections waiting for a request that has not begun, longest waiting first.
         self.idle: dict[HTTPProtocol, None] = {}
@@ -125,6 +140,8 @@ class AsyncioWorker(Worker):
                 self.loop.close()
             if self.pool is not None:
                 self.pool.close()
+            if self.watcher is not None:
+                self.watcher.close()
 
     async def _main(self) -> None:
         self.stopped = asyncio.Event()
@@ -143,6 +160,8 @@ class AsyncioWorker(Worker):
         for listener in self.listeners:
             listener.sock.setblocking(False)
         self._set_accepting(True)
+        if self.watcher is not None:
+            loop.add_reader(self.handoff.fileno(), self._adopt)
         self._publish()  # from now on peers may leave connections to this worker
         self._tick()
         self.serving = True
@@ -194,6 +213,8 @@ class AsyncioWorker(Worker):
         self.stopping = True
         self.serving = False  # a second stop signal has nothing to wake (the loop may close)
         self._set_accepting(False)
+        if self.watcher is not None:
+            self.loop.remove_reader(self.handoff.fileno())
         for listener in self.listeners:
             listener.sock.close()
         for protocol in list(self.connections):
@@ -266,7 +287,9 @@ class AsyncioWorker(Worker):
     def _accept(self, listening: socket.socket) -> None:
         self.accept_batch(listening, self._pause_accepting, self._take)
 
-    def _take(self, sock: socket.socket, peer: Any) -> None:
+    def _take(self, sock: socket.socket, peer: Any, replay: bytes | None = None) -> None:
+        """Serve the connection `sock`: accepted, or handed by a peer with `replay`, the
+        bytes it read of a request (maybe none)."""
         if not self._below_limit():
             # Idle connections must not lock out new clients (thousands that connect and
             # send nothing): the one idle longest makes room.
@@ -277,8 +300,10 @@ class AsyncioWorker(Worker):
         self.accepted += 1
         self._publish()  # count it now: peers must see this worker's load at once
         if self.tls is None and not self.cfg.proxy_protocol:
-            self._open(self.loop.connect_accepted_socket(lambda: HTTPProtocol(self), sock),
-                       sock)
+            fd = sock.fileno()
+            self.opening.add(fd)
+            self._open(self.loop.connect_accepted_socket(
+                lambda: HTTPProtocol(self, replay=replay), sock), sock, fd)
         else:
             self.loop.create_task(self._connect(sock))
         if not self._has_room():
@@ -368,20 +393,23 @@ class AsyncioWorker(Worker):
         finally:
             self._connected()
 
-    def _open(self, opening: Coroutine[Any, Any, Any], sock: socket.socket) -> None:
-        """Step `opening`, connect_accepted_socket on a plain socket, to its end. It only
-        waits for its transport to call connection_made on the next loop turn, so it is
-        stepped here rather than run as a task: a task per connection costs more than
-        parsing its request."""
+    def _open(self, opening: Coroutine[Any, Any, Any], sock: socket.socket, fd: int) -> None:
+        """Step `opening`, connect_accepted_socket on a plain socket (descriptor `fd`), to
+        its end. It only waits for its transport to call connection_made on the next loop
+        turn, so it is stepped here rather than run as a task: a task per connection costs
+        more than parsing its request."""
         try:
             waiting = opening.send(None)
         except StopIteration:
-            self._connected()
+            pass
         except (OSError, asyncio.CancelledError):
             sock.close()
-            self._connected()
         else:
-            waiting.add_done_callback(lambda _: self._open(opening, sock))
+            waiting.add_done_callback(lambda _: self._open(opening, sock, fd))
+            return
+        self.opening.discard(fd)
+        self.handed_opening.discard(fd)
+        self._connected()
 
     def _connected(self) -> None:
         """An accepted socket runs its protocol now, or was closed."""
@@ -480,15 +508,69 @@ class AsyncioWorker(Worker):
         if auto is not None and not self.in_batch:
             auto.batch_begins()
         started = perf_counter()
+        watcher = self.watcher
+        if watcher is not None:
+            watcher.call_begins(started)
         try:
             return call(*args)
         finally:
+            if watcher is not None:
+                handed = watcher.call_ended()
+                if handed:
+                    self._close_handed(handed)
             self.scoreboard.served(self.number)
             if auto is not None and auto.called_in_loop(perf_counter() - started,
                                                         self.loop.time()):
                 self._place_calls()
             if not self.in_batch:  # (a batch publishes once, at its end)
                 self._publish()
+
+    # -- handing connections to peers while the app blocks the loop ----------------------------
+
+    def _waiting_connections(self) -> list[tuple[int, Any, bytes]]:
+        """(The watcher's thread, while the loop is in a call.) The connections a peer could
+        serve as new ones: (descriptor, protocol, b"") of those idle with nothing read,
+        (descriptor, descriptor, b"") of those accepted whose protocol is not made yet, and
+        (descriptor, protocol, its bytes) of those whose request waits for the app, read in
+        one piece (see HTTPProtocol.replay)."""
+        waiting: dict[int, tuple[int, Any, bytes]] = {
+            fd: (fd, fd, b"") for fd in list(self.opening)}
+        for protocol in list(self.idle):
+            if protocol.may_hand_off():
+                waiting[protocol.fd] = (protocol.fd, protocol, b"")
+        for cycle in list(self.ready):
+            protocol = cycle.out
+            replay = protocol.replay()
+            if replay:
+                waiting[protocol.fd] = (protocol.fd, protocol, replay)
+        return list(waiting.values())
+
+    def _peers_free(self) -> bool:
+        return self.scoreboard.has_available_peer(self.number)
+
+    def _close_handed(self, handed: list[Any]) -> None:
+        """Close this worker's descriptors of connections a peer now serves: a protocol now,
+        a connection still opening as its protocol is made (see connection_opened)."""
+        for owner in handed:
+            if type(owner) is int:
+                self.handed_opening.add(owner)
+                continue
+            cycle = owner.cycle
+            if cycle is not None:  # its request was queued for the app: the peer answers it
+                self.ready.remove(cycle)
+                owner.cycle = None
+                self.in_flight -= 1
+                self.served -= 1
+            owner.hand_over()
+
+    def _adopt(self) -> None:
+        """Take the connections a peer handed over, as if accepted."""
+        for _ in range(ACCEPT_BATCH):
+            given = self.handoff.receive()
+            if given is None:
+                return
+            for sock, replay in given:
+                self._take(sock, None, replay)
 
     def _place_calls(self) -> None:
         """--threads auto changed its mind: from now on the app is called in the pool
@@ -543,8 +625,15 @@ class AsyncioWorker(Worker):
         since = time.monotonic() - timeout
         return [cycle for cycle in self.in_threads if cycle.started < since]
 
-    def connection_opened(self, protocol: HTTPProtocol) -> None:
+    def connection_opened(self, protocol: HTTPProtocol) -> bool:
+        """`protocol` starts; False if a peer serves its connection (handed while opening):
+        the protocol then closes it without a word."""
+        fd = protocol.fd
+        self.opening.discard(fd)  # (a peer may take it as idle from now on)
+        if self.handed_opening and fd in self.handed_opening:
+            return False
         self.connections.add(protocol)
+        return True
 
     def now_idle(self, protocol: HTTPProtocol) -> None:
         """`protocol` waits for a request: at --worker-connections it can make room for a

@@ -34,6 +34,7 @@ from setproctitle import setproctitle
 from forkserve import channel, logs, proxy_protocol
 from forkserve.config import Config
 from forkserve.errors import EXIT_OK, StopNow
+from forkserve.handoff import HandoffChannel
 from forkserve.http import Limits, connection_factory
 from forkserve.http.base import set_server_header
 from forkserve.logs import error_log
@@ -123,14 +124,17 @@ class Worker:
     """Base class of worker kinds; subclasses implement `serve()`.
 
     `app` is the loaded app and `interface` its kind ('wsgi', 'asgi3' or 'asgi2'); `tls` the
-    SSL context of an HTTPS server (None: plain HTTP).
+    SSL context of an HTTPS server (None: plain HTTP); `handoff` the channel through which
+    workers pass each other connections (see forkserve.handoff).
     """
 
     def __init__(self, cfg: Config, listeners: list[Listener], channel_fd: int, number: int,
-                 master_pid: int, scoreboard: Scoreboard, app: Callable[..., Any],
-                 interface: str, tls: ssl.SSLContext | None = None) -> None:
+                 master_pid: int, scoreboard: Scoreboard, handoff: HandoffChannel,
+                 app: Callable[..., Any], interface: str,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.cfg = cfg
         self.scoreboard = scoreboard
+        self.handoff = handoff
         self.listeners = listeners
         self.channel_fd = channel_fd
         self.number = number

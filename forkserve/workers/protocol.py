@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from forkserve.asgi import (
     http_scope,
 )
 from forkserve.errors import StopNow
+from forkserve.handoff import MAX_REPLAY
 from forkserve.http.base import (
     CLOSED,
     END_OF_MESSAGE,
@@ -49,7 +51,8 @@ if TYPE_CHECKING:
 class HTTPProtocol(asyncio.Protocol):
     """One client connection: bytes to the parser, requests to the interface's cycles."""
 
-    def __init__(self, worker: AsyncioWorker, proxy_header: ProxyHeader | None = None) -> None:
+    def __init__(self, worker: AsyncioWorker, proxy_header: ProxyHeader | None = None,
+                 replay: bytes | None = None) -> None:
         self.worker = worker
         self.proxy_header = proxy_header
         self.loop = worker.loop
@@ -79,6 +82,14 @@ class HTTPProtocol(asyncio.Protocol):
         self.environ_factory: EnvironFactory | None = None  # a WSGI app's per-connection part
         self.head_started = False  # the next request's first bytes have arrived
         self.fd = -1  # the socket's descriptor
+        # A connection a peer worker handed over (see forkserve.handoff) comes with the
+        # bytes of a request the peer had read (maybe none): received first. And while the
+        # worker may hand connections over (`worker.watcher`), it keeps the bytes of the last
+        # read if they began a request (see `replay`).
+        self.adopted = replay is not None
+        self.replayed = replay
+        self.keep_last_read = worker.watcher is not None
+        self.last_read: bytes | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -105,12 +116,17 @@ class HTTPProtocol(asyncio.Protocol):
         header = self.proxy_header
         if header is not None and header.client is not None:
             self.client = header.client
+        if not worker.connection_opened(self):
+            self.hand_over()
+            return
         if worker.interface == "wsgi":
             self.environ_factory = self._environ_factory(local, peer, ssl_object)
-        worker.connection_opened(self)
         self._wait_for_request(worker.first_byte_timeout)
         if worker.stopping:
             self.begin_stop()
+        if self.replayed:
+            replayed, self.replayed = self.replayed, b""
+            self.data_received(replayed)
 
     def _environ_factory(self, local: Any, peer: Any, ssl_object: Any) -> EnvironFactory:
         """The WSGI environ template of this connection: addresses, TLS, PROXY header."""
@@ -131,6 +147,8 @@ class HTTPProtocol(asyncio.Protocol):
         if self.ws is not None:
             self.ws.receive_data(data)
             return
+        if self.keep_last_read:
+            self.last_read = data if self.cycle is None and not self.conn.buffered() else None
         self.conn.receive_data(data)
         self._process()
         # The keep-alive timer runs on until a whole request head is in; once a head has
@@ -157,6 +175,8 @@ class HTTPProtocol(asyncio.Protocol):
         return self.tls is None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.adopted and self.fd >= 0:
+            _shut_down(self.fd)
         self.closed = True
         self.deadline = math.inf
         if self.timer is not None:
@@ -210,9 +230,42 @@ class HTTPProtocol(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
-        """Drop the connection now, whatever is buffered for it."""
+        """Drop the connection now, whatever is buffered for it. (Closing the descriptor does
+        not shut the connection down: a peer worker it was handed to serves on.)"""
         if not self.closed:
             self.transport.abort()
+
+    def hand_over(self) -> None:
+        """A peer worker serves this connection now: close our descriptor without a word
+        (and without shutting the connection down, which would end it for the peer too)."""
+        self.adopted = False
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+    def replay(self) -> bytes:
+        """(Another thread, while the loop is in the app.) The bytes of this connection's
+        request, queued for the app, if a peer worker could serve it from them as a new
+        connection: read in one piece, with nothing after it, over plain HTTP without a
+        PROXY header; else b"" (also when they exceed MAX_REPLAY)."""
+        data = self.last_read
+        if data is None or len(data) > MAX_REPLAY or not self._plain_and_quiet():
+            return b""
+        return data
+
+    def may_hand_off(self) -> bool:
+        """(Another thread, while the loop is in the app.) Whether a peer worker could serve
+        this connection as a new one: it waits for a request with nothing of it read, over
+        plain HTTP without a PROXY header."""
+        return self.cycle is None and self._plain_and_quiet()
+
+    def _plain_and_quiet(self) -> bool:
+        """Plain HTTP, no PROXY header, not closing, nothing unparsed, nothing unsent."""
+        transport = self.transport
+        return (self.ws is None and not self.closed and self.fd >= 0 and self.tls is None
+                and self.proxy_header is None and not self.reading_paused
+                and not transport.is_closing() and not transport.get_write_buffer_size()
+                and not self.conn.buffered())
 
     # -- parsing ----------------------------------------------------------------------------------
 
@@ -529,3 +582,16 @@ def _length(request: Request) -> int:
         if name == b"content-length":
             return int(value)
     return 0
+
+
+def _shut_down(fd: int) -> None:
+    """End the connection of socket `fd` (still open: the transport closes it next) for the
+    client: a worker that handed it over may still hold a descriptor of it, so closing ours
+    alone would not."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # the client reset it, or it is no socket at all
+    finally:
+        sock.detach()
