@@ -17,8 +17,9 @@ BOOT_FAILED = 3  # payload: exit status byte, then the error text (UTF-8)
 RECYCLE = 4  # payload: why (UTF-8); the worker asks to be replaced, then stopped
 STUCK = 5  # payload: which request is stuck (UTF-8); the worker wants a dump and a replacement
 STOPPING = 6  # payload: the number of the stop signal (TERM, INT, QUIT) the worker received
+CALLING = 7  # the worker began a call into the app while the master did not poll (handoff)
 
-_KINDS = frozenset((BOOTED, HEARTBEAT, BOOT_FAILED, RECYCLE, STUCK, STOPPING))
+_KINDS = frozenset((BOOTED, HEARTBEAT, BOOT_FAILED, RECYCLE, STUCK, STOPPING, CALLING))
 _HEADER = struct.Struct("!BI")
 _COUNTERS = struct.Struct("!QI")
 MAX_PAYLOAD = 1 << 20

@@ -3,13 +3,21 @@
 A worker that calls a WSGI app in its event loop (--threads 1, or `auto` while it calls in the
 loop) serves none of its other connections until the call returns: idle keep-alive ones, and
 one accepted just before the call began, wait behind it, however long it takes, while a peer
-may be idle. So a `CallWatcher` thread looks at the loop's call every CHECK_EVERY seconds;
-once one has run for HANDOFF_AFTER, it sends the worker's connections that wait for a request
-with nothing read yet to a `HandoffChannel` (their descriptors, by SCM_RIGHTS). Every worker
-reads the channel as it reads its listening sockets, so the first free peer adopts them as new
-connections: the kernel still holds whatever the client sent. When the call returns, the loop
-closes its own descriptors of them before it reads from any (closing is not shutting down: the
-connection lives on in the peer's descriptor).
+may be idle. So the master's `CallPoller` looks at every worker's call in the scoreboard
+(every POLL_EVERY seconds once it saw a long call, else every SLOW_POLL), and nudges a worker
+whose call has run for HANDOFF_AFTER while a peer is free (a byte on the worker's nudge
+pipe). The worker's `CallWatcher` thread, asleep on that pipe, then sends the worker's
+connections that wait for a request to a `HandoffChannel` (their descriptors, by SCM_RIGHTS;
+a request already read goes along as bytes). Every worker reads the channel as it reads its
+listening sockets, so the first free peer adopts them as new connections: the kernel still
+holds whatever the client sent. When the call returns, the loop closes its own descriptors of
+them before it reads from any (closing is not shutting down: the connection lives on in the
+peer's descriptor).
+
+Watching from the master costs the workers no work per request: a thread in each worker that
+woke every 5 ms to look cost 2.5-3.5 us of CPU per hello-world request (its every wake-up
+takes the GIL from a busy loop). The master stops polling after PARK_AFTER without a new call,
+and a worker beginning one then tells it (a CALLING frame on its pipe).
 
 The master creates the channel before forking (a datagram socket pair: whatever a worker
 writes to one end, any worker may read from the other) and holds both ends, so connections
@@ -19,21 +27,29 @@ handed by a worker that dies before a peer took them wait for the next one.
 from __future__ import annotations
 
 import array
+import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from forkserve.logs import error_log
+from forkserve.scoreboard import Scoreboard
 
-# A call into the app running this long gives its worker's waiting connections to peers;
-# the watcher looks every CHECK_EVERY seconds while calls come, so it notices in 5-10 ms. A
+# A call into the app running this long gives its worker's waiting connections to peers. A
 # fast call (hello world takes 10 us) never waits that long; a view waiting on its database
 # for 40 ms would make its worker's other clients wait as long.
 HANDOFF_AFTER = 0.005
-CHECK_EVERY = 0.005
-# With no call into the app for this long, the watcher sleeps until the next one.
+# The master looks every POLL_EVERY seconds for FAST_FOR seconds after it saw a call running
+# HANDOFF_AFTER, so that it notices such calls in 5-10 ms; else every SLOW_POLL seconds.
+# Polling every 5 ms costs a busy worker about 2.5 us of CPU per hello-world request (the
+# master's wake-ups disturb it, on 2 CPUs), every 100 ms about 0.4 us.
+POLL_EVERY = 0.005
+FAST_FOR = 10.0
+SLOW_POLL = 0.1
+# Having seen no call into the app running for this long, the master stops polling until a
+# worker begins one.
 PARK_AFTER = 1.0
 # Descriptors in one message (the kernel's limit is 253); a queue of 10 messages (Linux's
 # default net.unix.max_dgram_qlen) then holds 640 connections.
@@ -46,6 +62,8 @@ _MARK = b"F"  # every message: this byte, the request's bytes if any, and descri
 
 class HandoffChannel:
     """The master's socket pair through which workers pass connections to each other."""
+
+    nudges = -1  # in a worker: the read end of its nudge pipe from the master
 
     def __init__(self) -> None:
         self._in, self._out = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -106,106 +124,133 @@ class HandoffChannel:
         self._out.close()
 
 
-class CallWatcher:
-    """A thread that hands a worker's waiting connections to peers while its loop is in a
-    long call into the app.
+class CallPoller:
+    """The master's side: polls the workers' calls while they come, nudges long ones."""
 
-    The loop thread sets `started` (a `time.perf_counter()` value) as a call begins and
-    calls `call_ended()` when it returns. `waiting()` is called from the watcher thread, while
-    the call runs, to list what may be handed: (descriptor, what it belongs to) pairs; the
-    loop must not change what it reads meanwhile (it is in the app). `peers_free()` says
-    whether a peer could take them now. `call_ended()` returns what was handed during the
-    call, for the loop to close.
+    def __init__(self, scoreboard: Scoreboard) -> None:
+        self.scoreboard = scoreboard
+        self.polling = True
+        self._last_call = time.monotonic()  # when a call was last seen running
+        self._fast_until = 0.0  # poll every POLL_EVERY until then
+        scoreboard.set_polled(True)
+
+    def timeout(self, timeout: float) -> float:
+        """How long the master's loop may wait, at most `timeout`."""
+        if not self.polling:
+            return timeout
+        return min(timeout, POLL_EVERY if time.monotonic() < self._fast_until else SLOW_POLL)
+
+    def wake(self) -> None:
+        """A worker began a call while the master was not polling."""
+        if not self.polling:
+            self.polling = True
+            self._last_call = time.monotonic()
+            self.scoreboard.set_polled(True)
+
+    def poll(self, workers: Iterable[tuple[int, int]], now: float) -> None:
+        """Look at the calls of `workers`, (number, nudge pipe) pairs, at `now`
+        (time.monotonic()): nudge those in a call for HANDOFF_AFTER while a peer is free
+        (each time: a connection may have come, or a peer been busy when it looked)."""
+        if not self.polling:
+            return
+        scoreboard = self.scoreboard
+        for number, nudge_fd in workers:
+            started = scoreboard.call_started(number)
+            if not started:
+                continue
+            self._last_call = now
+            if now - started < HANDOFF_AFTER:
+                continue
+            self._fast_until = now + FAST_FOR
+            if scoreboard.hands_off(number) and scoreboard.has_available_peer(number):
+                try:
+                    os.write(nudge_fd, b".")
+                except OSError:  # full (it is not reading), or gone
+                    pass
+        if now - self._last_call >= PARK_AFTER:
+            self.polling = False
+            scoreboard.set_polled(False)
+
+
+class CallWatcher:
+    """A worker's thread that, nudged by the master, hands the worker's waiting connections
+    to peers while its loop is in a long call into the app.
+
+    `call_started()` says when the loop's current call began (`time.monotonic()`; 0.0: none
+    runs): the worker's scoreboard slot. `waiting()` is called from the watcher thread, while
+    the call runs, to list what may be handed: (descriptor, what it belongs to, the bytes of
+    a request read from it) triples; the loop must not change what it reads meanwhile (it is
+    in the app). `peers_free()` says whether a peer could take them now. The loop looks at
+    `attention` as each call ends, and if set collects what was handed with `call_ended()`,
+    to close it.
     """
 
-    def __init__(self, channel: HandoffChannel,
+    def __init__(self, channel: HandoffChannel, nudges: int, call_started: Callable[[], float],
                  waiting: Callable[[], list[tuple[int, Any, bytes]]],
                  peers_free: Callable[[], bool]) -> None:
         self.channel = channel
+        self.nudges = nudges
+        self.call_started = call_started
         self.waiting = waiting
         self.peers_free = peers_free
-        self.started = 0.0  # when the loop's call began; 0: not in a call
-        self.calls = 0  # calls begun, so that the watcher sees whether any came
-        self._lock = threading.Lock()  # the watcher hands off only while the call runs
+        # Set by the watcher before it looks at a call, and left set while what it handed
+        # is not collected: the loop then takes the lock as the call ends, and so waits for
+        # a hand-off in progress to finish.
+        self.attention = False
+        self._lock = threading.Lock()
         self._handed: list[Any] = []
         self._handed_fds: set[int] = set()
-        self._parked = False
-        self._wake = threading.Event()
-        self._closed = False
         self._thread = threading.Thread(target=self._run, name="forkserve-handoff",
                                         daemon=True)
         self._thread.start()
 
-    def call_begins(self, started: float) -> None:
-        """Loop thread: a call into the app begins (at perf_counter() `started`)."""
-        self.started = started
-        self.calls += 1
-        if self._parked:
-            self._parked = False
-            self._wake.set()
-
     def call_ended(self) -> list[Any]:
-        """Loop thread: the call returned; what was handed during it, for the loop to close
-        before it reads from any."""
+        """Loop thread, as a call ends with `attention` set: what was handed during it, for
+        the loop to close before it reads from any (after a hand-off in progress ended)."""
         with self._lock:
-            self.started = 0.0
-            if not self._handed:
-                return self._handed
             handed, self._handed = self._handed, []
             self._handed_fds.clear()
+            self.attention = False
         return handed
 
-    def close(self) -> None:
-        self._closed = True
-        self._wake.set()
-
     def _run(self) -> None:
-        seen = self.calls
-        quiet_since = time.monotonic()
-        while not self._closed:
-            started = self.started
-            now = time.perf_counter()
-            if started and now - started < HANDOFF_AFTER:
-                time.sleep(started + HANDOFF_AFTER - now)
-            else:
-                time.sleep(CHECK_EVERY)
-            if self.started and time.perf_counter() - self.started >= HANDOFF_AFTER:
-                self._hand_off()
-            if self.calls != seen or self.started:
-                seen = self.calls
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= PARK_AFTER:
-                self._park(seen)
-                quiet_since = time.monotonic()
-
-    def _park(self, seen: int) -> None:
-        self._parked = True
-        if self.calls == seen:  # (else a call began before it could see _parked)
-            self._wake.wait()
-        self._parked = False
-        self._wake.clear()
-
-    def _hand_off(self) -> None:
-        with self._lock:
-            started = self.started
-            if not started or not self.peers_free():
+        while True:
+            try:
+                if not os.read(self.nudges, 64):
+                    return  # the master is gone
+            except InterruptedError:
+                continue
+            except OSError:
                 return
-            handed = len(self._handed)
-            plain = []
-            for fd, owner, replay in self.waiting():
-                if fd in self._handed_fds:
-                    continue
-                if not replay:
-                    plain.append((fd, owner))
-                elif self.channel.send([fd], replay):
-                    self._handed_fds.add(fd)
-                    self._handed.append(owner)
-            sent = self.channel.send([fd for fd, _ in plain])
-            for fd, owner in plain[:sent]:
+            self.hand_off()
+
+    def hand_off(self) -> None:
+        """Hand over the waiting connections if the loop's call has run HANDOFF_AFTER and a
+        peer is free (what a nudge does)."""
+        with self._lock:
+            self.attention = True
+            started = self.call_started()  # the call may have ended meanwhile
+            if started and time.monotonic() - started >= HANDOFF_AFTER and self.peers_free():
+                self._send(started)
+            if not self._handed:
+                self.attention = False
+
+    def _send(self, started: float) -> None:
+        handed = len(self._handed)
+        plain = []
+        for fd, owner, replay in self.waiting():
+            if fd in self._handed_fds:
+                continue
+            if not replay:
+                plain.append((fd, owner))
+            elif self.channel.send([fd], replay):
                 self._handed_fds.add(fd)
                 self._handed.append(owner)
-            if len(self._handed) > handed:
-                error_log.debug("a call into the app has run for %.0f ms: handed %d waiting "
-                                "connections to other workers", 1000 * (time.perf_counter()
-                                                                        - started),
-                                len(self._handed) - handed)
+        sent = self.channel.send([fd for fd, _ in plain])
+        for fd, owner in plain[:sent]:
+            self._handed_fds.add(fd)
+            self._handed.append(owner)
+        if len(self._handed) > handed:
+            error_log.debug("a call into the app has run for %.0f ms: handed %d waiting "
+                            "connections to other workers",
+                            1000 * (time.monotonic() - started), len(self._handed) - handed)

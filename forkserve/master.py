@@ -39,7 +39,7 @@ from forkserve import channel, logs, privileges
 from forkserve.app import load_app
 from forkserve.config import Config, parse_args
 from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError
-from forkserve.handoff import HandoffChannel
+from forkserve.handoff import CallPoller, HandoffChannel
 from forkserve.logs import error_log
 from forkserve.pidfile import Pidfile
 from forkserve.scoreboard import Scoreboard
@@ -78,7 +78,7 @@ WATCHDOG_STALE = 10.0
 class WorkerProcess:
     """What the master knows of one worker."""
 
-    __slots__ = ("number", "pid", "fd", "reader", "booted", "started", "booted_at",
+    __slots__ = ("number", "pid", "fd", "nudge_fd", "reader", "booted", "started", "booted_at",
                  "last_seen", "served", "in_flight", "retiring", "stop_when_replaced",
                  "dump_sent_at", "pipe_closed_at", "killed", "kill_reason", "stop_signal")
 
@@ -86,6 +86,7 @@ class WorkerProcess:
         self.number = number
         self.pid = 0
         self.fd = -1
+        self.nudge_fd = -1  # the write end of its nudge pipe (see forkserve.handoff)
         self.reader = channel.FrameReader()
         self.booted = False
         self.started = self.last_seen = time.monotonic()
@@ -117,6 +118,7 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.scoreboard = Scoreboard()
         self.handoff = HandoffChannel()  # connections a blocked worker passes to its peers
+        self.call_poller = CallPoller(self.scoreboard)  # tells it when to
         self.pidfile: Pidfile | None = None
         self.app: Callable[..., Any] | None = None  # set with --preload
         self.tls: ssl.SSLContext | None = None  # inherited by the workers forked next
@@ -185,6 +187,8 @@ class Master:
             self._reap()
             now = time.monotonic()
             if self.stop_deadline is None:
+                self.call_poller.poll(((worker.number, worker.nudge_fd)
+                                       for worker in self.workers.values()), now)
                 self._check_hung(now)
                 self._stop_replaced()
                 self._tell_systemd(now)
@@ -201,6 +205,7 @@ class Master:
             timeout = min(timeout, self.notify.watchdog_interval)
         if self.spawn_not_before:
             timeout = max(0.0, min(timeout, self.spawn_not_before - time.monotonic()))
+        timeout = self.call_poller.timeout(timeout)
         self.turn_due = time.monotonic() + timeout
         self._read_ready(timeout)
 
@@ -437,6 +442,7 @@ class Master:
         """Fork `worker`; False if fork() failed (retried after a growing delay)."""
         self.call_hook("pre_fork", self, worker)
         read_fd, write_fd = os.pipe()
+        nudge_r, nudge_w = os.pipe()
         self.scoreboard.join(worker.number)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         # What the master holds now (forkserve, the parser, the loop, a preloaded app) is
@@ -447,8 +453,8 @@ class Master:
             pid = os.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            os.close(read_fd)
-            os.close(write_fd)
+            for fd in (read_fd, write_fd, nudge_r, nudge_w):
+                os.close(fd)
             self.scoreboard.leave(worker.number)
             self.fork_failures += 1
             delay = _backoff_delay(self.fork_failures + 1)  # the first retry waits too
@@ -458,12 +464,17 @@ class Master:
             self.spawn_not_before = time.monotonic() + delay
             return False
         if pid == 0:
+            os.close(nudge_w)
+            self.handoff.nudges = nudge_r
             self._become_worker(worker.number, read_fd, write_fd)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(write_fd)
+        os.close(nudge_r)
         os.set_blocking(read_fd, False)
+        os.set_blocking(nudge_w, False)
         worker.pid = pid
         worker.fd = read_fd
+        worker.nudge_fd = nudge_w
         worker.started = worker.last_seen = time.monotonic()
         self.workers[pid] = worker
         self.selector.register(read_fd, selectors.EVENT_READ, worker)
@@ -484,8 +495,9 @@ class Master:
             for fd in self._wakeup_fds:
                 os.close(fd)
             for other in self.workers.values():
-                if other.fd >= 0:
-                    os.close(other.fd)
+                for fd in (other.fd, other.nudge_fd):
+                    if fd >= 0:
+                        os.close(fd)
             self.selector.close()
             os.set_blocking(write_fd, False)
             status = run_worker(self.cfg, self.listeners, write_fd, number, self.pid,
@@ -544,6 +556,8 @@ class Master:
             self._dump(worker, payload.decode("utf-8", "replace"), "replaced")
             worker.retiring = True
             worker.stop_when_replaced = True
+        elif kind == channel.CALLING:
+            self.call_poller.wake()
         elif kind == channel.STOPPING and payload:
             worker.stop_signal = payload[0]
         elif kind == channel.RECYCLE and not worker.retiring:
@@ -613,6 +627,7 @@ class Master:
             while worker.fd >= 0 and self._read_channel(worker):
                 pass  # what a dead worker wrote last (a boot failure) is still in its pipe
             self._unwatch(worker)
+            os.close(worker.nudge_fd)
             self.scoreboard.leave(worker.number)
             self.served_by_gone += worker.served
             self._report_exit(worker, wait_status)

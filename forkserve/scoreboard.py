@@ -33,13 +33,17 @@ class Scoreboard:
     """
 
     def __init__(self) -> None:
-        self._map = mmap.mmap(-1, SLOTS * (4 + 8 + 4 + 1 + REQUEST_TEXT))
+        self._map = mmap.mmap(-1, SLOTS * (4 + 8 + 4 + 1 + 1 + REQUEST_TEXT) + 1)
         view = memoryview(self._map)
         self._counts = view[:4 * SLOTS].cast("I")
         self._started = view[4 * SLOTS:12 * SLOTS].cast("d")  # when the request began
         self._lengths = view[12 * SLOTS:16 * SLOTS].cast("I")  # of its text; 0: none
         self._took_traffic = view[16 * SLOTS:17 * SLOTS]  # 1 once it accepted a connection
-        self._text = 17 * SLOTS  # where the texts begin in the map
+        self._hands_off = view[17 * SLOTS:18 * SLOTS]  # 1: hands connections to peers
+        self._text = 18 * SLOTS  # where the texts begin in the map
+        # 1 while the master polls the calls (forkserve.handoff); else a worker beginning one
+        # tells it.
+        self._polled = view[len(view) - 1:]
         for slot in range(1, SLOTS):
             self._counts[slot] = UNAVAILABLE
         self._counts[0] = 0
@@ -50,6 +54,7 @@ class Scoreboard:
             self._counts[number] = UNAVAILABLE
             self._lengths[number] = 0
             self._took_traffic[number] = 0
+            self._hands_off[number] = 0
             self._counts[0] = max(self._counts[0], number)
 
     def leave(self, number: int) -> None:
@@ -71,20 +76,43 @@ class Scoreboard:
         """Master: has worker `number` ever accepted a connection? (Untracked slots: yes.)"""
         return number >= SLOTS or bool(self._took_traffic[number])
 
-    def serving(self, number: int, request_line: bytes) -> None:
-        """Worker: its loop is now calling the app for `request_line` (not accepting)."""
-        if number < SLOTS:
-            self._counts[number] = UNAVAILABLE
-            text = request_line[:REQUEST_TEXT]
-            offset = self._text + REQUEST_TEXT * number
-            self._map[offset:offset + len(text)] = text
-            self._lengths[number] = len(text)
-            self._started[number] = time.monotonic()
+    def serving(self, number: int, request_line: bytes) -> bool:
+        """Worker: its loop is now calling the app for `request_line` (not accepting).
+        True if the master does not poll the calls now (see forkserve.handoff)."""
+        if number >= SLOTS:
+            return False
+        self._counts[number] = UNAVAILABLE
+        text = request_line[:REQUEST_TEXT]
+        offset = self._text + REQUEST_TEXT * number
+        self._map[offset:offset + len(text)] = text
+        self._started[number] = time.monotonic()
+        self._lengths[number] = len(text)
+        return not self._polled[0]
 
     def served(self, number: int) -> None:
         """Worker: its loop is back from the app."""
         if number < SLOTS:
             self._lengths[number] = 0
+
+    def mark_hands_off(self, number: int) -> None:
+        """Worker: it hands its waiting connections to peers when nudged."""
+        if number < SLOTS:
+            self._hands_off[number] = 1
+
+    def hands_off(self, number: int) -> bool:
+        """Master: does worker `number` hand connections to peers?"""
+        return number < SLOTS and bool(self._hands_off[number])
+
+    def set_polled(self, polled: bool) -> None:
+        """Master: whether it polls the workers' calls now."""
+        self._polled[0] = polled
+
+    def call_started(self, number: int) -> float:
+        """Worker: when its loop's current call into the app began (time.monotonic()), 0.0
+        if none runs (or the slot is not tracked)."""
+        if number >= SLOTS or not self._lengths[number]:
+            return 0.0
+        return self._started[number]
 
     def current_request(self, number: int) -> tuple[str, float] | None:
         """Master: the request worker `number`'s loop is in, and for how many seconds."""

@@ -1,18 +1,30 @@
-"""forkserve.handoff: the channel that carries connections between workers, and the thread
-that hands them over while the loop is in a long call (real sockets and threads; the
-end-to-end behaviour is in test_process.py)."""
+"""forkserve.handoff: the channel that carries connections between workers, the master's
+poller that spots long calls, and the worker's thread that hands connections over when
+nudged (real sockets, pipes, threads and scoreboard; the end-to-end behaviour is in
+test_process.py)."""
 
 from __future__ import annotations
 
 import array
+import os
+import select
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from forkserve.handoff import HANDOFF_AFTER, MAX_FDS, MAX_REPLAY, CallWatcher, HandoffChannel
+from forkserve.handoff import (
+    HANDOFF_AFTER,
+    MAX_FDS,
+    MAX_REPLAY,
+    POLL_EVERY,
+    SLOW_POLL,
+    CallPoller,
+    CallWatcher,
+    HandoffChannel,
+)
+from forkserve.scoreboard import UNAVAILABLE, Scoreboard
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -102,63 +114,95 @@ def test_messages_not_from_a_worker_are_dropped(channel, pairs):
     assert channel.receive() is None
 
 
-class Loop:
-    """Stands for a worker's loop thread: calls of a given length, connections waiting."""
+@pytest.fixture
+def board() -> Scoreboard:
+    """Two workers accepting; worker 1 hands connections over."""
+    scoreboard = Scoreboard()
+    for number in (1, 2):
+        scoreboard.join(number)
+        scoreboard.set(number, 0)
+    scoreboard.mark_hands_off(1)
+    return scoreboard
 
-    def __init__(self, channel: HandoffChannel, waiting: list, peers_free: bool = True) -> None:
-        self.waiting = waiting
-        self.free = peers_free
-        self.watcher = CallWatcher(channel, lambda: list(self.waiting), lambda: self.free)
 
-    def call(self, seconds: float) -> list:
-        self.watcher.call_begins(time.perf_counter())
-        time.sleep(seconds)
-        return self.watcher.call_ended()
+class Worker1:
+    """Stands for worker 1's loop thread: calls into the app, connections waiting; the
+    master's poller looks at its calls."""
+
+    def __init__(self, channel: HandoffChannel, board: Scoreboard, waiting: list) -> None:
+        self.channel = channel
+        self.board = board
+        self.nudge_r, self.nudge_w = os.pipe()
+        self.poller = CallPoller(board)
+        self.watcher = CallWatcher(channel, self.nudge_r, lambda: board.call_started(1),
+                                   lambda: list(waiting), lambda: board.has_available_peer(1))
+
+    def call(self, seconds: float, expect_hand_off: bool) -> list:
+        """A call of `seconds`, polled by the master every POLL_EVERY; what was handed."""
+        self.board.serving(1, b"GET /slow")
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, POLL_EVERY))  # the master's poll interval
+            self.poller.poll([(1, self.nudge_w)], time.monotonic())
+        if expect_hand_off:  # the watcher thread acts on the nudge: wait for what it sends
+            assert select.select([self.channel.fileno()], [], [], 5)[0]
+        self.board.served(1)
+        return self.watcher.call_ended() if self.watcher.attention else []
+
+    def close(self) -> None:
+        os.close(self.nudge_w)  # the watcher thread ends (EOF), as when the master is gone
+        self.watcher._thread.join(5)
+        os.close(self.nudge_r)
+        assert not self.watcher._thread.is_alive()
 
 
 @pytest.fixture
-def loops() -> Iterator[list[Loop]]:
-    made: list[Loop] = []
+def workers() -> Iterator[list[Worker1]]:
+    made: list[Worker1] = []
     yield made
-    for loop in made:
-        loop.watcher.close()
+    for worker in made:
+        worker.close()
 
 
-def test_a_long_call_hands_waiting_connections_over_once(channel, pairs, loops):
+def test_a_long_call_hands_waiting_connections_over_once(channel, pairs, board, workers):
     (a, _), (b, _) = _pairs(pairs, 2)
-    loop = Loop(channel, [(a.fileno(), "a", b""), (b.fileno(), "b", b"GET")])
-    loops.append(loop)
-    assert loop.call(0.0005) == []  # short: nothing moves
+    worker = Worker1(channel, board, [(a.fileno(), "a", b""), (b.fileno(), "b", b"GET")])
+    workers.append(worker)
+    assert worker.call(HANDOFF_AFTER / 5, expect_hand_off=False) == []  # short: nothing
     assert channel.receive() is None
-    handed = loop.call(HANDOFF_AFTER * 6)
+    handed = worker.call(HANDOFF_AFTER * 6, expect_hand_off=True)
     assert sorted(handed) == ["a", "b"]  # for the loop to close
     given = [channel.receive(), channel.receive()]
-    assert channel.receive() is None  # each went once, though the call was watched on
+    assert channel.receive() is None  # each went once, though the call was polled on
     assert sorted(replay for batch in given for _, replay in batch) == [b"", b"GET"]
     for batch in given:
         for sock, _ in batch:
             sock.close()
 
 
-def test_nothing_is_handed_while_no_peer_is_free(channel, pairs, loops):
+def test_nothing_is_handed_while_no_peer_is_free(channel, pairs, board, workers):
     (a, _), = _pairs(pairs, 1)
-    loop = Loop(channel, [(a.fileno(), "a", b"")], peers_free=False)
-    loops.append(loop)
-    assert loop.call(HANDOFF_AFTER * 4) == []
+    board.set(2, UNAVAILABLE)  # the peer is in a call too
+    worker = Worker1(channel, board, [(a.fileno(), "a", b"")])
+    workers.append(worker)
+    assert worker.call(HANDOFF_AFTER * 4, expect_hand_off=False) == []
     assert channel.receive() is None
+    assert select.select([worker.nudge_r], [], [], 0)[0] == []  # not even nudged
 
 
-def test_a_parked_watcher_wakes_for_the_next_call(channel, pairs, loops, monkeypatch):
+def test_the_master_stops_polling_when_calls_stop_and_a_new_call_says_so(board, monkeypatch):
     monkeypatch.setattr("forkserve.handoff.PARK_AFTER", 0.05)
-    (a, _), = _pairs(pairs, 1)
-    loop = Loop(channel, [(a.fileno(), "a", b"")])
-    loops.append(loop)
-    parked = threading.Event()
-    deadline = time.monotonic() + 5
-    while not loop.watcher._parked:
-        assert time.monotonic() < deadline, "the watcher never parked"
-        parked.wait(0.01)
-    assert loop.call(HANDOFF_AFTER * 6) == ["a"]
-    given = channel.receive()
-    assert len(given) == 1
-    given[0][0].close()
+    poller = CallPoller(board)
+    assert poller.timeout(1.0) == SLOW_POLL  # no long call seen yet
+    assert board.serving(1, b"GET /") is False  # polled: nothing to say
+    poller.poll([(1, -1)], time.monotonic() + HANDOFF_AFTER)  # a long one (-1: no nudge)
+    assert poller.timeout(1.0) == POLL_EVERY
+    board.served(1)
+    poller.poll([(1, -1)], time.monotonic())
+    poller.poll([(1, -1)], time.monotonic() + 0.1)  # no new call since
+    assert not poller.polling and poller.timeout(1.0) == 1.0
+    assert board.serving(1, b"GET /") is True  # the worker tells the master (CALLING)
+    poller.wake()
+    assert poller.polling and board.serving(1, b"GET /") is False
+    poller.poll([(1, -1)], time.monotonic() + 1.0)  # a call running keeps it polling
+    assert poller.polling

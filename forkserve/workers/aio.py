@@ -26,6 +26,7 @@ try:
     import uvloop
 except ImportError:  # asyncio's own loop then
     uvloop = None
+from forkserve import channel
 from forkserve.errors import EXIT_BOOT, StopNow
 from forkserve.handoff import CallWatcher
 from forkserve.http.base import error_response
@@ -54,6 +55,7 @@ from forkserve.wsgi_cycle import WSGICycle
 WS_CLOSE_MARGIN = 1.0
 # How long lifespan shutdown may take on a graceful stop.
 LIFESPAN_SHUTDOWN_SECONDS = 10.0
+CALLING_FRAME = channel.encode(channel.CALLING)
 # A pool thread waiting this long for a call ends (a new one starts when calls wait).
 THREAD_IDLE_SECONDS = CALM_SECONDS
 
@@ -99,8 +101,10 @@ class AsyncioWorker(Worker):
         self.watcher: CallWatcher | None = None
         if wsgi and not self.app_threaded and self.tls is None and not cfg.proxy_protocol:
             try:
-                self.watcher = CallWatcher(self.handoff, self._waiting_connections,
-                                           self._peers_free)
+                self.watcher = CallWatcher(
+                    self.handoff, self.handoff.nudges,
+                    lambda: self.scoreboard.call_started(self.number),
+                    self._waiting_connections, self._peers_free)
             except RuntimeError as exc:  # a process limit counts threads too
                 error_log.warning("worker %d cannot start its hand-off thread (%s): its "
                                   "connections will wait behind long calls into the app",
@@ -140,8 +144,6 @@ class AsyncioWorker(Worker):
                 self.loop.close()
             if self.pool is not None:
                 self.pool.close()
-            if self.watcher is not None:
-                self.watcher.close()
 
     async def _main(self) -> None:
         self.stopped = asyncio.Event()
@@ -162,6 +164,7 @@ class AsyncioWorker(Worker):
         self._set_accepting(True)
         if self.watcher is not None:
             loop.add_reader(self.handoff.fileno(), self._adopt)
+            self.scoreboard.mark_hands_off(self.number)
         self._publish()  # from now on peers may leave connections to this worker
         self._tick()
         self.serving = True
@@ -501,24 +504,26 @@ class AsyncioWorker(Worker):
     def in_app(self, cycle: WSGICycle, call: Callable[..., bool], *args: Any) -> bool:
         """`call(*args)`, a call into the app for `cycle` in the loop, which it blocks: the
         scoreboard says so meanwhile, so that peers do not wait for this worker to accept,
-        and the master can name the request if it hangs."""
+        the master can name the request if it hangs, and the watcher can hand the worker's
+        waiting connections to peers if it runs long (closed here as it returns)."""
         request = cycle.request
-        self.scoreboard.serving(self.number, request.method + b" " + request.target)
+        watcher = self.watcher
+        if self.scoreboard.serving(self.number, request.method + b" " + request.target) \
+                and watcher is not None:
+            try:
+                channel.send(self.channel_fd, CALLING_FRAME)  # the master polls again
+            except OSError:
+                pass  # the master is gone: the tick finds out
         auto = self.auto
         if auto is not None and not self.in_batch:
             auto.batch_begins()
         started = perf_counter()
-        watcher = self.watcher
-        if watcher is not None:
-            watcher.call_begins(started)
         try:
             return call(*args)
         finally:
-            if watcher is not None:
-                handed = watcher.call_ended()
-                if handed:
-                    self._close_handed(handed)
             self.scoreboard.served(self.number)
+            if watcher is not None and watcher.attention:
+                self._close_handed(watcher.call_ended())
             if auto is not None and auto.called_in_loop(perf_counter() - started,
                                                         self.loop.time()):
                 self._place_calls()
