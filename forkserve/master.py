@@ -101,6 +101,12 @@ class WorkerProcess:
         self.kill_reason = ""
         self.stop_signal = 0  # the stop signal it said it received (0: none)
 
+    def close_nudge_pipe(self) -> None:
+        """Close the master's end of its nudge pipe (it is gone)."""
+        if self.nudge_fd >= 0:
+            os.close(self.nudge_fd)
+            self.nudge_fd = -1
+
 
 class Master:
     """Supervises `cfg.workers` workers until stopped. `argv` is what started it (for HUP
@@ -627,7 +633,7 @@ class Master:
             while worker.fd >= 0 and self._read_channel(worker):
                 pass  # what a dead worker wrote last (a boot failure) is still in its pipe
             self._unwatch(worker)
-            os.close(worker.nudge_fd)
+            worker.close_nudge_pipe()
             self.scoreboard.leave(worker.number)
             self.served_by_gone += worker.served
             self._report_exit(worker, wait_status)
@@ -816,8 +822,11 @@ class Master:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-            self._unwatch(self.workers.pop(pid))
+            worker = self.workers.pop(pid)
+            self._unwatch(worker)
+            worker.close_nudge_pipe()
         self._close_listeners()
+        self.handoff.close()
         if self.pidfile is not None:
             self.pidfile.remove()
         signal.set_wakeup_fd(-1)
