@@ -146,6 +146,7 @@ class CallPoller:
             self.polling = True
             self._last_call = time.monotonic()
             self.scoreboard.set_polled(True)
+            error_log.debug("a call into the app began: watching calls again")
 
     def poll(self, workers: Iterable[tuple[int, int]], now: float) -> None:
         """Look at the calls of `workers`, (number, nudge pipe) pairs, at `now`
@@ -170,6 +171,8 @@ class CallPoller:
         if now - self._last_call >= PARK_AFTER:
             self.polling = False
             scoreboard.set_polled(False)
+            error_log.debug("no call into the app running for %g s: watching calls only once "
+                            "one begins", PARK_AFTER)
 
 
 class CallWatcher:

@@ -345,6 +345,23 @@ def test_connections_waiting_behind_a_long_call_are_served_by_the_other_worker(s
         assert a3r.response().body == a_pid
 
 
+@pytest.mark.timeout(60)
+def test_a_long_call_after_a_quiet_spell_is_watched_too(start_server):
+    """With no call running for a second the master stops polling the workers' calls; a
+    worker beginning one tells it, so the connections waiting behind it still move."""
+    server = start_server("wsgiapp:app", "-w", "2", "--threads", "1", "--log-level", "debug")
+    with _connections_by_worker(server, 2) as (a_pid, a_conns, b_pid, _):
+        (a1, a1r), (a2, a2r) = a_conns[:2]
+        mark = server.mark()
+        server.wait_for("watching calls only once one begins", start=mark)
+        _get(a1, "/sleep?s=2&tag=long")
+        server.wait_for("SLEEPING long", start=mark)
+        _get(a2, "/pid")
+        assert a2r.response().body == b_pid
+        server.wait_for("watching calls again", start=mark)
+        assert a1r.response().body == a_pid
+
+
 def test_threads_serve_concurrently_and_idle_connections_pin_no_thread(start_server):
     server = start_server("wsgiapp:app", "-w", "1", "--threads", "2")
     idle = []
