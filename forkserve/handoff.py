@@ -82,6 +82,7 @@ class HandoffChannel:
         """Pass the connections `fds` (the sender still has to close its own descriptors),
         with `replay`, the bytes of a request already read from the one connection in `fds`
         (at most MAX_REPLAY); returns how many went (0 when the queue is full)."""
+        assert not replay or len(fds) == 1, "request bytes go with one connection only"
         sent = 0
         while sent < len(fds):
             batch = fds[sent:sent + MAX_FDS]
@@ -95,13 +96,17 @@ class HandoffChannel:
 
     def receive(self) -> list[tuple[socket.socket, bytes]] | None:
         """The connections of one message, each with the bytes it already brought (possibly
-        none, if the message was not ours), or None when no message waits. The sockets are
-        blocking, as accept() returns them."""
+        none, if the message was not ours), or None when no message waits. (The sockets are
+        non-blocking: the sender's event loop made them so, and the flag is the
+        connection's, not the descriptor's.)"""
         try:
-            size, ancillary, _, _ = self._out.recvmsg_into(
+            size, ancillary, flags, _ = self._out.recvmsg_into(
                 [self._buffer], socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return None
+        if flags & socket.MSG_CTRUNC:  # out of descriptors: the kernel dropped some
+            error_log.error("lost connections handed over by another worker: this one is out "
+                            "of file descriptors")
         fds = array.array("i")
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -143,15 +148,20 @@ class CallPoller:
     def wake(self) -> None:
         """A worker began a call while the master was not polling."""
         if not self.polling:
-            self.polling = True
-            self._last_call = time.monotonic()
-            self.scoreboard.set_polled(True)
+            self._resume(time.monotonic())
             error_log.debug("a call into the app began: watching calls again")
+
+    def _resume(self, now: float) -> None:
+        self.polling = True
+        self._last_call = now
+        # The next two looks come soon: the call that woke the master may be a long one.
+        self._fast_until = max(self._fast_until, now + 2 * POLL_EVERY)
+        self.scoreboard.set_polled(True)
 
     def poll(self, workers: Iterable[tuple[int, int]], now: float) -> None:
         """Look at the calls of `workers`, (number, nudge pipe) pairs, at `now`
         (time.monotonic()): nudge those in a call for HANDOFF_AFTER while a peer is free
-        (each time: a connection may have come, or a peer been busy when it looked)."""
+        (each time: a peer may have been busy, or the channel full, when it last looked)."""
         if not self.polling:
             return
         scoreboard = self.scoreboard
@@ -163,7 +173,7 @@ class CallPoller:
             if now - started < HANDOFF_AFTER:
                 continue
             self._fast_until = now + FAST_FOR
-            if scoreboard.hands_off(number) and scoreboard.has_available_peer(number):
+            if scoreboard.hands_off(number) and scoreboard.has_free_adopter(number):
                 try:
                     os.write(nudge_fd, b".")
                 except OSError:  # full (it is not reading), or gone
@@ -171,6 +181,10 @@ class CallPoller:
         if now - self._last_call >= PARK_AFTER:
             self.polling = False
             scoreboard.set_polled(False)
+            # A call that began just before a worker could see that it must tell: look again.
+            if any(scoreboard.call_started(number) for number, _ in workers):
+                self._resume(now)
+                return
             error_log.debug("no call into the app running for %g s: watching calls only once "
                             "one begins", PARK_AFTER)
 
@@ -203,6 +217,7 @@ class CallWatcher:
         self._lock = threading.Lock()
         self._handed: list[Any] = []
         self._handed_fds: set[int] = set()
+        self._done_for = 0.0  # the call everything waiting was handed for
         self._thread = threading.Thread(target=self._run, name="forkserve-handoff",
                                         daemon=True)
         self._thread.start()
@@ -225,7 +240,10 @@ class CallWatcher:
                 continue
             except OSError:
                 return
-            self.hand_off()
+            try:
+                self.hand_off()
+            except Exception:  # not to end the thread: the next nudge tries again
+                error_log.exception("handing connections to other workers failed")
 
     def hand_off(self) -> None:
         """Hand over the waiting connections if the loop's call has run HANDOFF_AFTER and a
@@ -233,7 +251,9 @@ class CallWatcher:
         with self._lock:
             self.attention = True
             started = self.call_started()  # the call may have ended meanwhile
-            if started and time.monotonic() - started >= HANDOFF_AFTER and self.peers_free():
+            # (While the call runs no connection comes: once all went, nudges change nothing.)
+            if started and started != self._done_for \
+                    and time.monotonic() - started >= HANDOFF_AFTER and self.peers_free():
                 self._send(started)
             if not self._handed:
                 self.attention = False
@@ -241,6 +261,7 @@ class CallWatcher:
     def _send(self, started: float) -> None:
         handed = len(self._handed)
         plain = []
+        missed = 0  # waiting connections that could not go (a full queue, a long request)
         for fd, owner, replay in self.waiting():
             if fd in self._handed_fds:
                 continue
@@ -249,10 +270,14 @@ class CallWatcher:
             elif self.channel.send([fd], replay):
                 self._handed_fds.add(fd)
                 self._handed.append(owner)
+            else:
+                missed += 1
         sent = self.channel.send([fd for fd, _ in plain])
         for fd, owner in plain[:sent]:
             self._handed_fds.add(fd)
             self._handed.append(owner)
+        if not missed and sent == len(plain):
+            self._done_for = started
         if len(self._handed) > handed:
             error_log.debug("a call into the app has run for %.0f ms: handed %d waiting "
                             "connections to other workers",

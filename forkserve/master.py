@@ -211,7 +211,8 @@ class Master:
             timeout = min(timeout, self.notify.watchdog_interval)
         if self.spawn_not_before:
             timeout = max(0.0, min(timeout, self.spawn_not_before - time.monotonic()))
-        timeout = self.call_poller.timeout(timeout)
+        if self.stop_deadline is None:
+            timeout = self.call_poller.timeout(timeout)
         self.turn_due = time.monotonic() + timeout
         self._read_ready(timeout)
 
@@ -514,8 +515,12 @@ class Master:
         except BaseException:
             error_log.exception("worker %d failed", number)
         finally:
-            logs.flush()
-            os._exit(status)
+            # Never back into the master's code, whatever is raised here (a stop signal's
+            # StopNow while the logs flush): the child would run the master's clean-up.
+            try:
+                logs.flush()
+            finally:
+                os._exit(status)
 
     def _read_channel(self, worker: WorkerProcess) -> bool:
         """Read what the worker wrote; False once nothing more can be read now."""

@@ -94,21 +94,30 @@ class Scoreboard:
         if number < SLOTS:
             self._lengths[number] = 0
 
-    def mark_hands_off(self, number: int) -> None:
-        """Worker: it hands its waiting connections to peers when nudged."""
+    def mark_hands_off(self, number: int, on: bool) -> None:
+        """Worker: it hands its waiting connections to peers when nudged, and adopts theirs
+        (until it stops)."""
         if number < SLOTS:
-            self._hands_off[number] = 1
+            self._hands_off[number] = on
 
     def hands_off(self, number: int) -> bool:
         """Master: does worker `number` hand connections to peers?"""
         return number < SLOTS and bool(self._hands_off[number])
+
+    def has_free_adopter(self, number: int) -> bool:
+        """Worker or master: is another worker that adopts handed connections accepting now
+        (not busy in the app, not stopping)?"""
+        counts = self._counts
+        hands_off = self._hands_off
+        return any(counts[slot] != UNAVAILABLE and hands_off[slot] and slot != number
+                   for slot in range(1, counts[0] + 1))
 
     def set_polled(self, polled: bool) -> None:
         """Master: whether it polls the workers' calls now."""
         self._polled[0] = polled
 
     def call_started(self, number: int) -> float:
-        """Worker: when its loop's current call into the app began (time.monotonic()), 0.0
+        """Worker or master: when its loop's current call into the app began (time.monotonic()), 0.0
         if none runs (or the slot is not tracked)."""
         if number >= SLOTS or not self._lengths[number]:
             return 0.0
@@ -133,10 +142,4 @@ class Scoreboard:
         if threshold < 0:
             return False
         return any(counts[slot] <= threshold and slot != number
-                   for slot in range(1, counts[0] + 1))
-
-    def has_available_peer(self, number: int) -> bool:
-        """Worker: is another worker accepting connections now (not busy in the app)?"""
-        counts = self._counts
-        return any(counts[slot] != UNAVAILABLE and slot != number
                    for slot in range(1, counts[0] + 1))

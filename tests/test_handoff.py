@@ -121,7 +121,8 @@ def board() -> Scoreboard:
     for number in (1, 2):
         scoreboard.join(number)
         scoreboard.set(number, 0)
-    scoreboard.mark_hands_off(1)
+    scoreboard.mark_hands_off(1, True)
+    scoreboard.mark_hands_off(2, True)
     return scoreboard
 
 
@@ -135,7 +136,7 @@ class Worker1:
         self.nudge_r, self.nudge_w = os.pipe()
         self.poller = CallPoller(board)
         self.watcher = CallWatcher(channel, self.nudge_r, lambda: board.call_started(1),
-                                   lambda: list(waiting), lambda: board.has_available_peer(1))
+                                   lambda: list(waiting), lambda: board.has_free_adopter(1))
 
     def call(self, seconds: float, expect_hand_off: bool) -> list:
         """A call of `seconds`, polled by the master every POLL_EVERY; what was handed."""
@@ -180,9 +181,13 @@ def test_a_long_call_hands_waiting_connections_over_once(channel, pairs, board, 
             sock.close()
 
 
-def test_nothing_is_handed_while_no_peer_is_free(channel, pairs, board, workers):
+@pytest.mark.parametrize("peer", ["in a call", "not adopting"])
+def test_nothing_is_handed_while_no_peer_is_free(channel, pairs, board, workers, peer):
     (a, _), = _pairs(pairs, 1)
-    board.set(2, UNAVAILABLE)  # the peer is in a call too
+    if peer == "in a call":
+        board.set(2, UNAVAILABLE)
+    else:  # stopping, or serving in a way that hands nothing over (it does not read them)
+        board.mark_hands_off(2, False)
     worker = Worker1(channel, board, [(a.fileno(), "a", b"")])
     workers.append(worker)
     assert worker.call(HANDOFF_AFTER * 4, expect_hand_off=False) == []

@@ -96,6 +96,8 @@ class AsyncioWorker(Worker):
         self.in_threads: set[WSGICycle] = set()
         self.ready: deque[WSGICycle] = deque()  # requests read in this turn of the loop
         self.in_batch = False  # _run_ready is calling the app for them
+        self.opening: set[int] = set()  # descriptors accepted, their protocol not yet made
+        self.handed_opening: set[int] = set()  # of those, handed to a peer meanwhile
         # Calls into the app in the loop hand its waiting connections to peers once they run
         # long (forkserve.handoff); not TLS or PROXY connections, whose state is ours alone.
         self.watcher: CallWatcher | None = None
@@ -109,8 +111,6 @@ class AsyncioWorker(Worker):
                 error_log.warning("worker %d cannot start its hand-off thread (%s): its "
                                   "connections will wait behind long calls into the app",
                                   self.number, exc)
-        self.opening: set[int] = set()  # descriptors accepted, their protocol not yet made
-        self.handed_opening: set[int] = set()  # of those, handed to a peer meanwhile
         self.connections: set[HTTPProtocol] = set()
         # Connections waiting for a request that has not begun, longest waiting first.
         self.idle: dict[HTTPProtocol, None] = {}
@@ -162,9 +162,8 @@ class AsyncioWorker(Worker):
         for listener in self.listeners:
             listener.sock.setblocking(False)
         self._set_accepting(True)
-        if self.watcher is not None:
-            loop.add_reader(self.handoff.fileno(), self._adopt)
-            self.scoreboard.mark_hands_off(self.number)
+        if self.watcher is not None:  # (the watcher waits for this before it acts)
+            self.scoreboard.mark_hands_off(self.number, True)
         self._publish()  # from now on peers may leave connections to this worker
         self._tick()
         self.serving = True
@@ -217,7 +216,7 @@ class AsyncioWorker(Worker):
         self.serving = False  # a second stop signal has nothing to wake (the loop may close)
         self._set_accepting(False)
         if self.watcher is not None:
-            self.loop.remove_reader(self.handoff.fileno())
+            self.scoreboard.mark_hands_off(self.number, False)
         for listener in self.listeners:
             listener.sock.close()
         for protocol in list(self.connections):
@@ -258,6 +257,11 @@ class AsyncioWorker(Worker):
                 self.loop.add_reader(listener.sock.fileno(), self._accept, listener.sock)
             else:
                 self.loop.remove_reader(listener.sock.fileno())
+        if self.watcher is not None:  # connections handed by peers: taken like new ones
+            if on:
+                self.loop.add_reader(self.handoff.fileno(), self._adopt)
+            else:
+                self.loop.remove_reader(self.handoff.fileno())
 
     def _resume_accepting(self, forced: bool = True) -> None:
         """End a pause of accepting; `forced`: accept one connection even if a peer is
@@ -304,7 +308,8 @@ class AsyncioWorker(Worker):
         self._publish()  # count it now: peers must see this worker's load at once
         if self.tls is None and not self.cfg.proxy_protocol:
             fd = sock.fileno()
-            self.opening.add(fd)
+            if not replay:  # (one with bytes is handed on only once its protocol has them)
+                self.opening.add(fd)
             self._open(self.loop.connect_accepted_socket(
                 lambda: HTTPProtocol(self, replay=replay), sock), sock, fd)
         else:
@@ -551,13 +556,14 @@ class AsyncioWorker(Worker):
         return list(waiting.values())
 
     def _peers_free(self) -> bool:
-        return self.scoreboard.has_available_peer(self.number)
+        return self.scoreboard.has_free_adopter(self.number)
 
     def _close_handed(self, handed: list[Any]) -> None:
         """Close this worker's descriptors of connections a peer now serves: a protocol now,
         a connection still opening as its protocol is made (see connection_opened)."""
         for owner in handed:
             if type(owner) is int:
+                self.opening.discard(owner)  # not to be handed again in the next call
                 self.handed_opening.add(owner)
                 continue
             cycle = owner.cycle

@@ -148,7 +148,8 @@ class HTTPProtocol(asyncio.Protocol):
             self.ws.receive_data(data)
             return
         if self.keep_last_read:
-            self.last_read = data if self.cycle is None and not self.conn.buffered() else None
+            self.last_read = data if self.cycle is None and len(data) <= MAX_REPLAY \
+                and not self.conn.buffered() else None
         self.conn.receive_data(data)
         self._process()
         # The keep-alive timer runs on until a whole request head is in; once a head has
@@ -249,7 +250,7 @@ class HTTPProtocol(asyncio.Protocol):
         connection: read in one piece, with nothing after it, over plain HTTP without a
         PROXY header; else b"" (also when they exceed MAX_REPLAY)."""
         data = self.last_read
-        if data is None or len(data) > MAX_REPLAY or not self._plain_and_quiet():
+        if data is None or not self._quiet():
             return b""
         return data
 
@@ -257,15 +258,15 @@ class HTTPProtocol(asyncio.Protocol):
         """(Another thread, while the loop is in the app.) Whether a peer worker could serve
         this connection as a new one: it waits for a request with nothing of it read, over
         plain HTTP without a PROXY header."""
-        return self.cycle is None and self._plain_and_quiet()
+        return self.cycle is None and self._quiet()
 
-    def _plain_and_quiet(self) -> bool:
-        """Plain HTTP, no PROXY header, not closing, nothing unparsed, nothing unsent."""
+    def _quiet(self) -> bool:
+        """Not closing, nothing unparsed, nothing unsent, no WebSocket. (TLS and PROXY
+        connections are never asked: their workers hand nothing over.)"""
         transport = self.transport
-        return (self.ws is None and not self.closed and self.fd >= 0 and self.tls is None
-                and self.proxy_header is None and not self.reading_paused
-                and not transport.is_closing() and not transport.get_write_buffer_size()
-                and not self.conn.buffered())
+        return (self.ws is None and not self.closed and self.fd >= 0
+                and not self.reading_paused and not transport.is_closing()
+                and not transport.get_write_buffer_size() and not self.conn.buffered())
 
     # -- parsing ----------------------------------------------------------------------------------
 
@@ -489,6 +490,7 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _next_cycle(self) -> None:
         self.cycle = None
+        self.last_read = None
         if not self.conn.start_next_cycle():
             self.close()
             return
