@@ -31,7 +31,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from forkserve.logs import error_log
@@ -158,7 +158,7 @@ class CallPoller:
         self._fast_until = max(self._fast_until, now + 2 * POLL_EVERY)
         self.scoreboard.set_polled(True)
 
-    def poll(self, workers: Iterable[tuple[int, int]], now: float) -> None:
+    def poll(self, workers: Sequence[tuple[int, int]], now: float) -> None:
         """Look at the calls of `workers`, (number, nudge pipe) pairs, at `now`
         (time.monotonic()): nudge those in a call for HANDOFF_AFTER while a peer is free
         (each time: a peer may have been busy, or the channel full, when it last looked)."""

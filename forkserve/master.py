@@ -193,8 +193,8 @@ class Master:
             self._reap()
             now = time.monotonic()
             if self.stop_deadline is None:
-                self.call_poller.poll(((worker.number, worker.nudge_fd)
-                                       for worker in self.workers.values()), now)
+                self.call_poller.poll([(worker.number, worker.nudge_fd)
+                                       for worker in self.workers.values()], now)
                 self._check_hung(now)
                 self._stop_replaced()
                 self._tell_systemd(now)
@@ -638,7 +638,6 @@ class Master:
             while worker.fd >= 0 and self._read_channel(worker):
                 pass  # what a dead worker wrote last (a boot failure) is still in its pipe
             self._unwatch(worker)
-            worker.close_nudge_pipe()
             self.scoreboard.leave(worker.number)
             self.served_by_gone += worker.served
             self._report_exit(worker, wait_status)
@@ -681,6 +680,7 @@ class Master:
         self._backoff()
 
     def _unwatch(self, worker: WorkerProcess) -> None:
+        worker.close_nudge_pipe()  # (a worker without its pipe is not nudged either)
         if worker.fd < 0:
             return
         self.selector.unregister(worker.fd)
@@ -827,9 +827,7 @@ class Master:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-            worker = self.workers.pop(pid)
-            self._unwatch(worker)
-            worker.close_nudge_pipe()
+            self._unwatch(self.workers.pop(pid))
         self._close_listeners()
         self.handoff.close()
         if self.pidfile is not None:

@@ -117,8 +117,8 @@ class Scoreboard:
         self._polled[0] = polled
 
     def call_started(self, number: int) -> float:
-        """Worker or master: when its loop's current call into the app began (time.monotonic()), 0.0
-        if none runs (or the slot is not tracked)."""
+        """Worker or master: when worker `number`'s loop began its current call into the app
+        (time.monotonic()); 0.0 if none runs (or the slot is not tracked)."""
         if number >= SLOTS or not self._lengths[number]:
             return 0.0
         return self._started[number]

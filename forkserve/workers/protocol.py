@@ -231,8 +231,7 @@ class HTTPProtocol(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
-        """Drop the connection now, whatever is buffered for it. (Closing the descriptor does
-        not shut the connection down: a peer worker it was handed to serves on.)"""
+        """Drop the connection now, whatever is buffered for it."""
         if not self.closed:
             self.transport.abort()
 
@@ -247,8 +246,8 @@ class HTTPProtocol(asyncio.Protocol):
     def replay(self) -> bytes:
         """(Another thread, while the loop is in the app.) The bytes of this connection's
         request, queued for the app, if a peer worker could serve it from them as a new
-        connection: read in one piece, with nothing after it, over plain HTTP without a
-        PROXY header; else b"" (also when they exceed MAX_REPLAY)."""
+        connection: read in one piece of at most MAX_REPLAY bytes, with nothing after it;
+        else b""."""
         data = self.last_read
         if data is None or not self._quiet():
             return b""
@@ -256,8 +255,7 @@ class HTTPProtocol(asyncio.Protocol):
 
     def may_hand_off(self) -> bool:
         """(Another thread, while the loop is in the app.) Whether a peer worker could serve
-        this connection as a new one: it waits for a request with nothing of it read, over
-        plain HTTP without a PROXY header."""
+        this connection as a new one: it waits for a request with nothing of it read."""
         return self.cycle is None and self._quiet()
 
     def _quiet(self) -> bool:
