@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.chdir:
             os.chdir(cfg.chdir)
         try:
-            logs.setup(cfg.log_level, cfg.error_logfile, cfg.access_logfile)
+            logs.setup(cfg)
         except OSError as exc:
             raise ConfigError(f"cannot open log file {exc.filename}: {exc.strerror}") from None
         check_app_module(cfg.app, cfg.chdir)

@@ -89,6 +89,13 @@ class Config:
     error_logfile: str
     access_logfile: str | None
     access_log_format: str
+    log_config: str | None
+    log_format: str
+    logconfig_dict: dict[str, Any] | None  # from a config file only
+    reload: bool
+    reload_dirs: list[str]
+    reload_include: list[str]
+    reload_exclude: list[str]
     hooks: dict[str, Callable[..., Any]]
     config: str | None
     sources: dict[str, str]
@@ -99,6 +106,7 @@ class Config:
             default = setting.default
             setattr(self, setting.name, list(default) if setting.repeat else default)
         self.app = DEFAULT_APP
+        self.logconfig_dict = None
         self.hooks = {}
         self.config = None
         self.sources = {}
@@ -209,6 +217,12 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Config
            lambda name: f"environment {BY_NAME[name].env if name in BY_NAME else APP_ENV}")
     _layer(values, sources, given, lambda name: "command line")
     cfg = Config(**values)
+    if cfg.reload and cfg.preload:
+        raise ConfigError("--reload cannot be used with --preload: the master would keep "
+                          "the code it loaded, so no change could ever reach the workers")
+    if cfg.log_config and cfg.logconfig_dict is not None:
+        raise ConfigError(f"--log-config and the config file's {LOGCONFIG_DICT} both "
+                          "configure logging: keep one")
     cfg.hooks = hooks
     cfg.config = os.path.abspath(path) if path else None
     cfg.sources = sources
@@ -269,6 +283,8 @@ def load_config_file(path: str) -> tuple[dict[str, Any], dict[str, Callable[...,
             if not isinstance(value, str):
                 raise ConfigError(f"config file {where}: app: expected a string, got {value!r}")
             values[name] = value
+        elif name == LOGCONFIG_DICT:
+            values[name] = _logconfig_dict(value, where)
         elif name in BY_NAME:
             values[name] = _checked(BY_NAME[name], value, where)
         else:
@@ -309,9 +325,27 @@ def _load_python(path: str) -> tuple[dict[str, Any], dict[str, Callable[..., Any
             if not isinstance(value, str):
                 raise ConfigError(f"config file {path}: app must be a string")
             values[name] = value
+        elif name == LOGCONFIG_DICT:
+            values[name] = _logconfig_dict(value, path)
         elif not callable(value):
             raise ConfigError(f"config file {path}: unknown setting {name!r}")
     return values, hooks
+
+
+# A config file's logging configuration given inline (gunicorn's name): a dictConfig dict.
+LOGCONFIG_DICT = "logconfig_dict"
+
+
+def _logconfig_dict(value: Any, where: str) -> dict[str, Any]:
+    """A logconfig_dict checked as far as it can be before it is applied (logs.setup
+    applies it, and says what dictConfig refuses)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"config file {where}: {LOGCONFIG_DICT}: expected a dictionary for "
+                          f"logging.config.dictConfig, got {type(value).__name__}")
+    if value.get("version") != 1:
+        raise ConfigError(f"config file {where}: {LOGCONFIG_DICT}: needs \"version\": 1 "
+                          "(logging.config.dictConfig's schema)")
+    return value
 
 
 def describe(cfg: Config) -> str:

@@ -19,6 +19,10 @@ import os
 import sys
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from forkserve.config import Config
 
 ERROR_LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
@@ -27,8 +31,9 @@ error_log = logging.getLogger("forkserve.error")
 access_log = logging.getLogger("forkserve.access")
 
 
-def setup(level: str, error_logfile: str, access_logfile: str | None) -> None:
+def setup(cfg: Config) -> None:
     """Point the error and access loggers at their files ('-' for stderr/stdout)."""
+    level, error_logfile, access_logfile = cfg.log_level, cfg.error_logfile, cfg.access_logfile
     error_log.handlers.clear()
     error_log.propagate = False
     error_log.setLevel(level.upper())

@@ -336,7 +336,7 @@ class Master:
                               "keeping it %s", "off" if self.tls is None else "on")
             tls = self.tls
         try:
-            logs.setup(cfg.log_level, cfg.error_logfile, cfg.access_logfile)
+            logs.setup(cfg)
         except OSError as exc:
             error_log.error("HUP: cannot open log file %s: %s", exc.filename, exc.strerror)
             return

@@ -125,6 +125,27 @@ def _access_log_format(text: str) -> str:
     return text
 
 
+# --reload's defaults: what changes reload, and what is never looked into.
+RELOAD_INCLUDE = ("*.py",)
+RELOAD_EXCLUDE = (".*", "*~", "__pycache__", "node_modules", "venv")
+LOG_CONFIG_SUFFIXES = (".json", ".toml", ".ini", ".conf", ".cfg")
+
+
+def _pattern(text: str) -> str:
+    if not text or "/" in text:
+        raise ValueError(f"expected a file name pattern such as '*.py' (no '/'), got {text!r}")
+    return text
+
+
+def _log_config_file(text: str) -> str:
+    if not text.endswith(LOG_CONFIG_SUFFIXES):
+        raise ValueError(f"expected a file ending in {', '.join(LOG_CONFIG_SUFFIXES)}, "
+                         f"got {text!r}")
+    if not os.path.isfile(text):
+        raise ValueError(f"no such file: {text!r}")
+    return os.path.abspath(text)
+
+
 def _text(text: str) -> str:
     return text
 
@@ -408,6 +429,51 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="DIR", section="app",
     ),
     Setting(
+        "reload", ("--reload",), False, _flag,
+        "For development, not production: when a source file changes (see --reload-dir, "
+        "--reload-include, --reload-exclude), do what HUP does: start workers with the new "
+        "code, then stop the old ones gracefully. Code that fails to load is logged once and "
+        "the old workers keep serving until the next change. Uses watchfiles when installed "
+        "(pip install 'forkserve[reload]'), else polls the files. Refused with --preload.",
+        flag=True, section="development",
+    ),
+    Setting(
+        "reload_dirs", ("--reload-dir",), [], _directory,
+        "With --reload: a directory to watch, with its subdirectories. Repeat for several. "
+        "Default: the working directory (--chdir's).", metavar="DIR", repeat=True,
+        section="development",
+    ),
+    Setting(
+        "reload_include", ("--reload-include",), list(RELOAD_INCLUDE), _pattern,
+        "With --reload: a glob pattern of file names whose changes reload. Repeat for "
+        f"several; giving any replaces the default ({', '.join(RELOAD_INCLUDE)}).",
+        metavar="PATTERN", repeat=True, section="development",
+    ),
+    Setting(
+        "reload_exclude", ("--reload-exclude",), list(RELOAD_EXCLUDE), _pattern,
+        "With --reload: a glob pattern of file or directory names to ignore (a directory "
+        "that matches is not looked into). Repeat for several; giving any replaces the "
+        f"default ({', '.join(RELOAD_EXCLUDE)}).", metavar="PATTERN", repeat=True,
+        section="development",
+    ),
+    Setting(
+        "log_config", ("--log-config",), None, _log_config_file,
+        "A logging configuration applied in the master and every worker, so that "
+        "forkserve's loggers (forkserve.error, forkserve.access) go where the app's do: a "
+        "logging.config.dictConfig as JSON (.json) or TOML (.toml), or an INI file for "
+        "logging.config.fileConfig (.ini, .conf, .cfg). It replaces --error-logfile and "
+        "--log-format; --log-level still sets forkserve.error's level unless the file "
+        "does. Access lines are written when it configures forkserve.access (or with "
+        "--access-logfile). A Python or TOML config file may give the dictionary itself as "
+        "logconfig_dict.", metavar="FILE", section="logging",
+    ),
+    Setting(
+        "log_format", ("--log-format",), "text", _choice("text", "json"),
+        "Error log records as text lines, or as one JSON object a line (time, level, pid, "
+        "logger, message, and the traceback if any) for log shippers.", metavar="FORMAT",
+        section="logging",
+    ),
+    Setting(
         "log_level", ("--log-level",), "info", _log_level,
         f"Error log verbosity: {', '.join(LOG_LEVELS)}.", metavar="LEVEL", section="logging",
     ),
@@ -425,7 +491,10 @@ SETTINGS: tuple[Setting, ...] = (
         _access_log_format,
         "Access log line format, with gunicorn's atoms: %(h)s remote address, %(t)s time, "
         '%(r)s request line, %(s)s status, %(b)s body bytes, %(D)s microseconds, '
-        "%({header}i)s request header, %({header}o)s response header and more.",
+        "%({header}i)s request header, %({header}o)s response header and more. 'json' "
+        "writes one JSON object a line instead: time (RFC 3339), remote_addr, method, path, "
+        "query, protocol, status, bytes, duration_us, referer, user_agent, request_id (the "
+        "X-Request-ID header).",
         metavar="FORMAT", section="logging",
     ),
 )
