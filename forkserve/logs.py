@@ -1,8 +1,10 @@
 """Error log and access log.
 
 The error log is the stdlib logger "forkserve.error"; the access log is "forkserve.access",
-written only when `--access-logfile` is given, one line per response in the format of
-`--access-log-format`. The format uses gunicorn's atoms so existing formats keep working:
+written only when `--access-logfile` is given or a logging configuration (`--log-config`,
+logconfig_dict) sets that logger up, one line per response in the format of
+`--access-log-format`, or one JSON object a line with `--access-log-format json`. The
+format uses gunicorn's atoms so existing formats keep working:
 
     h remote address      l '-'              u remote user ('-')     t [time]
     r request line        m method           U path                  q query string
@@ -14,12 +16,23 @@ written only when `--access-logfile` is given, one line per response in the form
 
 from __future__ import annotations
 
+import configparser
+import json
 import logging
+import logging.config
 import os
 import sys
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from forkserve.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 if TYPE_CHECKING:
     from forkserve.config import Config
@@ -32,20 +45,98 @@ access_log = logging.getLogger("forkserve.access")
 
 
 def setup(cfg: Config) -> None:
-    """Point the error and access loggers at their files ('-' for stderr/stdout)."""
-    level, error_logfile, access_logfile = cfg.log_level, cfg.error_logfile, cfg.access_logfile
-    error_log.handlers.clear()
-    error_log.propagate = False
-    error_log.setLevel(level.upper())
-    error_log.addHandler(_handler(error_logfile, sys.stderr, ERROR_LOG_FORMAT))
-    access_log.handlers.clear()
-    access_log.propagate = False
-    access_log.setLevel(logging.INFO)
-    if access_logfile is None:
+    """Configure logging for this process (and the workers it forks): with --log-config or
+    a config file's logconfig_dict, as that says; else the error log to --error-logfile
+    ('-': stderr) in --log-format. The access log goes to --access-logfile ('-': stdout) if
+    given, and is on when that or the logging configuration sets up forkserve.access.
+
+    Raises ConfigError for a logging configuration that cannot be applied, OSError for a
+    log file that cannot be opened."""
+    for logger in (error_log, access_log):
+        logger.handlers.clear()
+        logger.setLevel(logging.NOTSET)
+        logger.disabled = False
+        logger.propagate = True
+    configured = _apply_config(cfg.log_config, cfg.logconfig_dict)
+    if configured is None:
+        error_log.propagate = False
+        error_log.addHandler(_handler(cfg.error_logfile, sys.stderr, _error_formatter(cfg)))
+    if error_log.level == logging.NOTSET:
+        error_log.setLevel(cfg.log_level.upper())
+    if cfg.access_logfile is not None:
+        access_log.propagate = False
+        access_log.addHandler(_handler(cfg.access_logfile, sys.stdout,
+                                       logging.Formatter("%(message)s")))
+    elif configured is None or ACCESS_LOGGER not in configured:
         access_log.disabled = True
-    else:
-        access_log.disabled = False
-        access_log.addHandler(_handler(access_logfile, sys.stdout, "%(message)s"))
+    if access_log.level == logging.NOTSET:
+        access_log.setLevel(logging.INFO)
+
+
+ACCESS_LOGGER = "forkserve.access"
+
+
+def _apply_config(path: str | None, config: dict[str, Any] | None) -> set[str] | None:
+    """Apply a --log-config file or a logconfig_dict; return the names of the loggers it
+    configures (None when there is none). Loggers it does not name keep working (they are
+    not disabled unless it says disable_existing_loggers)."""
+    if path is None and config is None:
+        return None
+    where = f"--log-config {path}" if path else "logconfig_dict"
+    try:
+        if path is not None and path.endswith((".ini", ".conf", ".cfg")):
+            parser = configparser.ConfigParser(interpolation=None)
+            if not parser.read(path, encoding="utf-8"):
+                raise OSError(f"cannot read {path}")
+            logging.config.fileConfig(parser, disable_existing_loggers=False)
+            return {parser.get(f"logger_{key.strip()}", "qualname", fallback=key.strip())
+                    for key in parser.get("loggers", "keys", fallback="").split(",")}
+        if path is not None:
+            with open(path, "rb") as f:
+                config = tomllib.load(f) if path.endswith(".toml") else json.load(f)
+            if not isinstance(config, dict):
+                raise ValueError("expected a dictionary for logging.config.dictConfig")
+        assert config is not None
+        logging.config.dictConfig({"disable_existing_loggers": False, **config})
+    except KeyError as exc:  # (fileConfig's way of saying so)
+        raise ConfigError(f"{where}: missing section or option {exc}") from None
+    except (OSError, ValueError, TypeError, AttributeError, ImportError, configparser.Error,
+            tomllib.TOMLDecodeError) as exc:
+        cause = exc.__cause__ or exc.__context__
+        detail = f"{exc}: {cause}" if cause is not None and str(cause) not in str(exc) else exc
+        raise ConfigError(f"{where}: {detail}") from None
+    loggers = config.get("loggers")
+    return set(loggers) if isinstance(loggers, dict) else set()
+
+
+def _error_formatter(cfg: Config) -> logging.Formatter:
+    if cfg.log_format == "json":
+        return JSONFormatter()
+    return logging.Formatter(ERROR_LOG_FORMAT, DATE_FORMAT)
+
+
+class JSONFormatter(logging.Formatter):
+    """A record as one JSON object: time (RFC 3339, UTC), level, pid, logger, message, and
+    the traceback of its exception if any (--log-format json)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": rfc3339(record.created),
+            "level": record.levelname,
+            "pid": record.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["traceback"] = record.exc_text
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def rfc3339(timestamp: float) -> str:
+    """`timestamp` (a time.time() value) as RFC 3339 in UTC, to the millisecond."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
 
 class _ReportsFailures:
@@ -87,7 +178,7 @@ class _FileHandler(_ReportsFailures, logging.FileHandler):
     pass
 
 
-def _handler(target: str, stream, fmt: str) -> logging.Handler:
+def _handler(target: str, stream, formatter: logging.Formatter) -> logging.Handler:
     handler: logging.Handler
     if target == "-":
         handler = _StreamHandler(stream)
@@ -95,44 +186,68 @@ def _handler(target: str, stream, fmt: str) -> logging.Handler:
     else:
         handler = _FileHandler(target, encoding="utf-8")
         handler.set_name(target)
-    handler.setFormatter(logging.Formatter(fmt, DATE_FORMAT))
+    handler.setFormatter(formatter)
     return handler
 
 
 def error_stream():
-    """The open stream the error log writes to (for faulthandler), or None."""
-    for handler in error_log.handlers:
-        stream = getattr(handler, "stream", None)
-        if stream is not None:
-            return stream
+    """The open stream the error log writes to (for faulthandler), or None: of its own
+    handlers, else of those it propagates to (a --log-config may leave it to the root's)."""
+    logger: logging.Logger | None = error_log
+    while logger is not None:
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if stream is not None:
+                return stream
+        logger = logger.parent if logger.propagate else None
     return None
 
 
+def _all_handlers() -> list[logging.Handler]:
+    """Every handler of every logger of this process (a --log-config may add any), once."""
+    loggers = [logging.getLogger(), *(logger for logger in
+                                      list(logging.Logger.manager.loggerDict.values())
+                                      if isinstance(logger, logging.Logger))]
+    handlers: dict[int, logging.Handler] = {}
+    for logger in loggers:
+        for handler in logger.handlers:
+            handlers.setdefault(id(handler), handler)
+    return list(handlers.values())
+
+
+def log_files() -> list[str]:
+    """The paths of the files this process logs to."""
+    return [handler.baseFilename for handler in _all_handlers()
+            if isinstance(handler, logging.FileHandler)]
+
+
 def reopen() -> list[str]:
-    """Reopen log files (after logrotate moved them away); streams are left as they are.
+    """Reopen log files (after logrotate moved them away), those of a --log-config too;
+    streams are left as they are.
 
     A file that cannot be opened again (its folder gone, no permission) keeps the stream in
     use; returns what failed ("PATH: reason" each), for the caller to report."""
     failed = []
-    for logger in (error_log, access_log):
-        for handler in logger.handlers:
-            if isinstance(handler, logging.FileHandler):
-                try:
-                    stream = handler._open()
-                except OSError as exc:
-                    failed.append(f"{handler.baseFilename}: {exc.strerror}")
-                    continue
-                with handler.lock:
-                    handler.stream.close()
-                    handler.stream = stream
+    for handler in _all_handlers():
+        if isinstance(handler, logging.FileHandler) and handler.stream is not None:
+            try:
+                stream = handler._open()
+            except OSError as exc:
+                failed.append(f"{handler.baseFilename}: {exc.strerror}")
+                continue
+            with handler.lock:
+                handler.stream.close()
+                handler.stream = stream
     return failed
 
 
 def flush() -> None:
     """Flush every log handler: called before a process ends with os._exit()."""
-    for logger in (error_log, access_log):
-        for handler in logger.handlers:
+    for handler in _all_handlers():
+        try:
             handler.flush()
+        except (OSError, ValueError):
+            pass  # a handler that cannot write has said so (or cannot say it anywhere)
 
 
 class _Atoms(dict):
@@ -149,20 +264,25 @@ class _Atoms(dict):
         if len(key) > 3 and key[0] == "{" and key[-2] == "}":
             name, kind = key[1:-2].lower(), key[-1]
             if kind == "i":
-                return _header(self._request_headers, name)
+                return _header(self._request_headers, name) or "-"
             if kind == "o":
-                return _header(self._response_headers, name)
+                return _header(self._response_headers, name) or "-"
             if kind == "e":
                 return str(self._environ.get(key[1:-2], "-"))
         return "-"
 
 
-def _header(headers: Iterable, name: str) -> str:
+def _header(headers: Iterable, name: str) -> str | None:
+    """The value of the first header `name` (lower-case) in `headers`, None if none."""
     for key, value in headers:
         key = key.decode("latin-1") if isinstance(key, bytes) else key
         if key.lower() == name:
             return value.decode("latin-1") if isinstance(value, bytes) else value
-    return "-"
+    return None
+
+
+# --access-log-format's value for one JSON object a line instead of a format.
+ACCESS_JSON = "json"
 
 
 def format_access_line(
@@ -180,8 +300,25 @@ def format_access_line(
     response_headers: Iterable = (),
     environ: dict | None = None,
 ) -> str:
-    """Format one access-log line. `started` is a time.time() value, `duration` in seconds."""
+    """Format one access-log line. `started` is a time.time() value, `duration` in seconds.
+    With `fmt` "json", a JSON object (see the --access-log-format setting)."""
     path, _, query = target.partition("?")
+    if fmt == ACCESS_JSON:
+        return json.dumps({
+            "time": rfc3339(started),
+            "remote_addr": remote or None,
+            "method": method,
+            "path": path,
+            "query": query,
+            "protocol": f"HTTP/{version}",
+            "status": status,
+            "bytes": sent,
+            "duration_us": int(duration * 1_000_000),
+            "referer": _header(request_headers, "referer"),
+            "user_agent": _header(request_headers, "user-agent"),
+            "request_id": _header(request_headers, "x-request-id")
+            or _header(response_headers, "x-request-id"),
+        }, ensure_ascii=False)
     values = {
         "h": remote or "-",
         "l": "-",

@@ -465,7 +465,13 @@ One worker more, one worker fewer (never below 1).
 .It Dv SIGUSR1
 Reopen the log files (after
 .Xr logrotate 8
-moved them) in the master and the workers.
+moved them) in the master and the workers, those of a
+.Fl -log-config
+too.
+Files the server opened as root before
+.Fl -user
+took effect are handed to that user, so that they can still be reopened; a file moved
+away is created again if the user may write to its directory.
 .It Dv SIGUSR2
 Upgrade: start a new master from the same Python and arguments that inherits the
 listening sockets (nothing is bound again, no connection is refused); the pid file

@@ -5,7 +5,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import stat
 
+from forkserve import logs
 from forkserve.errors import ConfigError
 from forkserve.settings import DEFAULT_APP
 from forkserve.sockets import Listener
@@ -39,12 +41,17 @@ def resolve(user: str | None, group: str | None) -> tuple[int, int] | None:
 
 
 def drop(ids: tuple[int, int], listeners: list[Listener]) -> None:
-    """Hand unix sockets this process created to the user, then become that user."""
+    """Hand unix sockets this process created, and the log files it opened that belong to
+    it, to the user (so that USR1 can still reopen them), then become that user."""
     uid, gid = ids
     try:
         for listener in listeners:
             if listener.owns_path:
                 os.chown(listener.address.path, uid, gid)
+        for path in logs.log_files():
+            info = os.stat(path)
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                os.chown(path, uid, gid)
         if os.getgid() != gid or os.getuid() != uid:
             os.setgroups([gid])
             os.setgid(gid)

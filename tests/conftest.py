@@ -476,3 +476,13 @@ def _dropped(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+def wait_in_file(path, pattern: re.Pattern, timeout: float = 15.0) -> None:
+    """Follow a log file until a line matches (the file is the only event source here)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if path.exists() and pattern.search(path.read_text()):
+            return
+        assert time.monotonic() < deadline, f"{pattern.pattern!r} never appeared in {path}"
+        time.sleep(0.02)

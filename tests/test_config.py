@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import APPS, forkserve_command
@@ -11,6 +12,9 @@ from conftest import APPS, forkserve_command
 from forkserve.config import parse_args
 from forkserve.errors import ConfigError
 from forkserve.settings import SETTINGS
+
+# (checked to exist and to end in a logging configuration's suffix; not read while parsing)
+LOG_CONFIG = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 # A valid non-default value for every setting, as command-line text and as a config-file
 # value. A setting added to the table without a sample here fails test_every_setting_*.
@@ -61,6 +65,12 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "error_logfile": ("/tmp/sample-error.log", "/tmp/sample-error.log"),
     "access_logfile": ("-", "-"),
     "access_log_format": ("%(h)s %(s)s", "%(h)s %(s)s"),
+    "log_config": (str(LOG_CONFIG), str(LOG_CONFIG)),
+    "log_format": ("json", "json"),
+    "reload": ("true", True),
+    "reload_dirs": ("/tmp", ["/tmp"]),
+    "reload_include": ("*.html", ["*.html"]),
+    "reload_exclude": ("build", ["build"]),
 }
 
 

@@ -22,6 +22,7 @@ from conftest import (
     exchange,
     forkserve_command,
     group_members,
+    wait_in_file,
 )
 from test_process import wait_gone
 
@@ -437,14 +438,14 @@ def test_pidfile_of_a_running_process_is_refused(tmp_path):
 def test_usr1_reopens_log_files(start_server, tmp_path):
     log = tmp_path / "error.log"
     server = start_server("wsgiapp:app", "-w", "1", "--error-logfile", str(log), ready=False)
-    _wait_in_file(log, READY)
+    wait_in_file(log, READY)
     server.port = int(re.search(r"listening at http://127\.0\.0\.1:(\d+)", log.read_text())[1])
     log.rename(tmp_path / "error.log.1")  # what logrotate does
     os.kill(server.pid, signal.SIGUSR1)
-    _wait_in_file(log, re.compile("SIGUSR1: log files reopened"))
-    _wait_in_file(log, re.compile(r"worker 1 reopened its log files"))
+    wait_in_file(log, re.compile("SIGUSR1: log files reopened"))
+    wait_in_file(log, re.compile(r"worker 1 reopened its log files"))
     assert exchange(server, b"GET /fail HTTP/1.1\r\nHost: t\r\n\r\n").status == 500
-    _wait_in_file(log, re.compile("RuntimeError: deliberate failure"))
+    wait_in_file(log, re.compile("RuntimeError: deliberate failure"))
     assert "deliberate failure" not in (tmp_path / "error.log.1").read_text()
 
 
@@ -495,12 +496,3 @@ def test_bad_config_file_is_one_line_and_exit_2(tmp_path, text, message):
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-def _wait_in_file(path, pattern: re.Pattern, timeout: float = 15.0) -> None:
-    """Follow a log file until a line matches (the file is the only event source here)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if path.exists() and pattern.search(path.read_text()):
-            return
-        assert time.monotonic() < deadline, f"{pattern.pattern!r} never appeared in {path}"
-        time.sleep(0.02)

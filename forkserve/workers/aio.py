@@ -30,7 +30,7 @@ from forkserve import channel
 from forkserve.errors import EXIT_BOOT, StopNow
 from forkserve.handoff import CallWatcher
 from forkserve.http.base import error_response
-from forkserve.logs import error_log
+from forkserve.logs import access_log, error_log
 from forkserve.proxy_protocol import ProxyHeader, ProxyProtocolError
 from forkserve.scoreboard import UNAVAILABLE
 from forkserve.threadpool import ThreadPool
@@ -118,7 +118,7 @@ class AsyncioWorker(Worker):
         self.stopping = False
         self.accepting = False
         self.warned_no_websocket = False
-        self.access_log_format = cfg.access_log_format if cfg.access_logfile else None
+        self.access_log_format = None if access_log.disabled else cfg.access_log_format
         try:
             self.loop = new_event_loop(cfg.loop)
         except ImportError:
