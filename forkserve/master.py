@@ -14,14 +14,15 @@ that the loop reads, so no signal is lost or handled re-entrantly.
 
 Replacing a worker always starts the replacement first: the old worker is marked `retiring`
 with `stop_when_replaced`, the loop starts a new one, and only when enough workers have
-booted is the old one sent TERM. Reload (HUP), recycling (--max-requests, memory) and a
-failed reload all follow from that one rule.
+booted is the old one sent TERM. Reload (HUP, or a changed file with --reload), recycling
+(--max-requests, memory) and a failed reload all follow from that one rule.
 """
 
 from __future__ import annotations
 
 import errno
 import gc
+import math
 import os
 import selectors
 import signal
@@ -42,6 +43,7 @@ from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Conf
 from forkserve.handoff import CallPoller, HandoffChannel
 from forkserve.logs import error_log
 from forkserve.pidfile import Pidfile
+from forkserve.reloader import Watcher, describe, forget_bytecode
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import INHERIT_ENV, Listener, listen
 from forkserve.systemd import Notifier
@@ -145,6 +147,7 @@ class Master:
         self.next_watchdog = 0.0
         self.upgrade_pid = 0  # the new master started by USR2
         self.inherited_from = 0  # the old master that handed us its sockets (USR2)
+        self.watcher: Watcher | None = None  # --reload
         self._wakeup_fds = (-1, -1)
 
     # -- start and the loop -------------------------------------------------------------------
@@ -183,6 +186,10 @@ class Master:
             error_log.info("listening at %s", listener.url)
         if self.cfg.preload and not self._preload():
             return self.exit_status
+        if self.cfg.reload:
+            self.watcher = Watcher(self.cfg.reload_dirs or [os.getcwd()],
+                                   self.cfg.reload_include, self.cfg.reload_exclude)
+            self.selector.register(self.watcher.fileno(), selectors.EVENT_READ, self.watcher)
         error_log.info("master pid %d starting %d workers of %s", self.pid, self.size,
                        self.cfg.app)
         while True:
@@ -196,6 +203,7 @@ class Master:
                 self.call_poller.poll([(worker.number, worker.nudge_fd)
                                        for worker in self.workers.values()], now)
                 self._check_hung(now)
+                self._reload_on_change(now)
                 self._stop_replaced()
                 self._tell_systemd(now)
             elif not self.workers:
@@ -213,6 +221,8 @@ class Master:
             timeout = max(0.0, min(timeout, self.spawn_not_before - time.monotonic()))
         if self.stop_deadline is None:
             timeout = self.call_poller.timeout(timeout)
+        if self.watcher is not None:
+            timeout = self.watcher.timeout(timeout, time.monotonic())
         self.turn_due = time.monotonic() + timeout
         self._read_ready(timeout)
 
@@ -221,6 +231,9 @@ class Master:
         for key, _ in self.selector.select(timeout):
             if key.data is None:
                 self._read_signals(key.fd)
+            elif isinstance(key.data, Watcher):
+                if key.data is self.watcher:  # (a stop earlier in this batch closed it)
+                    key.data.read(time.monotonic())
             else:
                 self._read_channel(key.data)
 
@@ -314,31 +327,33 @@ class Master:
 
     # -- reload, upgrade, resize --------------------------------------------------------------
 
-    def reload(self) -> None:
-        """HUP: re-read the configuration and replace every worker, new ones first."""
+    def reload(self, reason: str = "HUP") -> None:
+        """HUP: re-read the configuration and replace every worker, new ones first. `reason`
+        begins the log lines."""
         try:
             cfg = parse_args(self.argv)
         except ConfigError as exc:
-            error_log.error("HUP: configuration not reloaded: %s", exc)
+            error_log.error("%s: configuration not reloaded: %s", reason, exc)
             return
         if cfg.bind != self.cfg.bind:
-            error_log.warning("HUP: --bind changes need a restart or a USR2 upgrade; "
-                              "keeping %s", ", ".join(self.cfg.bind))
+            error_log.warning("%s: --bind changes need a restart or a USR2 upgrade; "
+                              "keeping %s", reason, ", ".join(self.cfg.bind))
             cfg.bind = self.cfg.bind
         try:
             tls = server_context(cfg)
         except ConfigError as exc:
             # E.g. a key readable by root only, after --user: the rest still reloads.
-            error_log.error("HUP: %s; the new workers keep the certificate in use", exc)
+            error_log.error("%s: %s; the new workers keep the certificate in use", reason, exc)
             tls = self.tls
         if (tls is None) != (self.tls is None):
-            error_log.warning("HUP: turning TLS on or off needs a restart or a USR2 upgrade; "
-                              "keeping it %s", "off" if self.tls is None else "on")
+            error_log.warning("%s: turning TLS on or off needs a restart or a USR2 upgrade; "
+                              "keeping it %s", reason, "off" if self.tls is None else "on")
             tls = self.tls
         try:
             logs.setup(cfg)
         except OSError as exc:
-            error_log.error("HUP: cannot open log file %s: %s", exc.filename, exc.strerror)
+            error_log.error("%s: cannot open log file %s: %s", reason, exc.filename,
+                            exc.strerror)
             return
         self.tls = tls
         self.cfg = cfg
@@ -353,8 +368,21 @@ class Master:
             worker.stop_when_replaced = True
         self.failures = 0
         self.spawn_not_before = 0.0
-        error_log.info("HUP: reloading: starting %d new workers before stopping %d",
+        error_log.info("%s: reloading: starting %d new workers before stopping %d", reason,
                        self.size, len(old))
+
+    def _reload_on_change(self, now: float) -> None:
+        """--reload: reload once the changed files settled (see forkserve.reloader)."""
+        changed = self.watcher.due(now) if self.watcher is not None else []
+        if not changed:
+            return
+        reason = f"{describe(changed)} changed"
+        if self.saved_size:
+            error_log.info("%s: not reloading: the workers were stopped by WINCH (HUP starts "
+                           "them)", reason)
+            return
+        forget_bytecode(changed)
+        self.reload(reason)
 
     def upgrade(self) -> None:
         """USR2: start a new master from the same executable and arguments that inherits
@@ -501,6 +529,8 @@ class Master:
             os.close(read_fd)
             for fd in self._wakeup_fds:
                 os.close(fd)
+            if self.watcher is not None:
+                self.watcher.close_inherited()
             for other in self.workers.values():
                 for fd in (other.fd, other.nudge_fd):
                     if fd >= 0:
@@ -582,7 +612,8 @@ class Master:
 
         Before the server was ever ready this stops it (status 2 or 3). Later (a reload with
         broken code, a replacement) the error is logged once and the boot retried with
-        backoff while the other workers serve, until none is left serving.
+        backoff while the other workers serve, until none is left serving; with --reload it
+        is not retried but awaits the next change (`_await_change`).
         """
         expected = worker.retiring
         worker.retiring = True
@@ -612,7 +643,22 @@ class Master:
         else:
             error_log.error("worker %d (pid %d) failed to boot again (same error)",
                             worker.number, worker.pid)
-        self._backoff()
+        if self.cfg.reload:
+            self._await_change()
+        else:
+            self._backoff()
+
+    def _await_change(self) -> None:
+        """--reload, after a boot failure: no worker starts until the next change (`reload`
+        lifts this); those a reload was replacing serve on, the others it started stop."""
+        replaced = [w for w in self.workers.values() if w.stop_when_replaced]
+        for worker in self._active() if replaced else ():
+            self._retire(worker, "the new code failed to boot")
+        for worker in replaced:
+            worker.retiring = worker.stop_when_replaced = False
+        self.spawn_not_before = math.inf
+        error_log.info("reload: %s until the next change", "the old workers serve on"
+                       if replaced else "no worker starts")
 
     def _backoff(self) -> None:
         delay = _backoff_delay(self.failures)
@@ -804,6 +850,7 @@ class Master:
         error_log.info("%s: %s stop of %d workers", reason, "graceful" if graceful else "quick",
                        len(self.workers))
         self.notify.stopping()
+        self._stop_watching()
         if self.stop_deadline is None:
             # New clients are refused at once instead of queueing for workers that are
             # leaving. (A new master from USR2 keeps its own copies of these sockets.)
@@ -812,6 +859,12 @@ class Master:
         for worker in self.workers.values():
             worker.retiring = True
             _kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+
+    def _stop_watching(self) -> None:
+        if self.watcher is not None:
+            self.selector.unregister(self.watcher.fileno())
+            self.watcher.close()
+            self.watcher = None
 
     def _kill_all(self) -> None:
         for worker in self.workers.values():
@@ -829,6 +882,7 @@ class Master:
                 pass
             self._unwatch(self.workers.pop(pid))
         self._close_listeners()
+        self._stop_watching()
         self.handoff.close()
         if self.pidfile is not None:
             self.pidfile.remove()
