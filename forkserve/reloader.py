@@ -238,6 +238,9 @@ def _watchfiles() -> Callable[..., Iterable[set[tuple[object, str]]]] | None:
         from watchfiles import watch
     except ImportError:
         return None
+    # watch() imports platform (WSL detection) in the thread: a worker forked during that
+    # import would find it half done. Imported here, it is only looked up there.
+    import platform  # noqa: F401
     # It would log each batch and each quiet spell from the thread; the master says what
     # changed.
     quiet = logging.getLogger("watchfiles.main")
