@@ -25,10 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(args)
         if cfg.chdir:
             os.chdir(cfg.chdir)
-        try:
-            logs.setup(cfg)
-        except OSError as exc:
-            raise ConfigError(f"cannot open log file {exc.filename}: {exc.strerror}") from None
+        logs.setup(cfg)
         check_app_module(cfg.app, cfg.chdir)
         if cfg.check_only:
             for spec in cfg.bind:

@@ -50,58 +50,100 @@ def setup(cfg: Config) -> None:
     ('-': stderr) in --log-format. The access log goes to --access-logfile ('-': stdout) if
     given, and is on when that or the logging configuration sets up forkserve.access.
 
-    Raises ConfigError for a logging configuration that cannot be applied, OSError for a
-    log file that cannot be opened."""
+    Raises ConfigError for a logging configuration that cannot be read or applied, or a log
+    file that cannot be opened; the logging may then be half set up: `restore()` brings
+    back what the last successful call set up."""
+    global _applied
+    config = _load_config(cfg.log_config, cfg.logconfig_dict)
+    _apply(cfg, config)
+    _applied = (cfg, config)
+
+
+def restore() -> None:
+    """Set up again, from memory (files are not read again), the logging of the last
+    successful `setup`; if even that fails, the error log goes to stderr."""
+    if _applied is None:
+        return
+    try:
+        _apply(*_applied)
+    except ConfigError:
+        error_log.handlers.clear()
+        error_log.addHandler(_handler("-", sys.stderr, _error_formatter(_applied[0])))
+
+
+_LoggingConfig = dict[str, Any] | configparser.ConfigParser | None
+
+# What the last successful setup() applied: the configuration and its logging configuration.
+_applied: tuple[Config, _LoggingConfig] | None = None
+
+ACCESS_LOGGER = "forkserve.access"
+_INI_SUFFIXES = (".ini", ".conf", ".cfg")
+
+
+def _load_config(path: str | None, config: dict[str, Any] | None) -> _LoggingConfig:
+    """The logging configuration of a --log-config file (a dict for dictConfig, a parser for
+    fileConfig) or a logconfig_dict; None when there is none. Changes nothing."""
+    if path is None:
+        return config
+    try:
+        if path.endswith(_INI_SUFFIXES):
+            parser = configparser.ConfigParser(interpolation=None)
+            if not parser.read(path, encoding="utf-8"):
+                raise OSError(f"cannot read {path}")
+            return parser
+        with open(path, "rb") as f:
+            loaded = tomllib.load(f) if path.endswith(".toml") else json.load(f)
+    except (OSError, ValueError, configparser.Error) as exc:  # (JSON's and TOML's errors too)
+        raise ConfigError(f"--log-config {path}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--log-config {path}: expected a dictionary for "
+                          "logging.config.dictConfig")
+    return loaded
+
+
+def _apply(cfg: Config, config: _LoggingConfig) -> None:
     for logger in (error_log, access_log):
         logger.handlers.clear()
         logger.setLevel(logging.NOTSET)
         logger.disabled = False
         logger.propagate = True
-    configured = _apply_config(cfg.log_config, cfg.logconfig_dict)
-    if configured is None:
-        error_log.propagate = False
-        error_log.addHandler(_handler(cfg.error_logfile, sys.stderr, _error_formatter(cfg)))
+    configured = _apply_config(cfg, config)
+    try:
+        if configured is None:
+            error_log.propagate = False
+            error_log.addHandler(_handler(cfg.error_logfile, sys.stderr,
+                                          _error_formatter(cfg)))
+        if cfg.access_logfile is not None:
+            access_log.propagate = False
+            access_log.addHandler(_handler(cfg.access_logfile, sys.stdout,
+                                           logging.Formatter("%(message)s")))
+    except OSError as exc:
+        raise ConfigError(f"cannot open log file {exc.filename}: {exc.strerror}") from None
     if error_log.level == logging.NOTSET:
         error_log.setLevel(cfg.log_level.upper())
-    if cfg.access_logfile is not None:
-        access_log.propagate = False
-        access_log.addHandler(_handler(cfg.access_logfile, sys.stdout,
-                                       logging.Formatter("%(message)s")))
-    elif configured is None or ACCESS_LOGGER not in configured:
+    if cfg.access_logfile is None and (configured is None or ACCESS_LOGGER not in configured):
         access_log.disabled = True
     if access_log.level == logging.NOTSET:
         access_log.setLevel(logging.INFO)
 
 
-ACCESS_LOGGER = "forkserve.access"
-
-
-def _apply_config(path: str | None, config: dict[str, Any] | None) -> set[str] | None:
-    """Apply a --log-config file or a logconfig_dict; return the names of the loggers it
-    configures (None when there is none). Loggers it does not name keep working (they are
-    not disabled unless it says disable_existing_loggers)."""
-    if path is None and config is None:
+def _apply_config(cfg: Config, config: _LoggingConfig) -> set[str] | None:
+    """Apply a logging configuration; return the names of the loggers it configures (None
+    when there is none). Loggers it does not name keep working (they are not disabled
+    unless it says disable_existing_loggers)."""
+    if config is None:
         return None
-    where = f"--log-config {path}" if path else "logconfig_dict"
+    where = f"--log-config {cfg.log_config}" if cfg.log_config else "logconfig_dict"
     try:
-        if path is not None and path.endswith((".ini", ".conf", ".cfg")):
-            parser = configparser.ConfigParser(interpolation=None)
-            if not parser.read(path, encoding="utf-8"):
-                raise OSError(f"cannot read {path}")
-            logging.config.fileConfig(parser, disable_existing_loggers=False)
-            return {parser.get(f"logger_{key.strip()}", "qualname", fallback=key.strip())
-                    for key in parser.get("loggers", "keys", fallback="").split(",")}
-        if path is not None:
-            with open(path, "rb") as f:
-                config = tomllib.load(f) if path.endswith(".toml") else json.load(f)
-            if not isinstance(config, dict):
-                raise ValueError("expected a dictionary for logging.config.dictConfig")
-        assert config is not None
+        if isinstance(config, configparser.ConfigParser):
+            logging.config.fileConfig(config, disable_existing_loggers=False)
+            return {config.get(f"logger_{key.strip()}", "qualname", fallback=key.strip())
+                    for key in config.get("loggers", "keys", fallback="").split(",")}
         logging.config.dictConfig({"disable_existing_loggers": False, **config})
     except KeyError as exc:  # (fileConfig's way of saying so)
         raise ConfigError(f"{where}: missing section or option {exc}") from None
-    except (OSError, ValueError, TypeError, AttributeError, ImportError, configparser.Error,
-            tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError, TypeError, AttributeError, ImportError,
+            configparser.Error) as exc:
         cause = exc.__cause__ or exc.__context__
         detail = f"{exc}: {cause}" if cause is not None and str(cause) not in str(exc) else exc
         raise ConfigError(f"{where}: {detail}") from None

@@ -459,7 +459,13 @@ Reload: re-read the command line and the configuration file, start a full set of
 workers (which load the app's code anew), and stop the old ones only once the new ones
 have booted.
 If the new code cannot boot, the error is logged once, the old workers go on serving and
-the boot is retried with backoff.
+the boot is retried with backoff
+.Po
+with
+.Fl -reload ,
+not retried: the next change reloads
+.Pc .
+A logging configuration that cannot be applied leaves everything as it was.
 .It Dv SIGTTIN , SIGTTOU
 One worker more, one worker fewer (never below 1).
 .It Dv SIGUSR1

@@ -351,9 +351,9 @@ class Master:
             tls = self.tls
         try:
             logs.setup(cfg)
-        except OSError as exc:
-            error_log.error("%s: cannot open log file %s: %s", reason, exc.filename,
-                            exc.strerror)
+        except ConfigError as exc:
+            logs.restore()  # (the files it was set up from may have changed since)
+            error_log.error("%s: configuration not reloaded: %s", reason, exc)
             return
         self.tls = tls
         self.cfg = cfg

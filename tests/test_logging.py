@@ -310,3 +310,20 @@ def test_after_user_drops_root_usr1_still_reopens_the_log_files(start_server, pu
         assert "cannot reopen" not in (folder / "error.log.1").read_text()
     finally:
         shutil.rmtree(folder)
+
+
+def test_a_hup_with_a_broken_log_config_keeps_the_logging_and_the_workers(start_server,
+                                                                          tmp_path):
+    access, errors = tmp_path / "access.log", tmp_path / "error.log"
+    config = _write_config(tmp_path, "json", access, errors)
+    server = _start_logging_to(errors, start_server, "wsgiapp:app", "-w", "2",
+                               "--log-config", str(config))
+    workers = sorted(server.workers())
+    config.write_text('{"version": 1, "handlers": {"h": {"class": "no.such.Handler"}}}')
+    os.kill(server.pid, signal.SIGHUP)
+    wait_in_file(errors, re.compile(r"HUP: configuration not reloaded: --log-config .*"
+                                    r"Cannot resolve 'no\.such\.Handler'"))
+    assert exchange(server, FAIL).status == 500  # still logged where it was
+    wait_in_file(errors, re.compile("RuntimeError: deliberate failure"))
+    wait_in_file(access, re.compile(r'"GET /fail HTTP/1\.1" 500'))
+    assert sorted(server.workers()) == workers
