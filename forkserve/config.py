@@ -89,6 +89,7 @@ class Config:
     error_logfile: str
     access_logfile: str | None
     access_log_format: str
+    health_path: str | None
     log_config: str | None
     log_format: str
     logconfig_dict: dict[str, Any] | None  # from a config file only

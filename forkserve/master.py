@@ -850,6 +850,7 @@ class Master:
         error_log.info("%s: %s stop of %d workers", reason, "graceful" if graceful else "quick",
                        len(self.workers))
         self.notify.stopping()
+        self.scoreboard.set_stopping()
         self._stop_watching()
         if self.stop_deadline is None:
             # New clients are refused at once instead of queueing for workers that are

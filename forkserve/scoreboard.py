@@ -33,7 +33,7 @@ class Scoreboard:
     """
 
     def __init__(self) -> None:
-        self._map = mmap.mmap(-1, SLOTS * (4 + 8 + 4 + 1 + 1 + REQUEST_TEXT) + 1)
+        self._map = mmap.mmap(-1, SLOTS * (4 + 8 + 4 + 1 + 1 + REQUEST_TEXT) + 2)
         view = memoryview(self._map)
         self._counts = view[:4 * SLOTS].cast("I")
         self._started = view[4 * SLOTS:12 * SLOTS].cast("d")  # when the request began
@@ -44,6 +44,9 @@ class Scoreboard:
         # 1 while the master polls the calls (forkserve.handoff); else a worker beginning one
         # tells it.
         self._polled = view[len(view) - 1:]
+        # 1 once the server as a whole stops (the master's TERM, INT, QUIT): --health-path
+        # answers 503. Not set for workers replaced one by one (reload, recycling).
+        self._stopping = view[len(view) - 2:len(view) - 1]
         for slot in range(1, SLOTS):
             self._counts[slot] = UNAVAILABLE
         self._counts[0] = 0
@@ -111,6 +114,15 @@ class Scoreboard:
         hands_off = self._hands_off
         return any(counts[slot] != UNAVAILABLE and hands_off[slot] and slot != number
                    for slot in range(1, counts[0] + 1))
+
+    def set_stopping(self) -> None:
+        """Master: the server stops; workers answer --health-path with 503."""
+        self._stopping[0] = 1
+
+    @property
+    def stopping(self) -> bool:
+        """Worker: does the server as a whole stop?"""
+        return bool(self._stopping[0])
 
     def set_polled(self, polled: bool) -> None:
         """Master: whether it polls the workers' calls now."""

@@ -146,6 +146,13 @@ def _log_config_file(text: str) -> str:
     return os.path.abspath(text)
 
 
+def _health_path(text: str) -> str:
+    if not text.startswith("/") or any(c in text for c in "?# ") or not text.isascii() \
+            or not text.isprintable():
+        raise ValueError(f"expected a path such as /healthz (no query, no spaces), got {text!r}")
+    return text
+
+
 def _text(text: str) -> str:
     return text
 
@@ -427,6 +434,13 @@ SETTINGS: tuple[Setting, ...] = (
         "chdir", ("--chdir",), None, _directory,
         "Change to this directory before loading the app (it is put first on sys.path).",
         metavar="DIR", section="app",
+    ),
+    Setting(
+        "health_path", ("--health-path",), None, _health_path,
+        "A path the workers answer themselves, without calling the app, for load balancers "
+        "and Kubernetes probes: 200 'ok' while the server serves, 503 once it stops (TERM, "
+        "INT, QUIT; not while workers are replaced by a reload). GET and HEAD; other "
+        "methods get 405. Off by default.", metavar="PATH", section="observability",
     ),
     Setting(
         "reload", ("--reload",), False, _flag,

@@ -67,6 +67,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "access_log_format": ("%(h)s %(s)s", "%(h)s %(s)s"),
     "log_config": (str(LOG_CONFIG), str(LOG_CONFIG)),
     "log_format": ("json", "json"),
+    "health_path": ("/healthz", "/healthz"),
     "reload": ("true", True),
     "reload_dirs": ("/tmp", ["/tmp"]),
     "reload_include": ("*.html", ["*.html"]),

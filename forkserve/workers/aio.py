@@ -26,7 +26,7 @@ try:
     import uvloop
 except ImportError:  # asyncio's own loop then
     uvloop = None
-from forkserve import channel
+from forkserve import channel, health
 from forkserve.errors import EXIT_BOOT, StopNow
 from forkserve.handoff import CallWatcher
 from forkserve.http.base import error_response
@@ -83,6 +83,8 @@ class AsyncioWorker(Worker):
         cfg = self.cfg
         self.asgi_app = wrap_asgi2(self.app) if self.interface == "asgi2" else self.app
         wsgi = self.interface == "wsgi"
+        self.health_path = cfg.health_path.encode("ascii") if cfg.health_path else None
+        self.health_app = (health.wsgi_app if wsgi else health.asgi_app)(self.scoreboard)
         # WSGI: the pool of --threads, or with --threads 1 the one thread that calls the app
         # for a request whose body is still coming (then no other call runs meanwhile).
         self.auto = AutoThreads() if cfg.threads == "auto" else None

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from forkserve.asgi import (
     BODY_HIGH_WATER,
+    ASGIApp,
     ClientDisconnected,
     HTTPCycle,
     apply_forwarded,
@@ -80,6 +81,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.trusted = False  # the peer is a trusted proxy: believe its forwarded headers
         self.tls: dict[str, Any] | None = None  # the ASGI TLS extension, on HTTPS
         self.environ_factory: EnvironFactory | None = None  # a WSGI app's per-connection part
+        self.asgi_app: ASGIApp | None = None  # what answers the current request (ASGI)
         self.head_started = False  # the next request's first bytes have arrived
         self.fd = -1  # the socket's descriptor
         # A connection a peer worker handed over (see forkserve.handoff) comes with the
@@ -384,10 +386,14 @@ class HTTPProtocol(asyncio.Protocol):
         self.request = request
         self.started = time.time() if worker.access_log_format else 0.0
         self.cycle_started = False
+        health = worker.health_path is not None \
+            and request.target.partition(b"?")[0] == worker.health_path
         if self.environ_factory is not None:
-            self.cycle = WSGICycle(worker.app, self.environ_factory, request, self.conn, self,
-                                   close, self._response_complete, worker.io_timeout)
+            self.cycle = WSGICycle(worker.health_app if health else worker.app,
+                                   self.environ_factory, request, self.conn, self, close,
+                                   self._response_complete, worker.io_timeout)
         else:
+            self.asgi_app = worker.health_app if health else worker.asgi_app
             scope = self._completed(request, http_scope(
                 request, self.client, self.server, worker.cfg.root_path,
                 worker.lifespan.state if worker.lifespan.supported else None))
@@ -411,7 +417,7 @@ class HTTPProtocol(asyncio.Protocol):
     async def _run(self, cycle: HTTPCycle) -> None:
         worker = self.worker
         try:
-            await cycle.run(worker.asgi_app)
+            await cycle.run(self.asgi_app)
         finally:
             worker.request_done()
 
