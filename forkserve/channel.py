@@ -12,7 +12,7 @@ import os
 import struct
 
 BOOTED = 1  # the app is loaded; the worker accepts connections
-HEARTBEAT = 2  # payload: requests served so far, requests in flight
+HEARTBEAT = 2  # payload: requests served so far, requests in flight, connections held
 BOOT_FAILED = 3  # payload: exit status byte, then the error text (UTF-8)
 RECYCLE = 4  # payload: why (UTF-8); the worker asks to be replaced, then stopped
 STUCK = 5  # payload: which request is stuck (UTF-8); the worker wants a dump and a replacement
@@ -21,7 +21,7 @@ CALLING = 7  # the worker began a call into the app while the master did not pol
 
 _KINDS = frozenset((BOOTED, HEARTBEAT, BOOT_FAILED, RECYCLE, STUCK, STOPPING, CALLING))
 _HEADER = struct.Struct("!BI")
-_COUNTERS = struct.Struct("!QI")
+_COUNTERS = struct.Struct("!QII")
 MAX_PAYLOAD = 1 << 20
 
 
@@ -34,13 +34,13 @@ def encode(kind: int, payload: bytes = b"") -> bytes:
     return _HEADER.pack(kind, len(payload)) + payload
 
 
-def heartbeat(served: int, in_flight: int) -> bytes:
+def heartbeat(served: int, in_flight: int, connections: int) -> bytes:
     """A HEARTBEAT frame carrying the worker's counters."""
-    return encode(HEARTBEAT, _COUNTERS.pack(served, in_flight))
+    return encode(HEARTBEAT, _COUNTERS.pack(served, in_flight, connections))
 
 
-def read_counters(payload: bytes) -> tuple[int, int]:
-    """(served, in_flight) from a HEARTBEAT payload."""
+def read_counters(payload: bytes) -> tuple[int, int, int]:
+    """(served, in_flight, connections) from a HEARTBEAT payload."""
     if len(payload) != _COUNTERS.size:
         raise ChannelError(f"heartbeat payload of {len(payload)} bytes")
     return _COUNTERS.unpack(payload)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from forkserve import logs
+from forkserve import ctl, logs
 from forkserve.app import check_app_module
 from forkserve.config import describe, parse_args
 from forkserve.errors import EXIT_CONFIG, EXIT_OK, ConfigError
@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     and exit status 2, before any worker starts.
     """
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["ctl"]:
+        return ctl.main(args[1:])
     try:
         cfg = parse_args(args)
         if cfg.chdir:

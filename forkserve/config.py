@@ -90,6 +90,7 @@ class Config:
     access_logfile: str | None
     access_log_format: str
     health_path: str | None
+    control_socket: str | None  # a path, or 'auto' (forkserve.control.default_path)
     log_config: str | None
     log_format: str
     logconfig_dict: dict[str, Any] | None  # from a config file only
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(*setting.flags, dest=setting.name, action="store_const",
                                const=True, default=None, help=help_text)
             continue
+        optional = {"nargs": "?", "const": setting.const} if setting.const is not None else {}
         group.add_argument(
             *setting.flags,
             dest=setting.name,
@@ -183,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             metavar=setting.metavar,
             help=help_text,
+            **optional,
         )
     return parser
 

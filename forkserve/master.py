@@ -36,9 +36,10 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from forkserve import channel, logs, privileges
+from forkserve import __version__, channel, logs, privileges
 from forkserve.app import load_app
 from forkserve.config import Config, parse_args
+from forkserve.control import ControlError, ControlServer, Endpoint, default_path, memory_kib
 from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError
 from forkserve.handoff import CallPoller, HandoffChannel
 from forkserve.logs import error_log
@@ -56,6 +57,11 @@ HANDLED_SIGNALS = (
 )
 # Sent to a hung worker so that faulthandler writes every thread's traceback to the log.
 DUMP_SIGNAL = signal.SIGUSR2
+# Control-socket commands that do what a signal does (the others: status, dump, scale, stop).
+CONTROL_SIGNALS = {"reload": signal.SIGHUP, "incr": signal.SIGTTIN, "decr": signal.SIGTTOU,
+                   "reopen-logs": signal.SIGUSR1}
+CONTROL_COMMANDS = ("status", "stop", "reload", "scale", "incr", "decr", "reopen-logs", "dump")
+MAX_WORKERS = 1000  # what `scale` accepts
 # How long a hung worker gets to write its tracebacks before SIGKILL.
 DUMP_GRACE = 1.0
 # A worker whose pipe closed and that has not exited after this long is killed.
@@ -81,8 +87,9 @@ class WorkerProcess:
     """What the master knows of one worker."""
 
     __slots__ = ("number", "pid", "fd", "nudge_fd", "reader", "booted", "started", "booted_at",
-                 "last_seen", "served", "in_flight", "retiring", "stop_when_replaced",
-                 "dump_sent_at", "pipe_closed_at", "killed", "kill_reason", "stop_signal")
+                 "last_seen", "served", "in_flight", "connections", "retiring",
+                 "stop_when_replaced", "dump_sent_at", "pipe_closed_at", "killed", "kill_reason",
+                 "stop_signal")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -95,6 +102,7 @@ class WorkerProcess:
         self.booted_at = 0.0
         self.served = 0
         self.in_flight = 0
+        self.connections = 0
         self.retiring = False  # its exit is expected; it does not count as active
         self.stop_when_replaced = False  # send TERM once enough active workers booted
         self.dump_sent_at = 0.0  # when it was asked for its tracebacks (hung)
@@ -148,6 +156,7 @@ class Master:
         self.upgrade_pid = 0  # the new master started by USR2
         self.inherited_from = 0  # the old master that handed us its sockets (USR2)
         self.watcher: Watcher | None = None  # --reload
+        self.control: ControlServer | None = None  # --control-socket
         self._wakeup_fds = (-1, -1)
 
     # -- start and the loop -------------------------------------------------------------------
@@ -175,7 +184,11 @@ class Master:
             if cfg.pidfile:
                 self.pidfile = Pidfile(cfg.pidfile)
                 self.pidfile.write()
+            if cfg.control_socket:
+                self._open_control(cfg.control_socket)
             if ids is not None:
+                if self.control is not None:
+                    self.control.hand_to(*ids)
                 privileges.drop(ids, self.listeners)
             return self._serve()
         finally:
@@ -223,14 +236,20 @@ class Master:
             timeout = self.call_poller.timeout(timeout)
         if self.watcher is not None:
             timeout = self.watcher.timeout(timeout, time.monotonic())
+        if self.control is not None:
+            timeout = self.control.timeout(timeout, time.monotonic())
         self.turn_due = time.monotonic() + timeout
         self._read_ready(timeout)
+        if self.control is not None:
+            self.control.expire(time.monotonic())
 
     def _read_ready(self, timeout: float) -> None:
         """Read the signals and worker pipes that are ready within `timeout` seconds."""
-        for key, _ in self.selector.select(timeout):
+        for key, mask in self.selector.select(timeout):
             if key.data is None:
                 self._read_signals(key.fd)
+            elif isinstance(key.data, Endpoint):
+                key.data.ready(mask, time.monotonic())
             elif isinstance(key.data, Watcher):
                 if key.data is self.watcher:  # (a stop earlier in this batch closed it)
                     key.data.read(time.monotonic())
@@ -304,10 +323,9 @@ class Master:
             elif signum == signal.SIGHUP:
                 self.reload()
             elif signum == signal.SIGTTIN:
-                self.size += 1
-                error_log.info("%s: now %d workers", name, self.size)
+                self._resize(self.size + 1, name)
             elif signum == signal.SIGTTOU:
-                self._shrink(name)
+                self._resize(self.size - 1, name)
             elif signum == signal.SIGUSR1:
                 self._signal_workers(signal.SIGUSR1)
                 failed = logs.reopen()
@@ -442,16 +460,95 @@ class Master:
         error_log.info("%s: stopping all workers; the master stays (HUP restarts them)", name)
         self._set_title()
 
-    def _shrink(self, reason: str) -> None:
-        if self.size <= 1:
+    def _resize(self, size: int, reason: str) -> None:
+        """Run `size` workers, at least 1: the missing ones start next; the extra ones (the
+        highest numbers) stop gracefully."""
+        if size < 1:
             error_log.info("%s: already at 1 worker", reason)
             return
-        self.size -= 1
-        active = self._active()
-        if len(active) > self.size:
-            self._retire(max(active, key=lambda w: w.number), reason)
+        self.size = size
+        for worker in sorted(self._active(), key=lambda w: w.number)[size:]:
+            self._retire(worker, reason)
         error_log.info("%s: now %d workers", reason, self.size)
         self._set_title()
+
+    # -- the control socket -------------------------------------------------------------------
+
+    def _open_control(self, path: str) -> None:
+        try:
+            self.control = ControlServer(default_path() if path == "auto" else path,
+                                         self.selector, self._control,
+                                         take_over=bool(self.inherited_from))
+        except ControlError as exc:
+            raise ConfigError(str(exc)) from None
+        except OSError as exc:
+            raise ConfigError(f"--control-socket {path}: {exc.strerror}") from None
+        error_log.info("control socket at %s", self.control.path)
+
+    def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer one request of the control socket (see forkserve.control): status, dump
+        and scale here; the others as their signal would be (acted on in this turn)."""
+        command = request["command"]
+        if command == "status":
+            return self._status()
+        if command == "dump":
+            workers = self._active()
+            error_log.info("control: dump: the tracebacks of %d workers follow", len(workers))
+            logs.flush()
+            for worker in workers:
+                _kill(worker.pid, DUMP_SIGNAL)
+            return {"workers": [worker.pid for worker in workers]}
+        if self.stop_deadline is not None and command != "stop":
+            raise ControlError("the server is stopping")
+        if command == "scale":
+            size = request.get("workers")
+            if type(size) is not int or not 1 <= size <= MAX_WORKERS:
+                raise ControlError(f'scale: expected "workers": a whole number from 1 to '
+                                   f"{MAX_WORKERS}")
+            self._resize(size, "control: scale")
+            return {"workers": self.size}
+        if command == "stop":
+            mode = request.get("mode", "graceful")
+            if mode not in ("graceful", "quick"):
+                raise ControlError('stop: "mode" is graceful or quick')
+            self.signals.append(signal.SIGTERM if mode == "graceful" else signal.SIGQUIT)
+            return {"stopping": mode}
+        signum = CONTROL_SIGNALS.get(command)
+        if signum is None:
+            raise ControlError(f"unknown command {command!r} (expected one of "
+                               f"{', '.join(CONTROL_COMMANDS)})")
+        self.signals.append(signum)
+        return {"signal": signal.Signals(signum).name}
+
+    def _status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        cfg = self.cfg
+        workers = []
+        for worker in sorted(self.workers.values(), key=lambda w: (w.number, w.started)):
+            memory = memory_kib(worker.pid) or (None, None)
+            workers.append({
+                "number": worker.number, "pid": worker.pid,
+                "state": "stopping" if worker.retiring else
+                         "serving" if worker.booted else "booting",
+                "age": round(now - worker.started, 3),
+                "served": worker.served, "in_flight": worker.in_flight,
+                "connections": worker.connections,
+                "heartbeat_age": round(now - worker.last_seen, 3),
+                "rss_kib": memory[0], "pss_kib": memory[1],
+            })
+        return {
+            "master": {
+                "pid": self.pid, "version": __version__,
+                "uptime": round(now - self.started, 3),
+                "state": "stopping" if self.stop_deadline is not None else
+                         "reloading" if self.reloading else "serving",
+                "app": cfg.app, "binds": [listener.url for listener in self.listeners],
+                "workers": self.size, "threads": cfg.threads, "http": cfg.http,
+                "loop": cfg.loop, "timeout": cfg.timeout, "config": cfg.config,
+                "served_by_gone_workers": self.served_by_gone,
+            },
+            "workers": workers,
+        }
 
     # -- workers ------------------------------------------------------------------------------
 
@@ -531,6 +628,8 @@ class Master:
                 os.close(fd)
             if self.watcher is not None:
                 self.watcher.close_inherited()
+            if self.control is not None:
+                self.control.close_inherited()
             for other in self.workers.values():
                 for fd in (other.fd, other.nudge_fd):
                     if fd >= 0:
@@ -578,7 +677,7 @@ class Master:
 
     def _on_message(self, worker: WorkerProcess, kind: int, payload: bytes) -> None:
         if kind == channel.HEARTBEAT:
-            worker.served, worker.in_flight = channel.read_counters(payload)
+            worker.served, worker.in_flight, worker.connections = channel.read_counters(payload)
         elif kind == channel.BOOTED:
             worker.booted = True
             worker.booted_at = time.monotonic()
@@ -884,6 +983,8 @@ class Master:
             self._unwatch(self.workers.pop(pid))
         self._close_listeners()
         self._stop_watching()
+        if self.control is not None:
+            self.control.close()
         self.handoff.close()
         if self.pidfile is not None:
             self.pidfile.remove()

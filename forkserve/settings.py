@@ -146,6 +146,17 @@ def _log_config_file(text: str) -> str:
     return os.path.abspath(text)
 
 
+def _control_socket(text: str) -> str:
+    if text == "auto":
+        return text
+    if not text or "\0" in text:
+        raise ValueError(f"expected a path or 'auto', got {text!r}")
+    if ":" in text and "/" not in text:  # `--control-socket myapp:app` took the app
+        raise ValueError(f"{text!r} looks like the app, not a path: put the app first, or "
+                         "write --control-socket=PATH")
+    return os.path.abspath(text)
+
+
 def _health_path(text: str) -> str:
     if not text.startswith("/") or any(c in text for c in "?# ") or not text.isascii() \
             or not text.isprintable():
@@ -188,6 +199,8 @@ class Setting:
     to_text: Callable[[Any], str] = str
     # Is an empty environment variable a value? Otherwise it counts as unset.
     empty_is_value: bool = False
+    # The value of the option given without its argument (None: the argument is required).
+    const: str | None = None
 
     @property
     def env(self) -> str:
@@ -434,6 +447,14 @@ SETTINGS: tuple[Setting, ...] = (
         "chdir", ("--chdir",), None, _directory,
         "Change to this directory before loading the app (it is put first on sys.path).",
         metavar="DIR", section="app",
+    ),
+    Setting(
+        "control_socket", ("--control-socket",), None, _control_socket,
+        "Serve the control socket at this path, for `forkserve ctl` (status, reload, scale, "
+        "stop, dump...): a unix socket of mode 0600 owned by the user that serves; only that "
+        "user and root may use it. Without PATH (or 'auto'): control.sock in "
+        "$RUNTIME_DIRECTORY if set (systemd's RuntimeDirectory=), else in /run/forkserve. "
+        "Off by default.", metavar="PATH", section="observability", const="auto",
     ),
     Setting(
         "health_path", ("--health-path",), None, _health_path,

@@ -37,6 +37,12 @@ def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         (["no_such_module:app"], "no module named 'no_such_module'"),
         (["bad spec!"], "bad app 'bad spec!'"),
         (["--error-logfile", "/no/such/dir/log"], "cannot open log file"),
+        (["--control-socket", "wsgiapp:app"], "'wsgiapp:app' looks like the app, not a path: put "
+         "the app first, or write --control-socket=PATH"),
+        (["--control-socket", "/proc/no/control.sock"], "--control-socket /proc/no/control.sock:"),
+        (["--health-path", "healthz"], "argument --health-path: expected a path such as /healthz"),
+        (["--reload-include", "src/*.py"], "argument --reload-include: expected a file name "
+         "pattern"),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(args, message):

@@ -68,6 +68,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "log_config": (str(LOG_CONFIG), str(LOG_CONFIG)),
     "log_format": ("json", "json"),
     "health_path": ("/healthz", "/healthz"),
+    "control_socket": ("/run/app/control.sock", "/run/app/control.sock"),
     "reload": ("true", True),
     "reload_dirs": ("/tmp", ["/tmp"]),
     "reload_include": ("*.html", ["*.html"]),

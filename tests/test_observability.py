@@ -1,12 +1,23 @@
-"""Seeing a running server: --health-path."""
+"""Seeing and steering a running server: --health-path, the control socket, forkserve ctl."""
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
+import re
+import shutil
 import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
-from conftest import APP_OF, Reader, exchange
+from conftest import APP_OF, APPS, Reader, exchange, forkserve_command
+from test_process import wait_gone
 
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -76,3 +87,262 @@ def test_the_health_path_stays_200_while_a_reload_replaces_the_workers(start_ser
                 break
     server.wait_for(r"replaced 2 workers", start=mark)
     assert exchange(server, HEALTH).status == 200
+
+
+# -- the control socket and forkserve ctl ---------------------------------------------------
+
+
+def _ask(path: Path, *messages: object, raw: bytes = b"") -> list[dict]:
+    """Send `messages` (each as a JSON line) then `raw`, and read an answer per line sent."""
+    lines = [json.dumps(message).encode() + b"\n" for message in messages]
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        try:
+            sock.sendall(b"".join(lines) + raw)
+        except BrokenPipeError:
+            pass  # refused at once: the refusal waits to be read
+        expected = len(lines) + raw.count(b"\n")
+        data = b""
+        while data.count(b"\n") < expected:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def _ctl(path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(forkserve_command() + ["ctl", "--socket", str(path), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def _status_as(path: Path, user: pwd.struct_passwd) -> dict:
+    """The answer to "status" asked by a process running as `user` (forked, not executed:
+    another user may not be allowed to run this checkout's interpreter), or the error it
+    met connecting."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            try:
+                answer = _ask(path, {"command": "status"})[0]
+            except OSError as exc:
+                answer = {"error": str(exc)}
+            os.write(write_end, json.dumps(answer).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def _control_server(start_server, tmp_path: Path, *args: str) -> tuple:
+    path = tmp_path / "control.sock"
+    server = start_server("wsgiapp:app", *(args or ("-w", "2")), "--control-socket", str(path))
+    server.wait_for(rf"control socket at {re.escape(str(path))}")
+    return server, path
+
+
+def test_status_names_the_master_and_every_worker(start_server, tmp_path):
+    server, path = _control_server(start_server, tmp_path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    for _ in range(5):
+        assert exchange(server, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n").status == 200
+    deadline = time.monotonic() + 10
+    while True:  # the counts come with each worker's next heartbeat (at most 1 s)
+        (answer,) = _ask(path, {"command": "status"})
+        if sum(worker["served"] for worker in answer["workers"]) == 5:
+            break
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.1)
+    master = answer["master"]
+    assert answer["ok"] and master["pid"] == server.pid and master["state"] == "serving"
+    assert master["workers"] == 2 and master["app"] == "wsgiapp:app"
+    assert master["binds"] == [f"http://127.0.0.1:{server.port}"]
+    workers = answer["workers"]
+    assert sorted(worker["pid"] for worker in workers) == sorted(server.workers())
+    for worker in workers:
+        assert worker["state"] == "serving" and worker["in_flight"] == 0
+        assert worker["heartbeat_age"] < 5 and worker["rss_kib"] > worker["pss_kib"] > 0
+    table = _ctl(path, "status")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith("forkserve ") and f"master {server.pid}  serving" in lines[0]
+    assert lines[2].split()[:3] == ["#", "pid", "state"]
+    assert sorted(int(line.split()[1]) for line in lines[3:]) == sorted(server.workers())
+    assert json.loads(_ctl(path, "--json", "status").stdout)["master"]["pid"] == server.pid
+
+
+def test_every_control_command_does_what_it_says(start_server, tmp_path):
+    server, path = _control_server(start_server, tmp_path, "-w", "1")
+    mark = server.mark()
+    (worker,) = server.workers()
+    dump = _ctl(path, "dump")
+    assert dump.stdout == "the tracebacks of 1 workers go to the error log\n"
+    server.wait_for(r"Current thread 0x[0-9a-f]+ \(most recent call first\)", start=mark)
+    assert server.workers() == [worker]  # nothing stopped
+    assert _ctl(path, "scale", "3").stdout == "now 3 workers\n"
+    server.wait_for(r"control: scale: now 3 workers", start=mark)
+    server.wait_for(r"worker 3 booted", start=mark)
+    assert _ctl(path, "decr").returncode == 0
+    server.wait_for(r"SIGTTOU: now 2 workers", start=mark)
+    assert _ctl(path, "incr").returncode == 0
+    server.wait_for(r"SIGTTIN: now 3 workers", start=mark)
+    assert _ctl(path, "reopen-logs").returncode == 0
+    server.wait_for(r"SIGUSR1: log files reopened", start=mark)
+    workers = sorted(server.workers())
+    mark = server.mark()
+    assert _ctl(path, "reload").stdout == "reload: done (SIGHUP)\n"
+    # (HUP reads the configuration again: back to -w 1)
+    server.wait_for(r"HUP: reloading: starting 1 new workers before stopping 3", start=mark)
+    server.wait_for(r"replaced 3 workers", start=mark)
+    assert not set(server.workers()) & set(workers)
+    assert _ctl(path, "stop").stdout == "stopping (graceful)\n"
+    assert server.wait_exit() == 0
+    assert "SIGTERM: graceful stop" in server.log
+    assert not path.exists()
+
+
+def test_stop_quick_through_the_control_socket(start_server, tmp_path):
+    server, path = _control_server(start_server, tmp_path)
+    assert _ask(path, {"command": "stop", "mode": "quick"}) == [
+        {"ok": True, "stopping": "quick"}]
+    assert server.wait_exit() == 0
+    assert "SIGQUIT: quick stop" in server.log
+
+
+def test_bad_requests_get_an_error_and_the_server_goes_on(start_server, tmp_path):
+    server, path = _control_server(start_server, tmp_path)
+    answers = _ask(path, {"command": "nope"}, ["status"], {"command": 3},
+                   {"command": "scale", "workers": 0}, {"command": "scale", "workers": "2"},
+                   {"command": "stop", "mode": "now"},
+                   raw=b"{not json\n\xff\xfe\n\n" + json.dumps({"command": "status"}).encode()
+                   + b"\n")
+    errors = [answer.get("error") for answer in answers]
+    assert errors[:8] == [
+        "unknown command 'nope' (expected one of status, stop, reload, scale, incr, decr, "
+        "reopen-logs, dump)",
+        'expected an object with a "command" string',
+        'expected an object with a "command" string',
+        'scale: expected "workers": a whole number from 1 to 1000',
+        'scale: expected "workers": a whole number from 1 to 1000',
+        'stop: "mode" is graceful or quick',
+        "not JSON: Expecting property name enclosed in double quotes: line 1 column 2 "
+        "(char 1)",
+        "not JSON: Expecting value: line 1 column 1 (char 0)",  # (read as UTF-16)
+    ]
+    assert answers[8]["ok"] and answers[8]["master"]["pid"] == server.pid  # (empty line: none)
+    failed = _ctl(path, "scale", "0")
+    assert failed.returncode == 1
+    assert failed.stderr == ('forkserve ctl: scale: expected "workers": a whole number from 1 '
+                             "to 1000\n")
+    usage = _ctl(path, "scale")
+    assert usage.returncode == 2 and "expected the number of workers" in usage.stderr
+    # A line that never ends, past the limit: an error, then the connection is closed.
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(b"x" * (64 * 1024 + 10))
+        answer = Reader(sock).read_until(b"\n")
+        assert json.loads(answer)["error"] == "request line longer than 65536 bytes"
+        try:
+            assert sock.recv(100) == b""
+        except ConnectionResetError:
+            pass  # (closed with our unread bytes in it: a reset)
+    assert len(server.workers()) == 2
+    assert exchange(server, HEALTH).status == 404  # HTTP goes on (no --health-path here)
+
+
+def test_silent_slow_and_many_clients_cannot_hold_the_master(start_server, tmp_path):
+    server, path = _control_server(start_server, tmp_path)
+    clients = []
+    try:
+        for _ in range(16):  # the most served at once; they send nothing
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(15)
+            sock.connect(str(path))
+            clients.append(sock)
+        started = time.monotonic()
+        with socket.socket(socket.AF_UNIX) as extra:
+            extra.settimeout(10)
+            extra.connect(str(path))
+            assert json.loads(Reader(extra).read_until(b"\n")) == {
+                "ok": False, "error": "busy: 16 clients are connected"}
+        assert exchange(server, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n").status == 200
+        for sock in clients:  # each is dropped after 5 s of silence, with a word
+            assert json.loads(Reader(sock).read_until(b"\n")) == {
+                "ok": False, "error": "no complete request for 5 s"}
+        assert 4.5 < time.monotonic() - started < 12
+    finally:
+        for sock in clients:
+            sock.close()
+    # One that asks and does not read its answers is dropped once 1 MiB waits for it: its
+    # sends fail long before 10,000 requests (9 MB of answers).
+    with socket.socket(socket.AF_UNIX) as greedy:
+        greedy.settimeout(10)
+        greedy.connect(str(path))
+        request = json.dumps({"command": "status"}).encode() + b"\n"
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for _ in range(50):
+                greedy.sendall(request * 200)
+    (answer,) = _ask(path, {"command": "status"})
+    assert answer["ok"] and len(answer["workers"]) == 2
+
+
+def test_a_second_server_on_the_same_control_socket_is_refused(start_server, tmp_path):
+    server, path = _control_server(start_server, tmp_path)
+    result = subprocess.run(forkserve_command() + ["wsgiapp:app", "-b", "127.0.0.1:0",
+                                                   "--control-socket", str(path)],
+                            cwd=APPS, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr == (f"forkserve: error: --control-socket {path}: another server "
+                             "listens on it\n")
+    assert _ask(path, {"command": "status"})[0]["master"]["pid"] == server.pid
+
+
+def test_a_usr2_upgrade_hands_the_control_socket_to_the_new_master(start_server, tmp_path):
+    server, path = _control_server(start_server, tmp_path)
+    mark = server.mark()
+    os.kill(server.pid, signal.SIGUSR2)
+    new_master = int(server.wait_for(r"USR2: started new master pid (\d+)", start=mark)[1])
+    try:
+        server.wait_for(rf"\[{new_master}\] \[INFO\] ready: 2 workers", start=mark)
+        assert _ask(path, {"command": "status"})[0]["master"]["pid"] == new_master
+        os.kill(server.pid, signal.SIGTERM)
+        assert server.wait_exit() == 0
+        assert _ask(path, {"command": "status"})[0]["master"]["pid"] == new_master
+    finally:
+        os.kill(new_master, signal.SIGTERM)
+        wait_gone([new_master])
+    assert not path.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+def test_only_the_serving_user_and_root_may_use_the_control_socket(start_server, public_apps):
+    folder = Path(tempfile.mkdtemp(prefix="forkserve-control-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        path = folder / "control.sock"
+        server = start_server("importmark:app", "-w", "1", "--user", "nobody",
+                              "--control-socket", str(path), cwd=public_apps)
+        nobody = pwd.getpwnam("nobody")
+        info = os.stat(path)
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (nobody.pw_uid, 0o600)
+        daemon = pwd.getpwnam("daemon")
+        assert _ctl(path, "status").returncode == 0  # root
+        assert _status_as(path, nobody)["ok"]  # the serving user
+        assert _status_as(path, daemon) == {"error": "[Errno 13] Permission denied"}
+        path.chmod(0o666)  # even if the file lets it connect, the server refuses it
+        assert _status_as(path, daemon) == {
+            "ok": False,
+            "error": f"permission denied: uid {daemon.pw_uid} may not control this server"}
+        assert _status_as(path, nobody)["ok"]
+        server.stop()
+    finally:
+        shutil.rmtree(folder)

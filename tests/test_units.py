@@ -122,13 +122,14 @@ def test_input_never_asks_again_after_the_end():
 # -- channel ------------------------------------------------------------------------------------
 
 def test_frames_reassemble_across_reads():
-    data = channel.encode(channel.BOOTED) + channel.heartbeat(7, 2) + channel.boot_failed(3, "x")
+    data = (channel.encode(channel.BOOTED) + channel.heartbeat(7, 2, 5)
+            + channel.boot_failed(3, "x"))
     reader = channel.FrameReader()
     frames = []
     for i in range(len(data)):
         frames += reader.feed(data[i:i + 1])
     assert [kind for kind, _ in frames] == [channel.BOOTED, channel.HEARTBEAT, channel.BOOT_FAILED]
-    assert channel.read_counters(frames[1][1]) == (7, 2)
+    assert channel.read_counters(frames[1][1]) == (7, 2, 5)
     assert frames[2][1] == b"\x03x"
 
 

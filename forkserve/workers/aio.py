@@ -620,6 +620,9 @@ class AsyncioWorker(Worker):
                     and self._has_room():
                 self._set_accepting(True)
 
+    def held_connections(self) -> int:
+        return len(self.connections) + self.accepted
+
     def stuck_request(self) -> str:
         stuck = self._stuck_in_threads()
         if not stuck:

@@ -261,7 +261,7 @@ class Worker:
         replacement booted; the worker then stops without waiting for stuck requests)."""
         if os.getppid() != self.master_pid:
             raise MasterGone("the master is gone")
-        self._send(channel.heartbeat(self.served, self.in_flight))
+        self._send(channel.heartbeat(self.served, self.in_flight, self.held_connections()))
         if not self.recycling:
             stuck = self.stuck_request()
             if stuck:
@@ -286,6 +286,10 @@ class Worker:
     def stop_taking_connections(self) -> None:
         """Over --max-worker-memory: accept no new connection, and end keep-alive ones after
         their current response (each worker kind knows how)."""
+        raise NotImplementedError
+
+    def held_connections(self) -> int:
+        """How many client connections this worker holds now."""
         raise NotImplementedError
 
     def stuck_request(self) -> str:
