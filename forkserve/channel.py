@@ -18,8 +18,9 @@ RECYCLE = 4  # payload: why (UTF-8); the worker asks to be replaced, then stoppe
 STUCK = 5  # payload: which request is stuck (UTF-8); the worker wants a dump and a replacement
 STOPPING = 6  # payload: the number of the stop signal (TERM, INT, QUIT) the worker received
 CALLING = 7  # the worker began a call into the app while the master did not poll (handoff)
+STATS = 8  # payload: the worker's request statistics so far (forkserve.metrics, JSON)
 
-_KINDS = frozenset((BOOTED, HEARTBEAT, BOOT_FAILED, RECYCLE, STUCK, STOPPING, CALLING))
+_KINDS = frozenset((BOOTED, HEARTBEAT, BOOT_FAILED, RECYCLE, STUCK, STOPPING, CALLING, STATS))
 _HEADER = struct.Struct("!BI")
 _COUNTERS = struct.Struct("!QII")
 MAX_PAYLOAD = 1 << 20

@@ -91,6 +91,7 @@ class Config:
     access_log_format: str
     health_path: str | None
     control_socket: str | None  # a path, or 'auto' (forkserve.control.default_path)
+    metrics_bind: str | None
     log_config: str | None
     log_format: str
     logconfig_dict: dict[str, Any] | None  # from a config file only

@@ -9,13 +9,13 @@ connection; the answers come in order.
 
 The master serves it from its own loop, so nothing a client does may block or grow it: a
 connection is refused beyond MAX_CLIENTS at once, a request line is at most MAX_LINE bytes, a
-client silent for IDLE_SECONDS is dropped, and one that does not read its answers is dropped
-once MAX_OUTPUT bytes wait for it. Each of these gets an error object when it can take one.
+client silent for endpoints.IDLE_SECONDS is dropped, and one that does not read its answers
+is dropped once MAX_OUTPUT bytes wait for it (see forkserve.endpoints). Each of these gets
+an error object when it can take one.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import selectors
@@ -25,10 +25,11 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-MAX_CLIENTS = 16
+from forkserve.endpoints import Client, Server
+
+MAX_CLIENTS = Server.max_clients
 MAX_LINE = 64 * 1024
 MAX_OUTPUT = 1 << 20
-IDLE_SECONDS = 5.0
 DEFAULT_NAME = "control.sock"
 DEFAULT_DIRECTORY = "/run/forkserve"
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -49,180 +50,74 @@ def default_path(environ: dict[str, str] | None = None) -> str:
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-class Endpoint:
-    """What the control socket registers in the master's selector."""
-
-    def ready(self, mask: int, now: float) -> None:
-        """The descriptor is ready for what `mask` says (selectors.EVENT_READ/WRITE)."""
-        raise NotImplementedError
-
-
-class ControlServer(Endpoint):
+class ControlServer(Server):
     """The listening socket at `path` and its clients, on the master's `selector`.
 
     `handle(request)` answers one request (a dict with "command"): it returns the results, or
     raises ControlError. `take_over` replaces a socket a live server still listens on (the
     new master of a USR2 upgrade); otherwise that is an error."""
 
+    max_request = MAX_LINE
+    max_output = MAX_OUTPUT
+
     def __init__(self, path: str, selector: selectors.BaseSelector, handle: Handler,
                  take_over: bool = False) -> None:
         self.path = path
-        self.selector = selector
         self.handle = handle
-        self.clients: dict[int, _Client] = {}
         _clear_path(path, take_over)
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_mask = os.umask(0o177)  # 0600 from the start: no moment of a wider mode
         try:
-            self.sock.bind(path)
+            sock.bind(path)
         finally:
             os.umask(old_mask)
-        self.sock.listen(MAX_CLIENTS)
-        self.sock.setblocking(False)
+        sock.listen(MAX_CLIENTS)
         self.inode = os.stat(path).st_ino
-        selector.register(self.sock, selectors.EVENT_READ, self)
+        super().__init__(sock, selector)
 
     def hand_to(self, uid: int, gid: int) -> None:
         """Give the socket file to the user the server switches to."""
         os.chown(self.path, uid, gid)
 
-    def ready(self, mask: int, now: float) -> None:
-        """The listening socket is readable: take the waiting connections."""
-        while True:
-            try:
-                sock, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # out of descriptors: the kernel queue keeps them
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    return
-                raise
-            sock.setblocking(False)
-            refusal = self._refusal(sock)
-            if refusal:
-                _send_and_close(sock, {"ok": False, "error": refusal})
-                continue
-            client = _Client(self, sock, now)
-            self.clients[sock.fileno()] = client
-            self.selector.register(sock, selectors.EVENT_READ, client)
-
-    def _refusal(self, sock: socket.socket) -> str:
-        """Why a new client is not served, or ""."""
+    def refuses(self, sock: socket.socket) -> str:
         pid, uid, gid = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         if uid not in (0, os.geteuid()):
             return f"permission denied: uid {uid} may not control this server"
-        if len(self.clients) >= MAX_CLIENTS:
-            return f"busy: {MAX_CLIENTS} clients are connected"
         return ""
 
-    def timeout(self, timeout: float, now: float) -> float:
-        """`timeout`, shortened to when the next silent client is due to be dropped."""
-        for client in self.clients.values():
-            timeout = min(timeout, max(0.0, client.deadline - now))
-        return timeout
-
-    def expire(self, now: float) -> None:
-        """Drop the clients silent for IDLE_SECONDS."""
-        for client in [c for c in self.clients.values() if c.deadline <= now]:
-            client.fail(f"no complete request for {IDLE_SECONDS:g} s")
-
-    def forget(self, client: _Client) -> None:
-        if self.clients.pop(client.fd, None) is not None:
-            self.selector.unregister(client.sock)
-            client.sock.close()
+    def refusal(self, reason: str) -> bytes:
+        return _line({"ok": False, "error": reason})
 
     def close(self) -> None:
         """Close every client and the socket; remove the file if it is still ours (a USR2
         successor may have put its own there)."""
-        for client in list(self.clients.values()):
-            self.forget(client)
-        self.selector.unregister(self.sock)
-        self.sock.close()
+        super().close()
         try:
             if os.stat(self.path).st_ino == self.inode:
                 os.unlink(self.path)
         except OSError:
             pass
 
-    def close_inherited(self) -> None:
-        """In a forked worker: close the descriptors (not the file)."""
-        for client in self.clients.values():
-            client.sock.close()
-        self.sock.close()
 
+class _ControlClient(Client):
+    """One connection to the control socket: a request a line, an answer a line."""
 
-class _Client(Endpoint):
-    """One connection to the control socket: lines in, answers out."""
+    server: ControlServer
 
-    def __init__(self, server: ControlServer, sock: socket.socket, now: float) -> None:
-        self.server = server
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.inbox = bytearray()
-        self.output = bytearray()
-        self.deadline = now + IDLE_SECONDS
-
-    def ready(self, mask: int, now: float) -> None:
-        if mask & selectors.EVENT_WRITE:
-            self._flush()
-        if mask & selectors.EVENT_READ and self.fd in self.server.clients:
-            self._read(now)
-
-    def _read(self, now: float) -> None:
-        try:
-            data = self.sock.recv(MAX_LINE + 1)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.server.forget(self)
-            return
-        if not data:  # the client is done: what it is owed is sent if it can be at once
-            self._flush()
-            self.server.forget(self)
-            return
-        self.inbox += data
-        while self.fd in self.server.clients:
+    def received(self, now: float) -> None:
+        while self.open:
             end = self.inbox.find(b"\n")
             if end < 0:
-                if len(self.inbox) > MAX_LINE:
-                    self.fail(f"request line longer than {MAX_LINE} bytes")
                 return
             line = bytes(self.inbox[:end])
             del self.inbox[:end + 1]
-            self.deadline = now + IDLE_SECONDS
             if line.strip():
-                self._answer(_answer(self.server.handle, line))
+                self.answer(_line(_answer(self.server.handle, line)), now)
 
-    def _answer(self, answer: dict[str, Any]) -> None:
-        self.output += json.dumps(answer).encode() + b"\n"
-        if len(self.output) > MAX_OUTPUT:
-            self.server.forget(self)  # it does not read what it asks for
-            return
-        self._flush()
 
-    def _flush(self) -> None:
-        try:
-            sent = self.sock.send(self.output)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.server.forget(self)
-            return
-        del self.output[:sent]
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.output else 0)
-        self.server.selector.modify(self.sock, events, self)
-
-    def fail(self, error: str) -> None:
-        """Answer `error` (if the client takes it at once) and drop the connection."""
-        self.output += json.dumps({"ok": False, "error": error}).encode() + b"\n"
-        try:
-            self.sock.send(self.output)
-        except OSError:
-            pass
-        self.server.forget(self)
+ControlServer.client_class = _ControlClient
 
 
 def memory_kib(pid: int) -> tuple[int, int] | None:
@@ -253,12 +148,8 @@ def _answer(handle: Handler, line: bytes) -> dict[str, Any]:
         return {"ok": False, "error": str(exc)}
 
 
-def _send_and_close(sock: socket.socket, answer: dict[str, Any]) -> None:
-    try:
-        sock.send(json.dumps(answer).encode() + b"\n")
-    except OSError:
-        pass
-    sock.close()
+def _line(answer: dict[str, Any]) -> bytes:
+    return json.dumps(answer).encode() + b"\n"
 
 
 def _clear_path(path: str, take_over: bool) -> None:

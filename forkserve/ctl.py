@@ -22,6 +22,7 @@ from forkserve.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError
 # Command: (what it does, its argument's name or None).
 COMMANDS = {
     "status": ("the master and one row a worker", None),
+    "stats": ("requests by status, their durations, refusals, connections", None),
     "reload": ("what HUP does: new workers with the app's code anew, then the old ones stop",
                None),
     "scale": ("run N workers", "N"),
@@ -100,6 +101,8 @@ def _configured_socket(config: str | None) -> str:
 def _describe(command: str, answer: dict[str, Any]) -> str:
     if command == "status":
         return _status_table(answer)
+    if command == "stats":
+        return _stats_text(answer)
     if command == "scale":
         return f"now {answer['workers']} workers"
     if command == "stop":
@@ -131,6 +134,22 @@ def _status_table(answer: dict[str, Any]) -> str:
                                else cell.ljust(width)
                                for column, (cell, width) in enumerate(cells)).rstrip())
     return "\n".join(lines)
+
+
+def _stats_text(answer: dict[str, Any]) -> str:
+    def counts(values: dict[str, int]) -> str:
+        return ", ".join(f"{key} {value}" for key, value in sorted(values.items())) or "none"
+
+    durations = answer["duration_seconds"]
+    total = answer["requests"]
+    mean = f", mean {durations['sum'] / total * 1000:.1f} ms" if total else ""
+    return "\n".join([
+        f"requests answered: {total} ({counts(answer['by_status'])}){mean}",
+        "within (s): " + ", ".join(f"{bound} {count}"
+                                   for bound, count in durations["buckets"].items()),
+        f"refused before the app: {counts(answer['refused'])}",
+        f"connections accepted: {answer['connections_accepted']}",
+    ])
 
 
 def _duration(seconds: float) -> str:

@@ -39,14 +39,17 @@ from setproctitle import setproctitle
 from forkserve import __version__, channel, logs, privileges
 from forkserve.app import load_app
 from forkserve.config import Config, parse_args
-from forkserve.control import ControlError, ControlServer, Endpoint, default_path, memory_kib
+from forkserve.control import ControlError, ControlServer, default_path, memory_kib
+from forkserve.endpoints import Endpoint, Server
 from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError
 from forkserve.handoff import CallPoller, HandoffChannel
 from forkserve.logs import error_log
+from forkserve.metrics import Totals, exposition, read_report, summary
 from forkserve.pidfile import Pidfile
+from forkserve.prometheus import MetricsServer
 from forkserve.reloader import Watcher, describe, forget_bytecode
 from forkserve.scoreboard import Scoreboard
-from forkserve.sockets import INHERIT_ENV, Listener, listen
+from forkserve.sockets import INHERIT_ENV, Listener, listen, parse_bind
 from forkserve.systemd import Notifier
 from forkserve.tls import server_context
 from forkserve.workers import run_worker
@@ -60,7 +63,8 @@ DUMP_SIGNAL = signal.SIGUSR2
 # Control-socket commands that do what a signal does (the others: status, dump, scale, stop).
 CONTROL_SIGNALS = {"reload": signal.SIGHUP, "incr": signal.SIGTTIN, "decr": signal.SIGTTOU,
                    "reopen-logs": signal.SIGUSR1}
-CONTROL_COMMANDS = ("status", "stop", "reload", "scale", "incr", "decr", "reopen-logs", "dump")
+CONTROL_COMMANDS = ("status", "stats", "stop", "reload", "scale", "incr", "decr", "reopen-logs",
+                    "dump")
 MAX_WORKERS = 1000  # what `scale` accepts
 # How long a hung worker gets to write its tracebacks before SIGKILL.
 DUMP_GRACE = 1.0
@@ -89,7 +93,7 @@ class WorkerProcess:
     __slots__ = ("number", "pid", "fd", "nudge_fd", "reader", "booted", "started", "booted_at",
                  "last_seen", "served", "in_flight", "connections", "retiring",
                  "stop_when_replaced", "dump_sent_at", "pipe_closed_at", "killed", "kill_reason",
-                 "stop_signal")
+                 "stop_signal", "stats", "leaving")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -110,6 +114,8 @@ class WorkerProcess:
         self.killed = False  # SIGKILLed by the master
         self.kill_reason = ""
         self.stop_signal = 0  # the stop signal it said it received (0: none)
+        self.stats = Totals()  # its last report (--metrics-bind, --control-socket)
+        self.leaving = ""  # why it is being replaced: a restart reason of forkserve.metrics
 
     def close_nudge_pipe(self) -> None:
         """Close the master's end of its nudge pipe (it is gone)."""
@@ -157,6 +163,9 @@ class Master:
         self.inherited_from = 0  # the old master that handed us its sockets (USR2)
         self.watcher: Watcher | None = None  # --reload
         self.control: ControlServer | None = None  # --control-socket
+        self.metrics: MetricsServer | None = None  # --metrics-bind
+        self.gone_stats = Totals()  # what the workers that exited reported last
+        self.restarts: dict[str, int] = {}  # workers replaced, by reason
         self._wakeup_fds = (-1, -1)
 
     # -- start and the loop -------------------------------------------------------------------
@@ -186,6 +195,8 @@ class Master:
                 self.pidfile.write()
             if cfg.control_socket:
                 self._open_control(cfg.control_socket)
+            if cfg.metrics_bind:
+                self._open_metrics(cfg.metrics_bind)
             if ids is not None:
                 if self.control is not None:
                     self.control.hand_to(*ids)
@@ -236,12 +247,12 @@ class Master:
             timeout = self.call_poller.timeout(timeout)
         if self.watcher is not None:
             timeout = self.watcher.timeout(timeout, time.monotonic())
-        if self.control is not None:
-            timeout = self.control.timeout(timeout, time.monotonic())
+        for server in self._servers():
+            timeout = server.timeout(timeout, time.monotonic())
         self.turn_due = time.monotonic() + timeout
         self._read_ready(timeout)
-        if self.control is not None:
-            self.control.expire(time.monotonic())
+        for server in self._servers():
+            server.expire(time.monotonic())
 
     def _read_ready(self, timeout: float) -> None:
         """Read the signals and worker pipes that are ready within `timeout` seconds."""
@@ -382,6 +393,7 @@ class Master:
         self.call_hook("on_reload", self)
         old = [w for w in self.workers.values() if not w.retiring]
         for worker in old:
+            worker.leaving = "reload"
             worker.retiring = True
             worker.stop_when_replaced = True
         self.failures = 0
@@ -474,6 +486,30 @@ class Master:
 
     # -- the control socket -------------------------------------------------------------------
 
+    def _servers(self) -> list[Server]:
+        return [server for server in (self.control, self.metrics) if server is not None]
+
+    def _open_metrics(self, spec: str) -> None:
+        address = parse_bind(spec)
+        try:
+            self.metrics = MetricsServer(address.host, address.port, self.selector,
+                                         self._metrics_text)
+        except OSError as exc:
+            raise ConfigError(f"--metrics-bind {spec}: {exc.strerror}") from None
+        error_log.info("metrics at %s", self.metrics.url)
+
+    def _totals(self) -> Totals:
+        totals = Totals()
+        totals.add(self.gone_stats)
+        for worker in self.workers.values():
+            totals.add(worker.stats)
+        return totals
+
+    def _metrics_text(self) -> str:
+        status = self._status()
+        return exposition(self._totals(), sum(w.in_flight for w in self.workers.values()),
+                          status["workers"], self.restarts)
+
     def _open_control(self, path: str) -> None:
         try:
             self.control = ControlServer(default_path() if path == "auto" else path,
@@ -491,6 +527,8 @@ class Master:
         command = request["command"]
         if command == "status":
             return self._status()
+        if command == "stats":
+            return summary(self._totals())
         if command == "dump":
             workers = self._active()
             error_log.info("control: dump: the tracebacks of %d workers follow", len(workers))
@@ -628,8 +666,8 @@ class Master:
                 os.close(fd)
             if self.watcher is not None:
                 self.watcher.close_inherited()
-            if self.control is not None:
-                self.control.close_inherited()
+            for server in self._servers():
+                server.close_inherited()
             for other in self.workers.values():
                 for fd in (other.fd, other.nudge_fd):
                     if fd >= 0:
@@ -678,6 +716,11 @@ class Master:
     def _on_message(self, worker: WorkerProcess, kind: int, payload: bytes) -> None:
         if kind == channel.HEARTBEAT:
             worker.served, worker.in_flight, worker.connections = channel.read_counters(payload)
+        elif kind == channel.STATS:
+            try:
+                worker.stats = read_report(payload)
+            except (ValueError, TypeError) as exc:
+                raise channel.ChannelError(f"bad STATS payload: {exc}") from None
         elif kind == channel.BOOTED:
             worker.booted = True
             worker.booted_at = time.monotonic()
@@ -694,6 +737,7 @@ class Master:
         elif kind == channel.STUCK and not worker.retiring:
             # Its loop still serves: it stops once its other requests are done.
             self._dump(worker, payload.decode("utf-8", "replace"), "replaced")
+            worker.leaving = "hang"
             worker.retiring = True
             worker.stop_when_replaced = True
         elif kind == channel.CALLING:
@@ -703,6 +747,8 @@ class Master:
         elif kind == channel.RECYCLE and not worker.retiring:
             error_log.info("worker %d (pid %d) recycling: %s", worker.number, worker.pid,
                            payload.decode("utf-8", "replace"))
+            worker.leaving = "memory" if payload.startswith(b"resident memory") \
+                else "max-requests"
             worker.retiring = True
             worker.stop_when_replaced = True
 
@@ -755,6 +801,7 @@ class Master:
             self._retire(worker, "the new code failed to boot")
         for worker in replaced:
             worker.retiring = worker.stop_when_replaced = False
+            worker.leaving = ""
         self.spawn_not_before = math.inf
         error_log.info("reload: %s until the next change", "the old workers serve on"
                        if replaced else "no worker starts")
@@ -785,7 +832,12 @@ class Master:
             self._unwatch(worker)
             self.scoreboard.leave(worker.number)
             self.served_by_gone += worker.served
+            self.gone_stats.add(worker.stats)
             self._report_exit(worker, wait_status)
+            reason = worker.leaving or ("" if worker.retiring or self.stop_deadline is not None
+                                        or not worker.booted else "crash")
+            if reason:
+                self.restarts[reason] = self.restarts.get(reason, 0) + 1
 
     def _report_exit(self, worker: WorkerProcess, wait_status: int) -> None:
         how = _describe_wait(wait_status)
@@ -867,6 +919,7 @@ class Master:
                 if worker.last_seen > worker.dump_sent_at:
                     worker.dump_sent_at = 0.0  # it woke up after all
                 elif now - worker.dump_sent_at >= DUMP_GRACE:
+                    worker.leaving = "hang"
                     self._kill_worker(worker, "hung")
                 continue
             silent = now - worker.last_seen
@@ -983,8 +1036,8 @@ class Master:
             self._unwatch(self.workers.pop(pid))
         self._close_listeners()
         self._stop_watching()
-        if self.control is not None:
-            self.control.close()
+        for server in self._servers():
+            server.close()
         self.handoff.close()
         if self.pidfile is not None:
             self.pidfile.remove()

@@ -157,6 +157,18 @@ def _control_socket(text: str) -> str:
     return os.path.abspath(text)
 
 
+def _tcp_address(text: str) -> str:
+    from forkserve.sockets import parse_bind
+
+    try:
+        address = parse_bind(text)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    if address.kind != "tcp":
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
 def _health_path(text: str) -> str:
     if not text.startswith("/") or any(c in text for c in "?# ") or not text.isascii() \
             or not text.isprintable():
@@ -455,6 +467,14 @@ SETTINGS: tuple[Setting, ...] = (
         "user and root may use it. Without PATH (or 'auto'): control.sock in "
         "$RUNTIME_DIRECTORY if set (systemd's RuntimeDirectory=), else in /run/forkserve. "
         "Off by default.", metavar="PATH", section="observability", const="auto",
+    ),
+    Setting(
+        "metrics_bind", ("--metrics-bind",), None, _tcp_address,
+        "Serve Prometheus metrics from the master at http://HOST:PORT/metrics: requests by "
+        "method and status class, their durations (histogram), requests in flight, "
+        "connections accepted, requests refused by status, workers, worker restarts by "
+        "reason, each worker's heartbeat age and memory. Off by default.",
+        metavar="HOST:PORT", section="observability",
     ),
     Setting(
         "health_path", ("--health-path",), None, _health_path,

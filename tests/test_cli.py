@@ -40,6 +40,7 @@ def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         (["--control-socket", "wsgiapp:app"], "'wsgiapp:app' looks like the app, not a path: put "
          "the app first, or write --control-socket=PATH"),
         (["--control-socket", "/proc/no/control.sock"], "--control-socket /proc/no/control.sock:"),
+        (["--metrics-bind", "unix:/tmp/m.sock"], "argument --metrics-bind: expected HOST:PORT"),
         (["--health-path", "healthz"], "argument --health-path: expected a path such as /healthz"),
         (["--reload-include", "src/*.py"], "argument --reload-include: expected a file name "
          "pattern"),

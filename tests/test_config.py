@@ -69,6 +69,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "log_format": ("json", "json"),
     "health_path": ("/healthz", "/healthz"),
     "control_socket": ("/run/app/control.sock", "/run/app/control.sock"),
+    "metrics_bind": ("127.0.0.1:9464", "127.0.0.1:9464"),
     "reload": ("true", True),
     "reload_dirs": ("/tmp", ["/tmp"]),
     "reload_include": ("*.html", ["*.html"]),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import APP_OF, APPS, Reader, exchange, forkserve_command
+from prometheus_client.parser import text_string_to_metric_families
 from test_process import wait_gone
 
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -226,8 +227,8 @@ def test_bad_requests_get_an_error_and_the_server_goes_on(start_server, tmp_path
                    + b"\n")
     errors = [answer.get("error") for answer in answers]
     assert errors[:8] == [
-        "unknown command 'nope' (expected one of status, stop, reload, scale, incr, decr, "
-        "reopen-logs, dump)",
+        "unknown command 'nope' (expected one of status, stats, stop, reload, scale, incr, "
+        "decr, reopen-logs, dump)",
         'expected an object with a "command" string',
         'expected an object with a "command" string',
         'scale: expected "workers": a whole number from 1 to 1000',
@@ -250,7 +251,7 @@ def test_bad_requests_get_an_error_and_the_server_goes_on(start_server, tmp_path
         sock.connect(str(path))
         sock.sendall(b"x" * (64 * 1024 + 10))
         answer = Reader(sock).read_until(b"\n")
-        assert json.loads(answer)["error"] == "request line longer than 65536 bytes"
+        assert json.loads(answer)["error"] == "request longer than 65536 bytes"
         try:
             assert sock.recv(100) == b""
         except ConnectionResetError:
@@ -346,3 +347,118 @@ def test_only_the_serving_user_and_root_may_use_the_control_socket(start_server,
         server.stop()
     finally:
         shutil.rmtree(folder)
+
+
+# -- statistics: forkserve ctl stats, --metrics-bind ----------------------------------------
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """The samples of a scrape, parsed by prometheus_client: {(name, labels): value}."""
+    host, port = re.match(r"http://([\d.]+):(\d+)/", url).groups()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = Reader(sock).response()
+    assert response.status == 200, response
+    assert response.header("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.body.decode())
+            for sample in family.samples}
+
+
+def _until(scrape, predicate, timeout: float = 10.0):
+    """Scrape until `predicate(samples)` holds (the counts come with each worker's next
+    heartbeat, at most a second later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape()
+        if predicate(samples):
+            return samples
+        assert time.monotonic() < deadline, samples
+        time.sleep(0.1)
+
+
+def test_metrics_count_what_was_sent(start_server, tmp_path):
+    path = tmp_path / "control.sock"
+    server = start_server("wsgiapp:app", "-w", "2", "--metrics-bind", "127.0.0.1:0",
+                          "--control-socket", str(path))
+    url = server.wait_for(r"metrics at (http://127\.0\.0\.1:\d+/metrics)")[1]
+    for _ in range(5):
+        assert exchange(server, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n").status == 200
+    assert exchange(server, b"GET /fail HTTP/1.1\r\nHost: t\r\n\r\n").status == 500
+    for _ in range(2):
+        assert exchange(server, b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n"
+                                b"hi").status == 200
+    assert exchange(server, b"GET / HTTP/1.1\r\n\r\n").status == 400  # no Host
+    assert exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\nX: " + b"x" * 9000
+                    + b"\r\n\r\n").status == 431
+
+    def total(samples: dict) -> float:
+        return sum(value for (name, _), value in samples.items()
+                   if name == "forkserve_requests_total")
+
+    samples = _until(lambda: _scrape(url), lambda s: total(s) == 8 and sum(
+        v for (n, _), v in s.items() if n == "forkserve_requests_refused_total") == 2)
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("forkserve_requests_total", method="GET", status="2xx") == 5
+    assert value("forkserve_requests_total", method="GET", status="5xx") == 1
+    assert value("forkserve_requests_total", method="POST", status="2xx") == 2
+    assert value("forkserve_requests_refused_total", status="400") == 1
+    assert value("forkserve_requests_refused_total", status="431") == 1
+    assert value("forkserve_request_duration_seconds_count") == 8
+    assert value("forkserve_request_duration_seconds_bucket", le="+Inf") == 8
+    assert 0 < value("forkserve_request_duration_seconds_sum") < 8
+    assert value("forkserve_connections_accepted_total") == 10
+    assert value("forkserve_requests_in_flight") == 0
+    assert value("forkserve_workers") == 2
+    for number in ("1", "2"):
+        assert 0 <= value("forkserve_worker_heartbeat_age_seconds", worker=number) < 5
+        assert value("forkserve_worker_resident_memory_bytes", worker=number) > 1 << 20
+    assert all(value("forkserve_worker_restarts_total", reason=reason) == 0
+               for reason in ("crash", "hang", "max-requests", "memory", "reload"))
+    (stats,) = _ask(path, {"command": "stats"})
+    assert stats["requests"] == 8 and stats["by_status"] == {"2xx": 7, "5xx": 1}
+    assert stats["refused"] == {"400": 1, "431": 1}
+    assert stats["duration_seconds"]["buckets"]["+Inf"] == 8
+    text = _ctl(path, "stats")
+    assert text.returncode == 0
+    assert text.stdout.splitlines()[0].startswith("requests answered: 8 (2xx 7, 5xx 1), mean ")
+    # What scrapers may get wrong: other paths, methods, bytes.
+    host, port = re.match(r"http://([\d.]+):(\d+)/", url).groups()
+    for raw, status in ((b"GET /other HTTP/1.1\r\n\r\n", 404),
+                        (b"POST /metrics HTTP/1.1\r\n\r\n", 405),
+                        (b"\x16\x03\x01 not http\r\n\r\n", 400)):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(raw)
+            assert Reader(sock).response().status == status
+
+
+def test_metrics_count_restarts_by_reason_and_keep_what_exited_workers_served(start_server):
+    server = start_server("wsgiapp:app", "-w", "2", "--metrics-bind", "127.0.0.1:0",
+                          "--max-requests", "4")
+    url = server.wait_for(r"metrics at (http://127\.0\.0\.1:\d+/metrics)")[1]
+
+    def restarts(samples: dict) -> dict:
+        return {dict(labels)["reason"]: value for (name, labels), value in samples.items()
+                if name == "forkserve_worker_restarts_total"}
+
+    for _ in range(3):
+        assert exchange(server, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n").status == 200
+    victim = server.workers()[0]
+    _until(lambda: _scrape(url), lambda s: sum(
+        v for (n, _), v in s.items() if n == "forkserve_requests_total") == 3)
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for(rf"worker \d \(pid {victim}\) killed by SIGKILL")
+    samples = _until(lambda: _scrape(url), lambda s: restarts(s)["crash"] == 1)
+    # The dead worker's requests still count.
+    assert sum(v for (n, _), v in samples.items() if n == "forkserve_requests_total") == 3
+    mark = server.mark()
+    os.kill(server.pid, signal.SIGHUP)
+    server.wait_for(r"replaced 2 workers", start=mark)
+    _until(lambda: _scrape(url), lambda s: restarts(s)["reload"] == 2)
+    for _ in range(12):  # at least one worker reaches --max-requests 4
+        assert exchange(server, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n").status == 200
+    samples = _until(lambda: _scrape(url), lambda s: restarts(s)["max-requests"] >= 1)
+    assert restarts(samples)["hang"] == restarts(samples)["memory"] == 0

@@ -299,6 +299,8 @@ class AsyncioWorker(Worker):
     def _take(self, sock: socket.socket, peer: Any, replay: bytes | None = None) -> None:
         """Serve the connection `sock`: accepted, or handed by a peer with `replay`, the
         bytes it read of a request (maybe none)."""
+        if replay is None and self.stats is not None:
+            self.stats.accepted += 1
         if not self._below_limit():
             # Idle connections must not lock out new clients (thousands that connect and
             # send nothing): the one idle longest makes room.

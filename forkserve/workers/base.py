@@ -38,6 +38,7 @@ from forkserve.handoff import HandoffChannel
 from forkserve.http import Limits, connection_factory
 from forkserve.http.base import set_server_header
 from forkserve.logs import error_log
+from forkserve.metrics import RequestStats
 from forkserve.proxy import TrustedProxies
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import Listener
@@ -153,6 +154,8 @@ class Worker:
         self.accept_pauses = 0  # accept() failed for want of descriptors or memory: how often
         self.accept_paused_at = 0.0  # and since when
         self.over_memory = False  # past --max-worker-memory: takes no more connections
+        # Request statistics, for the master's --metrics-bind and control socket.
+        self.stats = RequestStats() if cfg.metrics_bind or cfg.control_socket else None
         self.memory_limit_kib = cfg.max_worker_memory * 1024
         self.max_requests = (
             cfg.max_requests + random.randint(0, cfg.max_requests_jitter)
@@ -190,6 +193,7 @@ class Worker:
         self.set_title()
         try:
             self.serve()
+            self._report()  # what it served since its last tick
         except MasterGone as exc:
             error_log.info("worker %d (pid %d): %s; exiting", self.number, os.getpid(), exc)
         except BootFailed as exc:
@@ -203,6 +207,12 @@ class Worker:
     def report_booted(self) -> None:
         """Tell the master this worker has loaded the app and is accepting connections."""
         self._send(channel.encode(channel.BOOTED))
+
+    def _report(self) -> None:
+        """The heartbeat, with the counters (and the statistics, when they are asked for)."""
+        self._send(channel.heartbeat(self.served, self.in_flight, self.held_connections()))
+        if self.stats is not None:
+            self._send(channel.encode(channel.STATS, self.stats.payload()))
 
     def _send(self, frame: bytes) -> None:
         try:
@@ -261,7 +271,7 @@ class Worker:
         replacement booted; the worker then stops without waiting for stuck requests)."""
         if os.getppid() != self.master_pid:
             raise MasterGone("the master is gone")
-        self._send(channel.heartbeat(self.served, self.in_flight, self.held_connections()))
+        self._report()
         if not self.recycling:
             stuck = self.stuck_request()
             if stuck:

@@ -374,6 +374,8 @@ class HTTPProtocol(asyncio.Protocol):
         error_log.info("%s %s: the client sent no body for %g s; answered 408",
                        request.method.decode("ascii"), request.target.decode("latin-1"),
                        self.worker.io_timeout)
+        if self.worker.stats is not None:
+            self.worker.stats.refuse(408)
         self.cycle.disconnect()
         self.write(error_response(408, head=request.method == b"HEAD"))
         self.close()
@@ -384,7 +386,7 @@ class HTTPProtocol(asyncio.Protocol):
         close = worker.stopping or worker.over_memory or worker.cfg.keep_alive <= 0
         self.deadline = math.inf
         self.request = request
-        self.started = time.time() if worker.access_log_format else 0.0
+        self.started = time.time() if worker.access_log_format or worker.stats else 0.0
         self.cycle_started = False
         health = worker.health_path is not None \
             and request.target.partition(b"?")[0] == worker.health_path
@@ -460,7 +462,7 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _response_complete(self, cycle: HTTPCycle | WSGICycle) -> None:
         if self.started:
-            self._log_access(cycle)
+            self._record(cycle)
         if self.closing:
             return
         if not cycle.body_complete or cycle.failed:
@@ -504,6 +506,8 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _reject(self, exc: ProtocolError) -> None:
         error_log.debug("refused request: %s %s", exc.status, exc.detail)
+        if self.worker.stats is not None:
+            self.worker.stats.refuse(exc.status)
         if self.cycle is not None and self.cycle.head_sent:
             self.close()
             return
@@ -512,7 +516,19 @@ class HTTPProtocol(asyncio.Protocol):
         self.write(error_response(exc.status, exc.explain))
         self.close()
 
-    def _log_access(self, cycle: HTTPCycle | WSGICycle) -> None:
+    def _record(self, cycle: HTTPCycle | WSGICycle) -> None:
+        """The exchange is over: count it (--metrics-bind, --control-socket) and write its
+        access-log line (--access-logfile)."""
+        request = self.request
+        duration = time.time() - self.started
+        worker = self.worker
+        if worker.stats is not None and cycle.status:
+            worker.stats.count(request.method.decode("ascii"), cycle.status, duration)
+        if worker.access_log_format:
+            self._log_access(cycle, duration)
+        self.started = 0.0
+
+    def _log_access(self, cycle: HTTPCycle | WSGICycle, duration: float) -> None:
         request = self.request
         environ = cycle.environ if type(cycle) is WSGICycle else None
         access_log.info(format_access_line(
@@ -524,12 +540,11 @@ class HTTPProtocol(asyncio.Protocol):
             status=cycle.status,
             sent=cycle.sent,
             started=self.started,
-            duration=time.time() - self.started,
+            duration=duration,
             request_headers=request.headers,
             response_headers=cycle.headers,
             environ=environ,
         ))
-        self.started = 0.0
 
     # -- timers and stopping ----------------------------------------------------------------------
 

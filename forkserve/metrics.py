@@ -1,0 +1,147 @@
+"""Request statistics: counted by each worker, sent to the master with its heartbeat, added
+up there for the control socket's `stats` and the Prometheus endpoint (--metrics-bind).
+
+A worker counts only when one of those is on (`RequestStats`), and reports its running
+totals once a tick as a STATS frame; the master keeps each worker's last report and adds
+those of workers that are gone to `Metrics.gone`, so that every total only grows.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from typing import Any
+
+# Request duration histogram: upper bounds in seconds (Prometheus' defaults), then +Inf.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))
+RESTART_REASONS = ("crash", "hang", "max-requests", "memory", "reload")
+REFUSED_STATUSES = (400, 408, 413, 414, 431, 501, 505)
+
+
+class RequestStats:
+    """One worker's running totals: requests by method and status class, durations,
+    connections accepted, requests refused by status."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}  # "METHOD 2xx"
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.accepted = 0
+        self.refused: dict[str, int] = {}
+
+    def count(self, method: str, status: int, seconds: float) -> None:
+        """A request was answered with `status` in `seconds`."""
+        key = f"{method if method in METHODS else 'other'} {status // 100}xx"
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
+
+    def refuse(self, status: int) -> None:
+        """A request was refused before reaching the app (400, 408, 413, 414, 431...)."""
+        key = str(status)
+        self.refused[key] = self.refused.get(key, 0) + 1
+
+    def payload(self) -> bytes:
+        """The totals, for the master (JSON)."""
+        return json.dumps({"requests": self.requests, "buckets": self.buckets,
+                           "sum": self.duration_sum, "accepted": self.accepted,
+                           "refused": self.refused}).encode()
+
+
+class Totals:
+    """Totals of one or more workers, as the master reads them."""
+
+    def __init__(self, report: dict[str, Any] | None = None) -> None:
+        report = report or {}
+        self.requests: dict[str, int] = dict(report.get("requests", {}))
+        self.buckets: list[int] = list(report.get("buckets", [0] * (len(BUCKETS) + 1)))
+        self.duration_sum = float(report.get("sum", 0.0))
+        self.accepted = int(report.get("accepted", 0))
+        self.refused: dict[str, int] = dict(report.get("refused", {}))
+
+    def add(self, other: Totals) -> None:
+        for key, value in other.requests.items():
+            self.requests[key] = self.requests.get(key, 0) + value
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+        self.duration_sum += other.duration_sum
+        self.accepted += other.accepted
+        for key, value in other.refused.items():
+            self.refused[key] = self.refused.get(key, 0) + value
+
+
+def read_report(payload: bytes) -> Totals:
+    """A worker's STATS payload; raises ValueError for one that is not (the master then
+    treats the worker's pipe as garbage)."""
+    report = json.loads(payload)
+    if not isinstance(report, dict):
+        raise ValueError("a STATS payload is a JSON object")
+    totals = Totals(report)
+    if len(totals.buckets) != len(BUCKETS) + 1:
+        raise ValueError("a STATS payload has one count per bucket")
+    return totals
+
+
+def summary(totals: Totals) -> dict[str, Any]:
+    """What the control socket's `stats` answers."""
+    by_class: dict[str, int] = {}
+    for key, value in totals.requests.items():
+        status_class = key.split(" ", 1)[1]
+        by_class[status_class] = by_class.get(status_class, 0) + value
+    cumulative, histogram = 0, {}
+    for bound, count in zip((*map(str, BUCKETS), "+Inf"), totals.buckets, strict=True):
+        cumulative += count
+        histogram[bound] = cumulative
+    return {"requests": sum(totals.requests.values()), "by_status": by_class,
+            "by_method_and_status": totals.requests, "duration_seconds": {
+                "sum": round(totals.duration_sum, 6), "buckets": histogram},
+            "connections_accepted": totals.accepted, "refused": totals.refused}
+
+
+def exposition(totals: Totals, in_flight: int, workers: list[dict[str, Any]],
+               restarts: dict[str, int]) -> str:
+    """The Prometheus text exposition format (0.0.4) of the server's metrics. `workers`:
+    per worker its "number", "heartbeat_age" and "rss_kib" (None if unknown)."""
+    out: list[str] = []
+
+    def family(name: str, kind: str, text: str, samples: list[tuple[str, float]]) -> None:
+        out.append(f"# HELP {name} {text}")
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
+
+    family("forkserve_requests_total", "counter", "Requests answered, by method and status "
+           "class.", [(f'{{method="{key.split()[0]}",status="{key.split()[1]}"}}', value)
+                      for key, value in sorted(totals.requests.items())])
+    cumulative, buckets = 0, []
+    for bound, count in zip((*map(str, BUCKETS), "+Inf"), totals.buckets, strict=True):
+        cumulative += count
+        buckets.append((f'_bucket{{le="{bound}"}}', cumulative))
+    out.append("# HELP forkserve_request_duration_seconds Time from the request head to the "
+               "end of the response.")
+    out.append("# TYPE forkserve_request_duration_seconds histogram")
+    out.extend(f"forkserve_request_duration_seconds{suffix} {_number(value)}"
+               for suffix, value in buckets)
+    out.append(f"forkserve_request_duration_seconds_sum {_number(totals.duration_sum)}")
+    out.append(f"forkserve_request_duration_seconds_count {cumulative}")
+    family("forkserve_requests_in_flight", "gauge", "Requests being answered now.",
+           [("", in_flight)])
+    family("forkserve_requests_refused_total", "counter", "Requests refused before the app, "
+           "by status.", [(f'{{status="{key}"}}', totals.refused.get(key, 0))
+                          for key in map(str, REFUSED_STATUSES)])
+    family("forkserve_connections_accepted_total", "counter", "Client connections accepted.",
+           [("", totals.accepted)])
+    family("forkserve_workers", "gauge", "Workers running.", [("", len(workers))])
+    family("forkserve_worker_restarts_total", "counter", "Workers replaced, by reason.",
+           [(f'{{reason="{reason}"}}', restarts.get(reason, 0))
+            for reason in RESTART_REASONS])
+    family("forkserve_worker_heartbeat_age_seconds", "gauge", "Seconds since each worker was "
+           "last heard from.", [(f'{{worker="{w["number"]}"}}', w["heartbeat_age"])
+                                for w in workers])
+    family("forkserve_worker_resident_memory_bytes", "gauge", "Resident memory of each "
+           "worker.", [(f'{{worker="{w["number"]}"}}', w["rss_kib"] * 1024)
+                       for w in workers if w["rss_kib"] is not None])
+    return "\n".join(out) + "\n"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
