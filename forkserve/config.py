@@ -92,6 +92,8 @@ class Config:
     health_path: str | None
     control_socket: str | None  # a path, or 'auto' (forkserve.control.default_path)
     metrics_bind: str | None
+    statsd_host: str | None
+    statsd_prefix: str
     log_config: str | None
     log_format: str
     logconfig_dict: dict[str, Any] | None  # from a config file only

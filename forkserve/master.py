@@ -50,6 +50,7 @@ from forkserve.prometheus import MetricsServer
 from forkserve.reloader import Watcher, describe, forget_bytecode
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import INHERIT_ENV, Listener, listen, parse_bind
+from forkserve.statsd import StatsdPusher
 from forkserve.systemd import Notifier
 from forkserve.tls import server_context
 from forkserve.workers import run_worker
@@ -164,6 +165,7 @@ class Master:
         self.watcher: Watcher | None = None  # --reload
         self.control: ControlServer | None = None  # --control-socket
         self.metrics: MetricsServer | None = None  # --metrics-bind
+        self.statsd: StatsdPusher | None = None  # --statsd-host
         self.gone_stats = Totals()  # what the workers that exited reported last
         self.restarts: dict[str, int] = {}  # workers replaced, by reason
         self._wakeup_fds = (-1, -1)
@@ -197,6 +199,9 @@ class Master:
                 self._open_control(cfg.control_socket)
             if cfg.metrics_bind:
                 self._open_metrics(cfg.metrics_bind)
+            if cfg.statsd_host:
+                address = parse_bind(cfg.statsd_host)
+                self.statsd = StatsdPusher(address.host, address.port, cfg.statsd_prefix)
             if ids is not None:
                 if self.control is not None:
                     self.control.hand_to(*ids)
@@ -230,6 +235,10 @@ class Master:
                 self._reload_on_change(now)
                 self._stop_replaced()
                 self._tell_systemd(now)
+                if self.statsd is not None:
+                    self.statsd.push(now, self._totals(),
+                                     sum(w.in_flight for w in self.workers.values()),
+                                     len(self.workers), self.restarts)
             elif not self.workers:
                 break
             elif now >= self.stop_deadline:
@@ -249,6 +258,8 @@ class Master:
             timeout = self.watcher.timeout(timeout, time.monotonic())
         for server in self._servers():
             timeout = server.timeout(timeout, time.monotonic())
+        if self.statsd is not None:
+            timeout = self.statsd.timeout(timeout, time.monotonic())
         self.turn_due = time.monotonic() + timeout
         self._read_ready(timeout)
         for server in self._servers():
@@ -668,6 +679,8 @@ class Master:
                 self.watcher.close_inherited()
             for server in self._servers():
                 server.close_inherited()
+            if self.statsd is not None:
+                self.statsd.close()
             for other in self.workers.values():
                 for fd in (other.fd, other.nudge_fd):
                     if fd >= 0:
@@ -1038,6 +1051,8 @@ class Master:
         self._stop_watching()
         for server in self._servers():
             server.close()
+        if self.statsd is not None:
+            self.statsd.close()
         self.handoff.close()
         if self.pidfile is not None:
             self.pidfile.remove()

@@ -477,6 +477,19 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="HOST:PORT", section="observability",
     ),
     Setting(
+        "statsd_host", ("--statsd-host",), None, _tcp_address,
+        "Push the same statistics once a second to a statsd (or DogStatsD) server at "
+        "HOST:PORT over UDP: counters of what happened since the last push (requests, by "
+        "status class and method, refused, connections accepted, worker restarts), the "
+        "workers and requests in flight, the mean request duration. Off by default.",
+        metavar="HOST:PORT", section="observability",
+    ),
+    Setting(
+        "statsd_prefix", ("--statsd-prefix",), "forkserve", _text,
+        "What the names pushed to --statsd-host begin with (forkserve.requests...); empty "
+        "for none.", metavar="PREFIX", section="observability", empty_is_value=True,
+    ),
+    Setting(
         "health_path", ("--health-path",), None, _health_path,
         "A path the workers answer themselves, without calling the app, for load balancers "
         "and Kubernetes probes: 200 'ok' while the server serves, 503 once it stops (TERM, "

@@ -70,6 +70,8 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "health_path": ("/healthz", "/healthz"),
     "control_socket": ("/run/app/control.sock", "/run/app/control.sock"),
     "metrics_bind": ("127.0.0.1:9464", "127.0.0.1:9464"),
+    "statsd_host": ("127.0.0.1:8125", "127.0.0.1:8125"),
+    "statsd_prefix": ("web", "web"),
     "reload": ("true", True),
     "reload_dirs": ("/tmp", ["/tmp"]),
     "reload_include": ("*.html", ["*.html"]),

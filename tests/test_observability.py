@@ -462,3 +462,47 @@ def test_metrics_count_restarts_by_reason_and_keep_what_exited_workers_served(st
         assert exchange(server, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n").status == 200
     samples = _until(lambda: _scrape(url), lambda s: restarts(s)["max-requests"] >= 1)
     assert restarts(samples)["hang"] == restarts(samples)["memory"] == 0
+
+
+def test_ctl_finds_the_socket_in_the_servers_own_config_file(start_server, tmp_path):
+    (tmp_path / "forkserve.toml").write_text(
+        f'app = "wsgiapp:app"\nchdir = "{APPS}"\nworkers = 1\ncontrol_socket = "ctl.sock"\n')
+    server = start_server(cwd=tmp_path)
+    server.wait_for(rf"control socket at {re.escape(str(tmp_path / 'ctl.sock'))}")
+    result = subprocess.run(forkserve_command() + ["ctl", "--json", "status"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["master"]["pid"] == server.pid
+    elsewhere = subprocess.run(forkserve_command() + ["ctl", "status"], cwd=APPS,
+                               capture_output=True, text=True, timeout=30,
+                               env=dict(os.environ, RUNTIME_DIRECTORY=str(tmp_path / "none")))
+    assert elsewhere.returncode == 1
+    assert elsewhere.stderr == (f"forkserve ctl: cannot talk to {tmp_path}/none/control.sock: "
+                                "No such file or directory\n")
+
+
+def test_statsd_gets_what_happened_once_a_second(start_server):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as statsd:
+        statsd.bind(("127.0.0.1", 0))
+        statsd.settimeout(10)
+        server = start_server("wsgiapp:app", "-w", "2", "--statsd-host",
+                              f"127.0.0.1:{statsd.getsockname()[1]}", "--statsd-prefix", "web")
+        for _ in range(3):
+            assert exchange(server, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n").status == 200
+        assert exchange(server, b"GET /fail HTTP/1.1\r\nHost: t\r\n\r\n").status == 500
+        counts: dict[str, float] = {}
+        gauges: dict[str, float] = {}
+        while counts.get("web.requests", 0) < 4 or counts.get("web.connections.accepted",
+                                                              0) < 4:
+            for line in statsd.recv(2048).decode().splitlines():
+                name, _, rest = line.partition(":")
+                value, kind = rest.split("|")
+                if kind == "c":
+                    counts[name] = counts.get(name, 0) + float(value)
+                else:
+                    gauges[name] = float(value)
+    assert counts["web.requests"] == 4
+    assert (counts["web.requests.2xx"], counts["web.requests.5xx"]) == (3, 1)
+    assert counts["web.requests.get"] == 4 and counts["web.connections.accepted"] == 4
+    assert gauges["web.workers"] == 2 and gauges["web.requests.in_flight"] == 0
+    assert gauges["web.request.duration_ms.mean"] > 0

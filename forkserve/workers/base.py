@@ -154,8 +154,9 @@ class Worker:
         self.accept_pauses = 0  # accept() failed for want of descriptors or memory: how often
         self.accept_paused_at = 0.0  # and since when
         self.over_memory = False  # past --max-worker-memory: takes no more connections
-        # Request statistics, for the master's --metrics-bind and control socket.
-        self.stats = RequestStats() if cfg.metrics_bind or cfg.control_socket else None
+        # Request statistics, for the master's --metrics-bind, --statsd-host, control socket.
+        self.stats = RequestStats() \
+            if cfg.metrics_bind or cfg.statsd_host or cfg.control_socket else None
         self.memory_limit_kib = cfg.max_worker_memory * 1024
         self.max_requests = (
             cfg.max_requests + random.randint(0, cfg.max_requests_jitter)
