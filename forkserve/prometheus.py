@@ -28,8 +28,11 @@ class MetricsServer(Server):
     def __init__(self, host: str, port: int, selector: selectors.BaseSelector,
                  render: Callable[[], str]) -> None:
         self.render = render
+        # SO_REUSEPORT: the new master of a USR2 upgrade binds it while this one runs (the
+        # kernel then splits the scrapes between the two until the old master exits).
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
-                                    else socket.AF_INET, backlog=self.max_clients)
+                                    else socket.AF_INET, backlog=self.max_clients,
+                                    reuse_port=True)
         self.url = "http://{}:{}/metrics".format(f"[{host}]" if ":" in host else host,
                                                  sock.getsockname()[1])
         super().__init__(sock, selector)

@@ -308,16 +308,23 @@ def test_a_second_server_on_the_same_control_socket_is_refused(start_server, tmp
 
 
 def test_a_usr2_upgrade_hands_the_control_socket_to_the_new_master(start_server, tmp_path):
-    server, path = _control_server(start_server, tmp_path)
+    with socket.socket() as probe:  # a fixed metrics port, as in production
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server, path = _control_server(start_server, tmp_path, "-w", "2", "--metrics-bind",
+                                   f"127.0.0.1:{port}")
     mark = server.mark()
     os.kill(server.pid, signal.SIGUSR2)
     new_master = int(server.wait_for(r"USR2: started new master pid (\d+)", start=mark)[1])
     try:
         server.wait_for(rf"\[{new_master}\] \[INFO\] ready: 2 workers", start=mark)
+        server.wait_for(rf"\[{new_master}\] \[INFO\] metrics at http://127\.0\.0\.1:{port}/",
+                        start=mark)
         assert _ask(path, {"command": "status"})[0]["master"]["pid"] == new_master
         os.kill(server.pid, signal.SIGTERM)
         assert server.wait_exit() == 0
         assert _ask(path, {"command": "status"})[0]["master"]["pid"] == new_master
+        assert _scrape(f"http://127.0.0.1:{port}/metrics")[("forkserve_workers", ())] == 2
     finally:
         os.kill(new_master, signal.SIGTERM)
         wait_gone([new_master])
