@@ -65,7 +65,9 @@ class ControlServer(Server):
         self.path = path
         self.handle = handle
         _clear_path(path, take_over)
-        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        directory = os.path.dirname(path) or "."
+        self.made_directory = not os.path.isdir(directory)
+        os.makedirs(directory, mode=0o755, exist_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_mask = os.umask(0o177)  # 0600 from the start: no moment of a wider mode
         try:
@@ -77,8 +79,21 @@ class ControlServer(Server):
         super().__init__(sock, selector)
 
     def hand_to(self, uid: int, gid: int) -> None:
-        """Give the socket file to the user the server switches to."""
-        os.chown(self.path, uid, gid)
+        """Give the socket file to the user the server switches to (and the directory, if
+        this server made it: so that the new master of a USR2 upgrade, running as that
+        user, can take the path over)."""
+        if not self.still_there():
+            raise ControlError(f"--control-socket {self.path}: replaced by something else")
+        os.chown(self.path, uid, gid, follow_symlinks=False)
+        if self.made_directory:
+            os.chown(os.path.dirname(self.path), uid, gid, follow_symlinks=False)
+
+    def still_there(self) -> bool:
+        """Is the file at the path still this server's socket?"""
+        try:
+            return os.lstat(self.path).st_ino == self.inode
+        except OSError:
+            return False
 
     def refuses(self, sock: socket.socket) -> str:
         pid, uid, gid = _PEERCRED.unpack(
@@ -94,11 +109,11 @@ class ControlServer(Server):
         """Close every client and the socket; remove the file if it is still ours (a USR2
         successor may have put its own there)."""
         super().close()
-        try:
-            if os.stat(self.path).st_ino == self.inode:
+        if self.still_there():
+            try:
                 os.unlink(self.path)
-        except OSError:
-            pass
+            except OSError:
+                pass
 
 
 class _ControlClient(Client):
@@ -138,7 +153,7 @@ def memory_kib(pid: int) -> tuple[int, int] | None:
 def _answer(handle: Handler, line: bytes) -> dict[str, Any]:
     try:
         request = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
         return {"ok": False, "error": f"not JSON: {exc}"}
     if not isinstance(request, dict) or not isinstance(request.get("command"), str):
         return {"ok": False, "error": 'expected an object with a "command" string'}

@@ -16,6 +16,10 @@ import selectors
 import socket
 
 IDLE_SECONDS = 5.0
+# Out of descriptors (or memory): stop accepting for this long, rather than spin on a
+# listening socket that stays readable.
+RESOURCE_PAUSE = 0.5
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class Endpoint:
@@ -39,20 +43,24 @@ class Server(Endpoint):
         self.sock = sock
         self.selector = selector
         self.clients: dict[int, Client] = {}
+        self.paused_until = 0.0  # accepting paused (out of descriptors) until then
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ, self)
 
     def ready(self, mask: int, now: float) -> None:
-        """The listening socket is readable: take the waiting connections."""
-        while True:
+        """The listening socket is readable: take the waiting connections (as many as may
+        be served at once, so that a flood cannot keep the master here)."""
+        for _ in range(self.max_clients + 1):
             try:
                 sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # out of descriptors: the kernel queue keeps them
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRORS:  # the kernel queue keeps them meanwhile
+                    self.selector.unregister(self.sock)
+                    self.paused_until = now + RESOURCE_PAUSE
                     return
-                raise
+                continue  # that connection failed (reset, a network error): the next one
             sock.setblocking(False)
             if len(self.clients) >= self.max_clients:
                 _send_and_close(sock, self.refusal(f"busy: {self.max_clients} clients are "
@@ -75,13 +83,20 @@ class Server(Endpoint):
         raise NotImplementedError
 
     def timeout(self, timeout: float, now: float) -> float:
-        """`timeout`, shortened to when the next silent client is due to be dropped."""
+        """`timeout`, shortened to when the next silent client is due to be dropped (or a
+        pause of accepting ends)."""
+        if self.paused_until:
+            timeout = min(timeout, max(0.0, self.paused_until - now))
         for client in self.clients.values():
             timeout = min(timeout, max(0.0, client.deadline - now))
         return timeout
 
     def expire(self, now: float) -> None:
-        """Drop the clients silent for `idle_seconds`."""
+        """Drop the clients silent for `idle_seconds`; end a pause of accepting that is
+        over."""
+        if self.paused_until and now >= self.paused_until:
+            self.paused_until = 0.0
+            self.selector.register(self.sock, selectors.EVENT_READ, self)
         for client in [c for c in self.clients.values() if c.deadline <= now]:
             client.fail(f"no complete request for {self.idle_seconds:g} s")
 
@@ -94,7 +109,8 @@ class Server(Endpoint):
         """Close every client and the listening socket."""
         for client in list(self.clients.values()):
             self.forget(client)
-        self.selector.unregister(self.sock)
+        if not self.paused_until:
+            self.selector.unregister(self.sock)
         self.sock.close()
 
     def close_inherited(self) -> None:
@@ -116,6 +132,7 @@ class Client(Endpoint):
         self.output = bytearray()
         self.deadline = now + server.idle_seconds
         self.close_after = False
+        self.reading = True  # until the client half-closes
 
     @property
     def open(self) -> bool:
@@ -139,9 +156,10 @@ class Client(Endpoint):
         except OSError:
             self.server.forget(self)
             return
-        if not data:  # the client is done: what it is owed is sent if it can be at once
+        if not data:  # the client is done: what it is owed is still sent
+            self.reading = False
+            self.close_after = True
             self._flush()
-            self.server.forget(self)
             return
         self.inbox += data
         self.received(now)
@@ -169,7 +187,8 @@ class Client(Endpoint):
         if self.close_after and not self.output:
             self.server.forget(self)
             return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.output else 0)
+        events = (selectors.EVENT_READ if self.reading else 0) | (
+            selectors.EVENT_WRITE if self.output else 0)
         self.server.selector.modify(self.sock, events, self)
 
     def fail(self, error: str) -> None:

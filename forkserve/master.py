@@ -204,7 +204,10 @@ class Master:
                 self.statsd = StatsdPusher(address.host, address.port, cfg.statsd_prefix)
             if ids is not None:
                 if self.control is not None:
-                    self.control.hand_to(*ids)
+                    try:
+                        self.control.hand_to(*ids)
+                    except (ControlError, OSError) as exc:
+                        raise ConfigError(str(exc)) from None
                 privileges.drop(ids, self.listeners)
             return self._serve()
         finally:
@@ -235,7 +238,7 @@ class Master:
                 self._reload_on_change(now)
                 self._stop_replaced()
                 self._tell_systemd(now)
-                if self.statsd is not None:
+                if self.statsd is not None and now >= self.statsd.due:
                     self.statsd.push(now, self._totals(),
                                      sum(w.in_flight for w in self.workers.values()),
                                      len(self.workers), self.restarts)
@@ -258,7 +261,7 @@ class Master:
             timeout = self.watcher.timeout(timeout, time.monotonic())
         for server in self._servers():
             timeout = server.timeout(timeout, time.monotonic())
-        if self.statsd is not None:
+        if self.statsd is not None and self.stop_deadline is None:
             timeout = self.statsd.timeout(timeout, time.monotonic())
         self.turn_due = time.monotonic() + timeout
         self._read_ready(timeout)
@@ -379,6 +382,12 @@ class Master:
             error_log.warning("%s: --bind changes need a restart or a USR2 upgrade; "
                               "keeping %s", reason, ", ".join(self.cfg.bind))
             cfg.bind = self.cfg.bind
+        for name in ("control_socket", "metrics_bind", "statsd_host", "statsd_prefix"):
+            if getattr(cfg, name) != getattr(self.cfg, name):
+                error_log.warning("%s: --%s changes need a restart or a USR2 upgrade; "
+                                  "keeping %s", reason, name.replace("_", "-"),
+                                  getattr(self.cfg, name))
+                setattr(cfg, name, getattr(self.cfg, name))
         try:
             tls = server_context(cfg)
         except ConfigError as exc:
@@ -469,6 +478,14 @@ class Master:
             self.pidfile.restore_from_oldbin()
         for listener in self.listeners:
             listener.owns_path = listener.address.kind == "unix"
+        if self.control is not None and not self.control.still_there():
+            path = self.control.path  # the new master took it over, then left
+            self.control.close()
+            self.control = None
+            try:
+                self._open_control(path)
+            except ConfigError as exc:
+                error_log.error("control socket lost: %s", exc)
 
     def _stop_workers_keep_master(self, name: str) -> None:
         """WINCH: stop every worker gracefully but keep the master (HUP brings them back)."""
@@ -731,8 +748,8 @@ class Master:
             worker.served, worker.in_flight, worker.connections = channel.read_counters(payload)
         elif kind == channel.STATS:
             try:
-                worker.stats = read_report(payload)
-            except (ValueError, TypeError) as exc:
+                worker.stats = read_report(payload, worker.stats)
+            except ValueError as exc:
                 raise channel.ChannelError(f"bad STATS payload: {exc}") from None
         elif kind == channel.BOOTED:
             worker.booted = True
@@ -777,6 +794,7 @@ class Master:
         worker.retiring = True
         if self.stop_deadline is not None or expected:
             return
+        worker.leaving = "crash"  # (for the statistics: a replacement starts, or tries)
         first_time = text not in self.boot_errors_seen
         self.boot_errors_seen.add(text)
         if status == EXIT_CONFIG:
@@ -814,7 +832,8 @@ class Master:
             self._retire(worker, "the new code failed to boot")
         for worker in replaced:
             worker.retiring = worker.stop_when_replaced = False
-            worker.leaving = ""
+            if worker.leaving == "reload":
+                worker.leaving = ""
         self.spawn_not_before = math.inf
         error_log.info("reload: %s until the next change", "the old workers serve on"
                        if replaced else "no worker starts")
@@ -847,8 +866,8 @@ class Master:
             self.served_by_gone += worker.served
             self.gone_stats.add(worker.stats)
             self._report_exit(worker, wait_status)
-            reason = worker.leaving or ("" if worker.retiring or self.stop_deadline is not None
-                                        or not worker.booted else "crash")
+            reason = worker.leaving or (
+                "" if worker.retiring or self.stop_deadline is not None else "crash")
             if reason:
                 self.restarts[reason] = self.restarts.get(reason, 0) + 1
 
@@ -932,7 +951,8 @@ class Master:
                 if worker.last_seen > worker.dump_sent_at:
                     worker.dump_sent_at = 0.0  # it woke up after all
                 elif now - worker.dump_sent_at >= DUMP_GRACE:
-                    worker.leaving = "hang"
+                    if not worker.retiring:  # (one stopping for good is not replaced)
+                        worker.leaving = "hang"
                     self._kill_worker(worker, "hung")
                 continue
             silent = now - worker.last_seen

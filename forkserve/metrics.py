@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import re
 from typing import Any
 
 # Request duration histogram: upper bounds in seconds (Prometheus' defaults), then +Inf.
@@ -52,13 +53,12 @@ class RequestStats:
 class Totals:
     """Totals of one or more workers, as the master reads them."""
 
-    def __init__(self, report: dict[str, Any] | None = None) -> None:
-        report = report or {}
-        self.requests: dict[str, int] = dict(report.get("requests", {}))
-        self.buckets: list[int] = list(report.get("buckets", [0] * (len(BUCKETS) + 1)))
-        self.duration_sum = float(report.get("sum", 0.0))
-        self.accepted = int(report.get("accepted", 0))
-        self.refused: dict[str, int] = dict(report.get("refused", {}))
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.accepted = 0
+        self.refused: dict[str, int] = {}
 
     def add(self, other: Totals) -> None:
         for key, value in other.requests.items():
@@ -70,16 +70,50 @@ class Totals:
             self.refused[key] = self.refused.get(key, 0) + value
 
 
-def read_report(payload: bytes) -> Totals:
-    """A worker's STATS payload; raises ValueError for one that is not (the master then
-    treats the worker's pipe as garbage)."""
-    report = json.loads(payload)
-    if not isinstance(report, dict):
-        raise ValueError("a STATS payload is a JSON object")
-    totals = Totals(report)
-    if len(totals.buckets) != len(BUCKETS) + 1:
-        raise ValueError("a STATS payload has one count per bucket")
+_REQUEST_KEY = re.compile(r"(?:[A-Z]+|other) [1-9]xx")
+_STATUS_KEY = re.compile(r"[1-5][0-9][0-9]")
+
+
+def read_report(payload: bytes, last: Totals) -> Totals:
+    """A worker's STATS payload, checked: what RequestStats.payload() writes, with counts
+    that are whole numbers no lower than in its `last` report (totals only grow). Raises
+    ValueError for anything else (the master then treats the worker's pipe as garbage)."""
+    try:
+        report = json.loads(payload)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+    if not isinstance(report, dict) or set(report) != {"requests", "buckets", "sum",
+                                                       "accepted", "refused"}:
+        raise ValueError("not a report")
+    totals = Totals()
+    totals.requests = _counts(report["requests"], _REQUEST_KEY, last.requests)
+    totals.refused = _counts(report["refused"], _STATUS_KEY, last.refused)
+    buckets = report["buckets"]
+    if not isinstance(buckets, list) or len(buckets) != len(BUCKETS) + 1:
+        raise ValueError("not one count per bucket")
+    totals.buckets = [_count(value, old) for value, old in zip(buckets, last.buckets,
+                                                                 strict=True)]
+    totals.accepted = _count(report["accepted"], last.accepted)
+    duration = report["sum"]
+    if type(duration) not in (int, float) or not last.duration_sum <= duration < 1e15:
+        raise ValueError(f"bad duration sum {duration!r}")
+    totals.duration_sum = float(duration)
     return totals
+
+
+def _counts(values: Any, key: re.Pattern[str], last: dict[str, int]) -> dict[str, int]:
+    if not isinstance(values, dict) or len(values) > 64 or not set(last) <= set(values):
+        raise ValueError("bad counts")
+    for name in values:
+        if key.fullmatch(name) is None:
+            raise ValueError(f"bad count name {name!r}")
+    return {name: _count(value, last.get(name, 0)) for name, value in values.items()}
+
+
+def _count(value: Any, last: int) -> int:
+    if type(value) is not int or not last <= value < 1 << 63:
+        raise ValueError(f"bad count {value!r}")
+    return value
 
 
 def summary(totals: Totals) -> dict[str, Any]:

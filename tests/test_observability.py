@@ -239,6 +239,19 @@ def test_bad_requests_get_an_error_and_the_server_goes_on(start_server, tmp_path
         "not JSON: Expecting value: line 1 column 1 (char 0)",  # (read as UTF-16)
     ]
     assert answers[8]["ok"] and answers[8]["master"]["pid"] == server.pid  # (empty line: none)
+    (deep,) = _ask(path, raw=b"[" * 60_000 + b"\n")
+    assert deep["error"].startswith("not JSON: maximum recursion depth exceeded")
+    # A client that half-closes after its requests still gets every answer (more than the
+    # socket buffers hold).
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall((json.dumps({"command": "status"}) + "\n").encode() * 400)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    assert data.count(b'"ok": true') == 400
     failed = _ctl(path, "scale", "0")
     assert failed.returncode == 1
     assert failed.stderr == ('forkserve ctl: scale: expected "workers": a whole number from 1 '
@@ -513,3 +526,42 @@ def test_statsd_gets_what_happened_once_a_second(start_server):
     assert counts["web.requests.get"] == 4 and counts["web.connections.accepted"] == 4
     assert gauges["web.workers"] == 2 and gauges["web.requests.in_flight"] == 0
     assert gauges["web.request.duration_ms.mean"] > 0
+
+
+def test_a_failed_usr2_upgrade_gives_the_control_socket_back(start_server, tmp_path):
+    module = tmp_path / "flaky.py"
+    module.write_text("def app(environ, start_response):\n"
+                      "    start_response('200 OK', [('Content-Length', '2')])\n"
+                      "    return [b'ok']\n")
+    path = tmp_path / "control.sock"
+    server = start_server("flaky:app", "-w", "1", "--chdir", str(tmp_path),
+                          "--control-socket", str(path))
+    module.write_text("raise RuntimeError('the new code does not boot')\n")
+    mark = server.mark()
+    os.kill(server.pid, signal.SIGUSR2)
+    server.wait_for(r"new master pid \d+ exited .*; this master carries on", start=mark)
+    server.wait_for(rf"control socket at {re.escape(str(path))}", start=mark)
+    assert _ask(path, {"command": "status"})[0]["master"]["pid"] == server.pid
+
+
+def test_statsd_costs_the_master_nothing_while_it_stops(start_server):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as statsd:
+        statsd.bind(("127.0.0.1", 0))
+        server = start_server("wsgiapp:app", "-w", "1", "--threads", "2", "--statsd-host",
+                              f"127.0.0.1:{statsd.getsockname()[1]}")
+        with server.connect() as busy:
+            busy.sendall(b"GET /sleep?s=2.5&tag=drain HTTP/1.1\r\nHost: t\r\n\r\n")
+            server.wait_for("SLEEPING drain")
+            os.kill(server.pid, signal.SIGTERM)
+            server.wait_for("SIGTERM: graceful stop")
+            before = _cpu_seconds(server.pid)
+            assert Reader(busy).response().status == 200  # about 2 s of stopping later
+            spent = _cpu_seconds(server.pid) - before
+        assert spent < 0.5, f"the master used {spent:.2f} s of CPU while the worker drained"
+        assert server.wait_exit() == 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from forkserve.errors import ConfigError
 from forkserve.http import Limits, new_connection
 from forkserve.http.base import END_OF_MESSAGE, NEED_DATA, Data, ProtocolError, Request
 from forkserve.logs import check_access_log_format, format_access_line
+from forkserve.metrics import RequestStats, Totals, read_report
 from forkserve.sockets import Address, parse_bind
 from forkserve.wsgi import InputStream
 
@@ -287,3 +289,39 @@ def test_interface_override_wins():
     assert detect_interface(_wsgi, "asgi") == "asgi3"
     assert detect_interface(_asgi3, "wsgi") == "wsgi"
     assert detect_interface(_asgi3, "asgi2") == "asgi2"
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+def test_a_worker_report_is_read_only_when_it_is_one():
+    stats = RequestStats()
+    stats.count("GET", 200, 0.003)
+    stats.count("BREW", 418, 20.0)
+    stats.refuse(431)
+    stats.accepted = 2
+    totals = read_report(stats.payload(), Totals())
+    assert totals.requests == {"GET 2xx": 1, "other 4xx": 1}
+    assert totals.buckets[0] == 1 and totals.buckets[-1] == 1
+    assert (totals.accepted, totals.refused) == (2, {"431": 1})
+    good = json.loads(stats.payload())
+    bad_reports = [
+        b"[" * 100_000,
+        b"{}",
+        json.dumps({**good, "accepted": 1e999}).encode(),
+        json.dumps({**good, "accepted": -1}).encode(),
+        json.dumps({**good, "accepted": True}).encode(),
+        json.dumps({**good, "sum": float("nan")}).encode(),
+        json.dumps({**good, "requests": {"GET 2xx": None}}).encode(),
+        json.dumps({**good, "requests": {"x": 1}}).encode(),
+        json.dumps({**good, "refused": {"9999": 1}}).encode(),
+        json.dumps({**good, "buckets": [0] * 3}).encode(),
+        json.dumps({**good, "extra": 1}).encode(),
+    ]
+    for payload in bad_reports:
+        with pytest.raises(ValueError):
+            read_report(payload, Totals())
+    # Totals only grow: a report lower than the last one is refused.
+    with pytest.raises(ValueError):
+        read_report(json.dumps({**good, "accepted": 1}).encode(), totals)
+    with pytest.raises(ValueError):
+        read_report(json.dumps({**good, "requests": {"GET 2xx": 1}}).encode(), totals)

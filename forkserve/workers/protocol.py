@@ -520,7 +520,7 @@ class HTTPProtocol(asyncio.Protocol):
         """The exchange is over: count it (--metrics-bind, --control-socket) and write its
         access-log line (--access-logfile)."""
         request = self.request
-        duration = time.time() - self.started
+        duration = max(0.0, time.time() - self.started)  # (the clock may be set back)
         worker = self.worker
         if worker.stats is not None and cycle.status:
             worker.stats.count(request.method.decode("ascii"), cycle.status, duration)
