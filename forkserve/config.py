@@ -80,6 +80,7 @@ class Config:
     umask: int
     allow_root: bool
     graceful_timeout: float
+    drain_delay: float
     keep_alive: float
     limit_request_line: int
     limit_request_fields: int

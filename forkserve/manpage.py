@@ -445,7 +445,11 @@ SIGNALS = r"""
 Signals are sent to the master; they have gunicorn's and unicorn's meanings.
 .Bl -tag -width Ds
 .It Dv SIGTERM
-Graceful stop: the listening sockets close, workers finish the requests in flight
+Graceful stop (after
+.Fl -drain-delay ,
+if set, and a second
+.Dv SIGTERM
+ends that delay): the listening sockets close, workers finish the requests in flight
 (open connections get one more second to bring a request, answered with
 .Ql Connection: close ) ,
 then exit; whatever is still running after

@@ -146,6 +146,7 @@ class Master:
         self.app: Callable[..., Any] | None = None  # set with --preload
         self.tls: ssl.SSLContext | None = None  # inherited by the workers forked next
         self.stop_deadline: float | None = None
+        self.drain_until: float | None = None  # TERM with --drain-delay: stop from then
         self.turn_due = 0.0  # when the loop's current wait was due to end at the latest
         self.exit_status = EXIT_OK
         self.ready = False
@@ -231,6 +232,8 @@ class Master:
             self._act_on_signals()
             self._reap()
             now = time.monotonic()
+            if self.drain_until is not None and now >= self.drain_until:
+                self.stop(graceful=True, reason="drain delay over")
             if self.stop_deadline is None:
                 self.call_poller.poll([(worker.number, worker.nudge_fd)
                                        for worker in self.workers.values()], now)
@@ -257,6 +260,8 @@ class Master:
             timeout = max(0.0, min(timeout, self.spawn_not_before - time.monotonic()))
         if self.stop_deadline is None:
             timeout = self.call_poller.timeout(timeout)
+        if self.drain_until is not None and self.stop_deadline is None:
+            timeout = max(0.0, min(timeout, self.drain_until - time.monotonic()))
         if self.watcher is not None:
             timeout = self.watcher.timeout(timeout, time.monotonic())
         for server in self._servers():
@@ -339,11 +344,14 @@ class Master:
             if signum == signal.SIGCHLD:
                 continue  # reaping happens every turn of the loop
             name = signal.Signals(signum).name
-            if signum == signal.SIGTERM:
+            if signum == signal.SIGTERM and self.cfg.drain_delay and self.drain_until is None \
+                    and self.stop_deadline is None:
+                self._drain(name)
+            elif signum == signal.SIGTERM:
                 self.stop(graceful=True, reason=name)
             elif signum in (signal.SIGINT, signal.SIGQUIT):
                 self.stop(graceful=False, reason=name)
-            elif self.stop_deadline is not None:
+            elif self.stop_deadline is not None or self.drain_until is not None:
                 error_log.info("%s ignored: stopping", name)
             elif signum == signal.SIGHUP:
                 self.reload()
@@ -607,6 +615,7 @@ class Master:
                 "pid": self.pid, "version": __version__,
                 "uptime": round(now - self.started, 3),
                 "state": "stopping" if self.stop_deadline is not None else
+                         "draining" if self.drain_until is not None else
                          "reloading" if self.reloading else "serving",
                 "app": cfg.app, "binds": [listener.url for listener in self.listeners],
                 "workers": self.size, "threads": cfg.threads, "http": cfg.http,
@@ -1025,6 +1034,16 @@ class Master:
 
     # -- stopping -----------------------------------------------------------------------------
 
+    def _drain(self, reason: str) -> None:
+        """TERM with --drain-delay: serve on, but say so to load balancers (health 503,
+        Connection: close), and stop gracefully once the delay is over."""
+        delay = self.cfg.drain_delay
+        error_log.info("%s: draining for %g s (health checks fail, responses close their "
+                       "connections), then a graceful stop", reason, delay)
+        self.notify.stopping()
+        self.scoreboard.set_stopping()
+        self.drain_until = time.monotonic() + delay
+
     def stop(self, graceful: bool, reason: str) -> None:
         """Tell every worker to stop; SIGKILL whatever is left at the deadline."""
         grace = self.cfg.graceful_timeout if graceful else min(
@@ -1042,6 +1061,7 @@ class Master:
             # leaving. (A new master from USR2 keeps its own copies of these sockets.)
             self._close_listeners()
         self.stop_deadline = deadline
+        self.drain_until = None
         for worker in self.workers.values():
             worker.retiring = True
             _kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)

@@ -266,6 +266,14 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SECONDS",
     ),
     Setting(
+        "drain_delay", ("--drain-delay",), 0.0, _seconds,
+        "On TERM, first keep accepting and serving for this many seconds while "
+        "--health-path answers 503 and every response says Connection: close, so that a "
+        "load balancer takes the server out of rotation before its sockets close; then stop "
+        "gracefully. A second TERM, or INT/QUIT, ends the delay at once.",
+        metavar="SECONDS",
+    ),
+    Setting(
         "keep_alive", ("--keep-alive",), 75.0, _seconds,
         "Seconds an idle keep-alive connection is kept open. The default outlasts the "
         "60 s idle timeout of common load balancers. 0 disables keep-alive.",

@@ -26,6 +26,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "worker_connections": ("50", 50),
     "timeout": ("12.5", 12.5),
     "graceful_timeout": ("7", 7),
+    "drain_delay": ("5", 5),
     "keep_alive": ("9", 9),
     "boot_timeout": ("45", 45),
     "header_timeout": ("3", 3),

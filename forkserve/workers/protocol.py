@@ -383,7 +383,8 @@ class HTTPProtocol(asyncio.Protocol):
     def _new_cycle(self, request: Request) -> None:
         worker = self.worker
         worker.not_idle(self)
-        close = worker.stopping or worker.over_memory or worker.cfg.keep_alive <= 0
+        close = worker.stopping or worker.over_memory or worker.cfg.keep_alive <= 0 \
+            or worker.scoreboard.stopping  # (--drain-delay: the server stops soon)
         self.deadline = math.inf
         self.request = request
         self.started = time.time() if worker.access_log_format or worker.stats else 0.0
