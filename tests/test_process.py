@@ -261,6 +261,8 @@ def test_a_hang_strands_no_other_request(start_server, threads):
                     sock.sendall(request)
                     assert Reader(sock).response().status == 200, f"run {run}"
             server.wait_for("SLEEPING hang")  # (the hang did happen meanwhile)
+        os.kill(server.pid, signal.SIGQUIT)  # (TERM would wait out --graceful-timeout)
+        server.wait_exit()
         server.stop()
 
 

@@ -63,7 +63,7 @@ def test_a_client_that_does_not_read_holds_back_a_thread_not_memory(start_server
 def test_a_response_that_hangs_after_waiting_for_its_client_is_named(start_server):
     """--threads 1: a response that waited for its client to read, then hangs in the app,
     is reported as any hang is, with the request it is stuck in."""
-    server = start_server("wsgiapp:app", "-w", "1", "--timeout", "2")
+    server = start_server("wsgiapp:app", "-w", "1", "--timeout", "2", "--graceful-timeout", "1")
     (old,) = server.workers()
     with server.connect() as sock:
         sock.sendall(get(b"/big?mb=16&hang=1"))
