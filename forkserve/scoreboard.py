@@ -124,6 +124,12 @@ class Scoreboard:
         """Worker: does the server as a whole stop?"""
         return bool(self._stopping[0])
 
+    @property
+    def stopping_flag(self) -> memoryview:
+        """Worker: the byte behind `stopping` (nonzero once the server stops), for a check
+        on every request that costs an index, not a call."""
+        return self._stopping
+
     def set_polled(self, polled: bool) -> None:
         """Master: whether it polls the workers' calls now."""
         self._polled[0] = polled

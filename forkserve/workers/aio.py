@@ -214,7 +214,7 @@ class AsyncioWorker(Worker):
     def _begin_stop(self) -> None:
         if self.stopping:
             return
-        self.stopping = True
+        self.stopping = self.close_all = True
         self.serving = False  # a second stop signal has nothing to wake (the loop may close)
         self._set_accepting(False)
         if self.watcher is not None:
@@ -433,7 +433,7 @@ class AsyncioWorker(Worker):
             self._set_accepting(True)
 
     def stop_taking_connections(self) -> None:
-        # Responses say Connection: close from now on (_start_cycle reads over_memory).
+        # Responses say Connection: close from now on (see `close_all`).
         self._set_accepting(False)
 
     def _publish(self) -> None:

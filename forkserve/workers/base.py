@@ -154,6 +154,10 @@ class Worker:
         self.accept_pauses = 0  # accept() failed for want of descriptors or memory: how often
         self.accept_paused_at = 0.0  # and since when
         self.over_memory = False  # past --max-worker-memory: takes no more connections
+        # Every response says Connection: close (once set, for good): keep-alive off, the
+        # worker stopping or over memory; and while `server_stopping[0]` (--drain-delay).
+        self.close_all = cfg.keep_alive <= 0
+        self.server_stopping = scoreboard.stopping_flag
         # Request statistics, for the master's --metrics-bind, --statsd-host, control socket.
         self.stats = RequestStats() \
             if cfg.metrics_bind or cfg.statsd_host or cfg.control_socket else None
@@ -323,7 +327,7 @@ class Worker:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         if peak <= self.memory_limit_kib:
             return
-        self.over_memory = True
+        self.over_memory = self.close_all = True
         self.stop_taking_connections()
         if not self.recycling:
             self.recycling = True

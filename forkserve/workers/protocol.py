@@ -383,8 +383,7 @@ class HTTPProtocol(asyncio.Protocol):
     def _new_cycle(self, request: Request) -> None:
         worker = self.worker
         worker.not_idle(self)
-        close = worker.stopping or worker.over_memory or worker.cfg.keep_alive <= 0 \
-            or worker.scoreboard.stopping  # (--drain-delay: the server stops soon)
+        close = worker.close_all or worker.server_stopping[0]
         self.deadline = math.inf
         self.request = request
         self.started = time.time() if worker.access_log_format or worker.stats else 0.0
