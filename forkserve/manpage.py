@@ -507,6 +507,46 @@ resize.
 """
 
 
+CONTROL = r"""
+.Sh CONTROL
+With
+.Fl -control-socket ,
+.Nm Cm ctl
+asks the running server, as its user or root:
+.Bd -literal -offset indent
+forkserve ctl [--socket PATH] [-c FILE] [--json] COMMAND [ARGUMENT]
+.Ed
+.Pp
+The socket is
+.Fl -socket ,
+else the server's own setting (its configuration file or environment), else the default
+path.
+Commands:
+.Cm status
+(the master and a row per worker),
+.Cm stats
+(requests by status, durations, refusals, connections),
+.Cm reload ,
+.Cm scale Ar N ,
+.Cm incr ,
+.Cm decr ,
+.Cm reopen-logs ,
+.Cm stop Op Ar graceful | quick ,
+.Cm dump
+(every worker's tracebacks to the error log).
+.Fl -json
+prints the answer as it came.
+The exit status is 0 when the server did it, 1 when it answered an error or cannot be
+reached, 2 for a usage error.
+The socket speaks newline-delimited JSON: a line
+.Ql {\(dqcommand\(dq: \(dqscale\(dq, \(dqworkers\(dq: 4}
+is answered by a line
+.Ql {\(dqok\(dq: true, \(dqworkers\(dq: 4}
+or
+.Ql {\(dqok\(dq: false, \(dqerror\(dq: \(dq...\(dq} .
+"""
+
+
 def _environment() -> list[str]:
     out = [
         ".Sh ENVIRONMENT",
@@ -733,6 +773,7 @@ def render_forkserve_1() -> str:
         *DESCRIPTION_1.strip().splitlines(),
         *_options(),
         *SIGNALS.strip().splitlines(),
+        *CONTROL.strip().splitlines(),
         *_environment(),
         *FILES_1.strip().splitlines(),
         *EXIT_STATUS_1.strip().splitlines(),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from forkserve import manpage
+from forkserve import ctl, manpage
 from forkserve.config import HOOKS, build_parser
 from forkserve.settings import SETTINGS
 
@@ -164,11 +164,14 @@ def test_every_setting_and_hook_is_a_key_in_forkserve_toml_5(which):
 def test_forkserve_1_has_the_hand_written_sections():
     source = manpage.render_forkserve_1()
     titles = re.findall(r"^\.Sh (.+)$", source, re.M)
-    assert titles == ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "SIGNALS", "ENVIRONMENT",
-                      "FILES", "EXIT STATUS", "EXAMPLES", "SEE ALSO"]
+    assert titles == ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "SIGNALS", "CONTROL",
+                      "ENVIRONMENT", "FILES", "EXIT STATUS", "EXAMPLES", "SEE ALSO"]
     signals = section(source, "SIGNALS")
     for name in ("TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU", "USR1", "USR2", "WINCH"):
         assert f"SIG{name}" in signals, name
+    control = section(source, "CONTROL")
+    for command in ctl.COMMANDS:
+        assert f".Cm {command}" in control, command
     statuses = [line.split()[1] for line in item_lines(section(source, "EXIT STATUS"))]
     assert statuses == ["0", "1", "2", "3"]
     see_also = section(source, "SEE ALSO")
