@@ -29,20 +29,21 @@ def cgroup_cpu_quota(cgroup_root: str, proc_cgroup: str) -> float | None:
     read, and the smallest quota wins: a parent's limit binds its children. Inside a container
     the process's own cgroup is usually the mount point itself.
     """
-    v2_path, v1_path = _cgroup_paths(proc_cgroup)
-    quotas = [_read_v2(d) for d in _lineage(cgroup_root, v2_path)] if v2_path is not None else []
+    v2_path, v1_path = cgroup_paths(proc_cgroup, "cpu")
+    quotas = [_read_v2(d) for d in lineage(cgroup_root, v2_path)] if v2_path is not None else []
     if v1_path is not None:
         for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
             mount = os.path.join(cgroup_root, name)
             if os.path.isdir(mount):
-                quotas += [_read_v1(d) for d in _lineage(mount, v1_path)]
+                quotas += [_read_v1(d) for d in lineage(mount, v1_path)]
                 break
     found = [q for q in quotas if q is not None]
     return min(found) if found else None
 
 
-def _cgroup_paths(proc_cgroup: str) -> tuple[str | None, str | None]:
-    """The v2 and the v1 `cpu` cgroup path of this process, from /proc/self/cgroup."""
+def cgroup_paths(proc_cgroup: str, controller: str) -> tuple[str | None, str | None]:
+    """The v2 cgroup path of this process and its v1 path of `controller`, from
+    /proc/self/cgroup."""
     v2 = v1 = None
     try:
         with open(proc_cgroup) as f:
@@ -56,12 +57,12 @@ def _cgroup_paths(proc_cgroup: str) -> tuple[str | None, str | None]:
         _, controllers, path = parts
         if controllers == "":
             v2 = path
-        elif "cpu" in controllers.split(","):
+        elif controller in controllers.split(","):
             v1 = path
     return v2, v1
 
 
-def _lineage(mount: str, path: str) -> list[str]:
+def lineage(mount: str, path: str) -> list[str]:
     """The mount point and each directory below it down to `path`."""
     dirs = [mount]
     for part in [p for p in path.split("/") if p]:

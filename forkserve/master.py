@@ -44,6 +44,7 @@ from forkserve.endpoints import Endpoint, Server
 from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError
 from forkserve.handoff import CallPoller, HandoffChannel
 from forkserve.logs import error_log
+from forkserve.memory import fit_warning, memory_limit, oom_kills
 from forkserve.metrics import Totals, exposition, read_report, summary
 from forkserve.pidfile import Pidfile
 from forkserve.prometheus import MetricsServer
@@ -170,6 +171,7 @@ class Master:
         self.gone_stats = Totals()  # what the workers that exited reported last
         self.restarts: dict[str, int] = {}  # workers replaced, by reason
         self._wakeup_fds = (-1, -1)
+        self.oom_kills = oom_kills()  # the cgroup's count: to name the OOM killer's kills
 
     # -- start and the loop -------------------------------------------------------------------
 
@@ -522,6 +524,15 @@ class Master:
 
     # -- the control socket -------------------------------------------------------------------
 
+    def _check_memory_fit(self) -> None:
+        """Once ready: warn if the workers take most of the cgroup's memory limit."""
+        limit = memory_limit()
+        if limit is not None:
+            sizes = [memory_kib(worker.pid) for worker in self._active()]
+            warning = fit_warning(limit, [size[0] for size in sizes if size], self.size)
+            if warning:
+                error_log.warning("%s", warning)
+
     def _servers(self) -> list[Server]:
         return [server for server in (self.control, self.metrics) if server is not None]
 
@@ -768,6 +779,7 @@ class Master:
                 self.ready = True
                 error_log.info("ready: %d workers in %.2f s", self.size,
                                time.monotonic() - self.started)
+                self._check_memory_fit()
                 self.notify.ready(self._status_text())
                 self.call_hook("when_ready", self)
         elif kind == channel.BOOT_FAILED:
@@ -884,7 +896,12 @@ class Master:
         how = _describe_wait(wait_status)
         if os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) == signal.SIGKILL \
                 and not worker.killed:
-            how += " (not by forkserve: out of memory?)"
+            seen, self.oom_kills = self.oom_kills, oom_kills()
+            if seen is not None and self.oom_kills is not None and self.oom_kills > seen:
+                how += (f" by the kernel's OOM killer (the cgroup's oom_kill count went "
+                        f"from {seen} to {self.oom_kills})")
+            else:
+                how += " (not by forkserve: out of memory?)"
         if worker.killed:
             how += f" ({worker.kill_reason})"
         if worker.retiring or self.stop_deadline is not None:

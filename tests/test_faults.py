@@ -337,9 +337,40 @@ def test_workers_killed_by_the_oom_killer_are_replaced_at_once(start_server, cgr
         assert exchange(server, HELLO).status == 200
         assert time.monotonic() - began < 5.0
     assert killed >= 2, server.log
-    assert re.search(r"killed by SIGKILL \(not by forkserve: out of memory\?\).*; replacing "
-                     r"it", server.log)
+    if "oom_kill " in (cgroup / "memory.oom_control").read_text():  # (Linux 4.13 and later)
+        assert re.search(r"killed by SIGKILL by the kernel's OOM killer \(the cgroup's oom_kill "
+                         r"count went from \d+ to \d+\); replacing it", server.log)
+    else:
+        assert re.search(r"killed by SIGKILL \(not by forkserve: out of memory\?\).*; "
+                         r"replacing it", server.log)
     assert "failures in a row" not in server.log
+
+
+@root_only
+@pytest.mark.parametrize("cgroup", ["memory"], indirect=True)
+def test_workers_that_do_not_fit_the_memory_limit_are_named_once_ready(start_server, cgroup):
+    (cgroup / "memory.limit_in_bytes").write_text(str(100 * 1024 * 1024))
+    server = start_server("wsgiapp:app", "-w", "4",
+                          preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"))
+    warning = server.wait_for(r"\[WARNING\] 4 workers of about (\d+) MiB each take (\d+) MiB, "
+                              r"over 80% of the cgroup's memory limit of 100 MiB: (\d+) would "
+                              r"fit \(-w \d+\); .* --max-worker-memory 20 recycles them")
+    each, fit = int(warning[1]), int(warning[3])
+    assert fit == max(1, 80 // each) < 4
+    (cgroup / "memory.limit_in_bytes").write_text(str(4 * 1024 * 1024 * 1024))
+    mark = server.mark()
+    os.kill(server.pid, signal.SIGHUP)  # (checked when a server becomes ready, not on HUP)
+    server.wait_for(r"replaced 4 workers", start=mark)
+    assert server.log.count("would fit") == 1
+
+
+@root_only
+@pytest.mark.parametrize("cgroup", ["memory"], indirect=True)
+def test_workers_that_fit_the_memory_limit_get_no_warning(start_server, cgroup):
+    (cgroup / "memory.limit_in_bytes").write_text(str(1024 * 1024 * 1024))
+    server = start_server("wsgiapp:app", "-w", "4",
+                          preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"))
+    assert "WARNING" not in server.log  # (the check runs before the ready line)
 
 
 @root_only

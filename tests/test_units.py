@@ -15,6 +15,7 @@ from forkserve.errors import ConfigError
 from forkserve.http import Limits, new_connection
 from forkserve.http.base import END_OF_MESSAGE, NEED_DATA, Data, ProtocolError, Request
 from forkserve.logs import check_access_log_format, format_access_line
+from forkserve.memory import fit_warning, memory_limit, oom_kills
 from forkserve.metrics import RequestStats, Totals, read_report
 from forkserve.sockets import Address, parse_bind
 from forkserve.wsgi import InputStream
@@ -48,6 +49,36 @@ def test_cgroup_quota(tmp_path, proc, files, quota):
     assert cpus >= 1
     if quota is not None:
         assert cpus <= math.ceil(quota)
+
+
+@pytest.mark.parametrize(("proc", "files", "limit", "kills"), [
+    ("0::/app\n", {"memory.max": "max\n", "app/memory.max": "104857600\n",
+                   "app/memory.events": "low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\n"},
+     100 * 2**20, 2),
+    ("0::/a/b\n", {"a/memory.max": "209715200\n", "a/b/memory.max": "max\n"},
+     200 * 2**20, None),  # a parent's limit binds its children
+    ("5:memory:/docker/x\n0::/\n", {
+        "memory/docker/x/memory.limit_in_bytes": "9223372036854771712\n",
+        "memory/docker/memory.limit_in_bytes": "536870912\n",
+        "memory/docker/x/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 7\n"},
+     512 * 2**20, 7),
+    ("0::/\n", {}, None, None),
+])
+def test_cgroup_memory_limit_and_oom_kills(tmp_path, proc, files, limit, kills):
+    write(tmp_path / "proc", proc)
+    for name, text in files.items():
+        write(tmp_path / "fs" / name, text)
+    root, proc_file = str(tmp_path / "fs"), str(tmp_path / "proc")
+    assert memory_limit(root, proc_file) == limit
+    assert oom_kills(root, proc_file) == kills
+
+
+def test_the_memory_fit_warning_names_what_fits():
+    assert fit_warning(1024 * 2**20, [24 * 1024] * 4, 4) == ""
+    assert fit_warning(100 * 2**20, [24 * 1024, 24 * 1024], 4).startswith(
+        "4 workers of about 24 MiB each take 96 MiB, over 80% of the cgroup's memory limit of "
+        "100 MiB: 3 would fit (-w 3)")
+    assert fit_warning(10 * 2**20, [24 * 1024], 2).split(": ")[1].startswith("1 would fit")
 
 
 # -- bind specs ---------------------------------------------------------------------------------
