@@ -320,14 +320,19 @@ def cgroup(request) -> Iterator[Path]:
             time.sleep(0.05)  # the killed processes are still exiting
 
 
+def _start_limited(start_server, cgroup: Path, mib: int, *args: str):
+    """The test app's server in the v1 memory cgroup `cgroup`, limited to `mib` MiB."""
+    (cgroup / "memory.limit_in_bytes").write_text(str(mib * 1024 * 1024))
+    return start_server("wsgiapp:app", *args,
+                        preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"))
+
+
 @root_only
 @pytest.mark.parametrize("cgroup", ["memory"], indirect=True)
 def test_workers_killed_by_the_oom_killer_are_replaced_at_once(start_server, cgroup):
     # A leaking app in a memory-limited container: the kernel kills a worker every few
     # requests. Each must be replaced at once, never leaving the service without workers.
-    (cgroup / "memory.limit_in_bytes").write_text(str(200 * 1024 * 1024))
-    server = start_server("wsgiapp:app", "-w", "2",
-                          preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"))
+    server = _start_limited(start_server, cgroup, 200, "-w", "2")
     killed = 0
     for _ in range(40):
         with server.connect() as sock:
@@ -349,9 +354,7 @@ def test_workers_killed_by_the_oom_killer_are_replaced_at_once(start_server, cgr
 @root_only
 @pytest.mark.parametrize("cgroup", ["memory"], indirect=True)
 def test_workers_that_do_not_fit_the_memory_limit_are_named_once_ready(start_server, cgroup):
-    (cgroup / "memory.limit_in_bytes").write_text(str(100 * 1024 * 1024))
-    server = start_server("wsgiapp:app", "-w", "4",
-                          preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"))
+    server = _start_limited(start_server, cgroup, 100, "-w", "4")
     warning = server.wait_for(r"\[WARNING\] 4 workers of about (\d+) MiB each take (\d+) MiB, "
                               r"over 80% of the cgroup's memory limit of 100 MiB: (\d+) would "
                               r"fit \(-w \d+\); .* --max-worker-memory 20 recycles them")
@@ -367,9 +370,7 @@ def test_workers_that_do_not_fit_the_memory_limit_are_named_once_ready(start_ser
 @root_only
 @pytest.mark.parametrize("cgroup", ["memory"], indirect=True)
 def test_workers_that_fit_the_memory_limit_get_no_warning(start_server, cgroup):
-    (cgroup / "memory.limit_in_bytes").write_text(str(1024 * 1024 * 1024))
-    server = start_server("wsgiapp:app", "-w", "4",
-                          preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"))
+    server = _start_limited(start_server, cgroup, 1024, "-w", "4")
     assert "WARNING" not in server.log  # (the check runs before the ready line)
 
 
