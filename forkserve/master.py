@@ -52,7 +52,7 @@ from forkserve.reloader import Watcher, describe, forget_bytecode
 from forkserve.scoreboard import Scoreboard
 from forkserve.sockets import INHERIT_ENV, Listener, listen, parse_bind
 from forkserve.statsd import StatsdPusher
-from forkserve.systemd import Notifier
+from forkserve.systemd import FDSTORE_PREFIX, Notifier
 from forkserve.tls import server_context
 from forkserve.workers import run_worker
 
@@ -194,6 +194,10 @@ class Master:
         self.listeners = listen(cfg.bind, cfg.backlog)
         for listener in self.listeners:
             listener.secure = self.tls is not None
+        # (TCP only: a unix socket's path is removed at exit, so its fd would be no use)
+        self.notify.store_fds([(listener.sock.fileno(), f"{FDSTORE_PREFIX}{index}")
+                               for index, listener in enumerate(self.listeners)
+                               if listener.address.kind == "tcp"])
         try:
             if cfg.pidfile:
                 self.pidfile = Pidfile(cfg.pidfile)

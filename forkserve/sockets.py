@@ -9,7 +9,7 @@ import stat
 from dataclasses import dataclass
 
 from forkserve.errors import ConfigError
-from forkserve.systemd import listen_fds
+from forkserve.systemd import FDSTORE_PREFIX, listen_fds
 
 DEFAULT_PORT = 8000
 # Set by a master starting its replacement (USR2): the fds of its listeners, in --bind order.
@@ -105,25 +105,55 @@ def listen(specs: list[str], backlog: int) -> list[Listener]:
     sockets passed by systemd socket activation replace --bind altogether.
     """
     inherited = _inherited_fds()
-    activated = listen_fds()
+    stored: dict[int, int] = {}  # --bind index: fd, from the fd store (see systemd.py)
+    activated = []
+    for fd, name in listen_fds():
+        index = name[len(FDSTORE_PREFIX):]
+        if name.startswith(FDSTORE_PREFIX) and index.isdigit():
+            stored[int(index)] = fd
+        else:
+            activated.append(fd)
     addresses = [parse_bind(spec) for spec in specs]
     if inherited and len(inherited) != len(addresses) or activated and not inherited:
         # Sockets from systemd (or a master started with other --bind): use them as they are.
-        fds = inherited or [fd for fd, _ in activated]
-        return [Listener(_adopt_fd(fd), Address("fd", fd=fd)) for fd in fds]
+        for fd in stored.values():
+            os.close(fd)
+        return [Listener(_adopt_fd(fd), Address("fd", fd=fd)) for fd in inherited or activated]
     listeners: list[Listener] = []
     try:
-        for address in addresses:
+        for index, address in enumerate(addresses):
+            fd = stored.pop(index, -1)
             if inherited:
                 sock = _adopt_fd(inherited.pop(0))
                 listeners.append(Listener(sock, address, owns_path=address.kind == "unix"))
+            elif fd >= 0 and _bound_to(fd, address):
+                listeners.append(Listener(_adopt_fd(fd), address))
             else:
+                if fd >= 0:
+                    os.close(fd)  # stored for a --bind that changed since
                 listeners.append(_listen_one(address, backlog))
     except BaseException:
         for listener in listeners:
             listener.close()
         raise
+    finally:
+        for fd in stored.values():
+            os.close(fd)
     return listeners
+
+
+def _bound_to(fd: int, address: Address) -> bool:
+    """Is the socket `fd` (from the fd store) listening on the TCP `address`?"""
+    if address.kind != "tcp":
+        return False
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            host, port = sock.getsockname()[:2]
+            wanted = socket.getaddrinfo(address.host or None, address.port, sock.family,
+                                        socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except OSError:
+        return False
+    return port == address.port and any(info[4][0] == host for info in wanted)
 
 
 def _inherited_fds() -> list[int]:

@@ -6,15 +6,21 @@
 - `listen_fds()` takes the sockets passed by socket activation ($LISTEN_FDS from fd 3, for
   $LISTEN_PID, named by $LISTEN_FDNAMES) and clears those variables, so that workers and a
   re-executed master do not misread them.
+- `Notifier.store_fds` hands listening sockets to the service's file descriptor store
+  (FDSTORE=1, FileDescriptorStoreMax=): systemd keeps them open across a restart and passes
+  them back with $LISTEN_FDS, named FDSTORE_PREFIX and the --bind index, so that a restart
+  without a .socket unit refuses no connection.
 """
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import time
 
 SD_LISTEN_FDS_START = 3
+FDSTORE_PREFIX = "forkserve-bind-"  # FDNAME= of the --bind socket at this index
 
 
 class Notifier:
@@ -32,6 +38,8 @@ class Notifier:
         ours = not watchdog_pid or watchdog_pid == str(os.getpid())
         # Ping at half the interval, as sd_watchdog_enabled(3) recommends.
         self.watchdog_interval = int(usec) / 2_000_000 if usec.isdigit() and ours else 0.0
+        # systemd 254 and later say FDSTORE=N when the unit has FileDescriptorStoreMax=N.
+        self.fdstore = environ.get("FDSTORE", "") != "0"
 
     @property
     def enabled(self) -> bool:
@@ -64,6 +72,20 @@ class Notifier:
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
+
+    def store_fds(self, named: list[tuple[int, str]]) -> None:
+        """Hand each (fd, name) to the file descriptor store, in place of any stored under
+        that name before (errors are ignored, as sd_notify's)."""
+        if not self._address or not self.fdstore:
+            return
+        for fd, name in named:
+            self.send("FDSTOREREMOVE=1", f"FDNAME={name}")
+            try:
+                self._sock.sendmsg([f"FDSTORE=1\nFDNAME={name}".encode()],  # type: ignore
+                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                     array.array("i", [fd]))], 0, self._address)
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self._sock is not None:

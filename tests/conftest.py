@@ -72,7 +72,7 @@ class Server:
 
     def __init__(self, args: list[str], cwd: Path = APPS, env: dict | None = None,
                  preexec_fn: Callable[[], None] | None = None,
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.args = args
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -91,6 +91,7 @@ class Server:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=preexec_fn,
+            pass_fds=pass_fds,
         )
         self.pid = self.proc.pid
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -7,10 +7,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
-from conftest import APPS, Reader, children, forkserve_command
+from conftest import APPS, LoadClient, Reader, Server, children, forkserve_command
 from test_process import wait_gone
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
@@ -39,6 +40,22 @@ class NotifySocket:
             self.messages.append(message)
             if key in message and (value is None or message[key] == value):
                 return message
+
+    def stored_fd(self, name: str, timeout: float = 15.0) -> int:
+        """The next descriptor handed to the fd store (FDSTORE=1) under FDNAME=`name`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, 4096, 4)
+            except TimeoutError:
+                raise AssertionError(f"no FDSTORE of {name}; got {self.messages}") from None
+            message = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append(message)
+            if message.get("FDSTORE") == "1" and message.get("FDNAME") == name and fds:
+                return fds[0]
+            for fd in fds:
+                os.close(fd)
 
     def close(self) -> None:
         self.sock.close()
@@ -123,3 +140,44 @@ def test_usr2_upgrade_keeps_serving_the_activated_socket(activated):
         assert get_pid(port) in children(new)  # served by a worker of the new master
     finally:
         os.kill(new, signal.SIGTERM)
+
+
+# Starts a command with the descriptor argv[1] as fd 3 and LISTEN_PID set to its own pid, as
+# systemd passes stored sockets back.
+_AS_SYSTEMD = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.close(int(sys.argv[1])); "
+               "os.environ['LISTEN_PID'] = str(os.getpid()); os.execvp(sys.argv[2], sys.argv[2:])")
+
+
+def test_a_restart_through_the_fd_store_refuses_no_connection(tmp_path):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    port = free_port()
+    args = ["wsgiapp:app", "-w", "2", "-b", f"127.0.0.1:{port}"]
+    first = Server(args, env={"NOTIFY_SOCKET": notify.path})
+    second = None
+    stored = notify.stored_fd("forkserve-bind-0")  # what systemd would keep
+    try:
+        notify.wait_for("READY", "1")
+        first.port = port
+        with LoadClient(first, threads=4) as load:
+            load.wait_for_requests(100)
+            os.kill(first.pid, signal.SIGTERM)
+            assert first.wait_exit() == 0  # nothing listens now but the stored socket
+            second = Server(args, command=[sys.executable, "-c", _AS_SYSTEMD, str(stored),
+                                           *forkserve_command()],
+                            env={"NOTIFY_SOCKET": notify.path, "LISTEN_FDS": "1",
+                                 "LISTEN_FDNAMES": "forkserve-bind-0"}, pass_fds=(stored,))
+            second.port = port
+            assert notify.wait_for("READY", "1")["MAINPID"] == str(second.pid)
+            load.wait_for_requests(200)
+        assert load.errors == []
+        assert "listening at http://127.0.0.1:" in second.log
+        # Stored again by the second server, in place of the first one's.
+        assert [message for message in notify.messages if "FDNAME" in message] == [
+            {"FDSTOREREMOVE": "1", "FDNAME": "forkserve-bind-0"},
+            {"FDSTORE": "1", "FDNAME": "forkserve-bind-0"}] * 2
+    finally:
+        for server in (first, second):
+            if server is not None:
+                server.stop()
+        os.close(stored)
+        notify.close()
