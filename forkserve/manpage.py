@@ -493,6 +493,11 @@ or first its workers with
 .Dv SIGWINCH
 to keep a way back
 .Pq see Sx EXAMPLES .
+Under systemd
+.Pq Ev NOTIFY_SOCKET
+the new master, once ready, announces
+.Ql MAINPID=
+and stops the old one itself.
 .It Dv SIGWINCH
 Stop every worker but keep the master, so that a
 .Dv SIGUSR2

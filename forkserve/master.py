@@ -786,6 +786,12 @@ class Master:
                 self._check_memory_fit()
                 self.notify.ready(self._status_text())
                 self.call_hook("when_ready", self)
+                if self.inherited_from and self.notify.enabled:
+                    # A USR2 upgrade under systemd: this master is the service's main
+                    # process now (MAINPID= above); the old one stops, as systemd follows.
+                    error_log.info("USR2 upgrade under systemd: stopping the old master "
+                                   "(pid %d)", self.inherited_from)
+                    _kill(self.inherited_from, signal.SIGTERM)
         elif kind == channel.BOOT_FAILED:
             status = payload[0] if payload else EXIT_BOOT
             self._boot_failed(worker, status, payload[1:].decode("utf-8", "replace"))
@@ -1014,7 +1020,7 @@ class Master:
         """READY=1 once a reload is complete, STATUS= now and then, and the watchdog ping
         while workers are heard from."""
         notify = self.notify
-        if not notify.enabled:
+        if not notify.enabled or self.upgrade_pid:  # (a successor speaks for the service)
             return
         if self.reloading and not any(w.stop_when_replaced for w in self.workers.values()) \
                 and sum(1 for w in self._active() if w.booted) >= self.size:
@@ -1074,7 +1080,8 @@ class Master:
             return
         error_log.info("%s: %s stop of %d workers", reason, "graceful" if graceful else "quick",
                        len(self.workers))
-        self.notify.stopping()
+        if not self.upgrade_pid:  # (a successor speaks for the service now)
+            self.notify.stopping()
         self.scoreboard.set_stopping()
         self._stop_watching()
         if self.stop_deadline is None:

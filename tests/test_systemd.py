@@ -57,6 +57,19 @@ class NotifySocket:
             for fd in fds:
                 os.close(fd)
 
+    def read_all(self) -> None:
+        """Take every notification already sent."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                data = self.sock.recv(4096)
+                self.messages.append(dict(line.split("=", 1)
+                                          for line in data.decode().splitlines()))
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.setblocking(True)
+
     def close(self) -> None:
         self.sock.close()
 
@@ -134,12 +147,20 @@ def test_usr2_upgrade_keeps_serving_the_activated_socket(activated):
     new = int(notify.wait_for("MAINPID")["MAINPID"])
     while new == old:  # skip the old master's own STATUS/READY lines
         new = int(notify.wait_for("MAINPID")["MAINPID"])
-    os.kill(old, signal.SIGTERM)
+    # Under systemd the new master, once ready, stops the old one (systemd follows MAINPID=),
+    # which says nothing more: a STOPPING=1 from it would stop the service.
     assert proc.wait(15) == 0  # the old master is gone; the new one holds the socket
     try:
         assert get_pid(port) in children(new)  # served by a worker of the new master
-    finally:
         os.kill(new, signal.SIGTERM)
+        wait_gone([new])  # (every notification is sent by then)
+        notify.read_all()
+        assert sum("STOPPING" in message for message in notify.messages) == 1  # the new one's
+    finally:
+        try:
+            os.kill(new, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 # Starts a command with the descriptor argv[1] as fd 3 and LISTEN_PID set to its own pid, as
