@@ -163,6 +163,7 @@ class Master:
         self.last_status = ""
         self.next_watchdog = 0.0
         self.upgrade_pid = 0  # the new master started by USR2
+        self.handed_over = False  # systemd was told the new master is the main process
         self.inherited_from = 0  # the old master that handed us its sockets (USR2)
         self.watcher: Watcher | None = None  # --reload
         self.control: ControlServer | None = None  # --control-socket
@@ -191,7 +192,7 @@ class Master:
         ids = privileges.resolve(cfg.user, cfg.group)
         os.umask(cfg.umask)
         self.tls = server_context(cfg)
-        self.listeners = listen(cfg.bind, cfg.backlog)
+        self.listeners = listen(cfg.bind, cfg.backlog, self.notify.remove_fds)
         for listener in self.listeners:
             listener.secure = self.tls is not None
         # (TCP only: a unix socket's path is removed at exit, so its fd would be no use)
@@ -350,8 +351,10 @@ class Master:
             if signum == signal.SIGCHLD:
                 continue  # reaping happens every turn of the loop
             name = signal.Signals(signum).name
-            if signum == signal.SIGTERM and self.cfg.drain_delay and self.drain_until is None \
-                    and self.stop_deadline is None:
+            if signum == signal.SIGTERM and self.upgrade_pid and not self.handed_over:
+                self._hand_over(name)
+            elif signum == signal.SIGTERM and self.cfg.drain_delay \
+                    and self.drain_until is None and self.stop_deadline is None:
                 self._drain(name)
             elif signum == signal.SIGTERM:
                 self.stop(graceful=True, reason=name)
@@ -781,14 +784,15 @@ class Master:
             error_log.info("worker %d booted (pid %d)", worker.number, worker.pid)
             if not self.ready and sum(w.booted for w in self._active()) >= self.size:
                 self.ready = True
+                self._check_memory_fit()
                 error_log.info("ready: %d workers in %.2f s", self.size,
                                time.monotonic() - self.started)
-                self._check_memory_fit()
                 self.notify.ready(self._status_text())
                 self.call_hook("when_ready", self)
-                if self.inherited_from and self.notify.enabled:
-                    # A USR2 upgrade under systemd: this master is the service's main
-                    # process now (MAINPID= above); the old one stops, as systemd follows.
+                if self.inherited_from and self.notify.enabled \
+                        and os.getppid() == self.inherited_from:
+                    # A USR2 upgrade under systemd: the old master hands the service over
+                    # (MAINPID=) and stops, as its TERM says.
                     error_log.info("USR2 upgrade under systemd: stopping the old master "
                                    "(pid %d)", self.inherited_from)
                     _kill(self.inherited_from, signal.SIGTERM)
@@ -1020,7 +1024,7 @@ class Master:
         """READY=1 once a reload is complete, STATUS= now and then, and the watchdog ping
         while workers are heard from."""
         notify = self.notify
-        if not notify.enabled or self.upgrade_pid:  # (a successor speaks for the service)
+        if not notify.enabled or self.handed_over:  # (a successor speaks for the service)
             return
         if self.reloading and not any(w.stop_when_replaced for w in self.workers.values()) \
                 and sum(1 for w in self._active() if w.booted) >= self.size:
@@ -1061,6 +1065,14 @@ class Master:
 
     # -- stopping -----------------------------------------------------------------------------
 
+    def _hand_over(self, reason: str) -> None:
+        """TERM after a USR2 upgrade: the new master serves on. Under systemd this master
+        (still the service's main process) names it the main process now, and says nothing
+        more; it stops without a drain (the new master keeps the health checks green)."""
+        self.handed_over = True
+        self.notify.send(f"MAINPID={self.upgrade_pid}")
+        self.stop(graceful=True, reason=f"{reason} (new master pid {self.upgrade_pid})")
+
     def _drain(self, reason: str) -> None:
         """TERM with --drain-delay: serve on, but say so to load balancers (health 503,
         Connection: close), and stop gracefully once the delay is over."""
@@ -1080,7 +1092,7 @@ class Master:
             return
         error_log.info("%s: %s stop of %d workers", reason, "graceful" if graceful else "quick",
                        len(self.workers))
-        if not self.upgrade_pid:  # (a successor speaks for the service now)
+        if not self.handed_over:  # (a successor speaks for the service now)
             self.notify.stopping()
         self.scoreboard.set_stopping()
         self._stop_watching()

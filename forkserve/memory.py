@@ -34,7 +34,10 @@ def oom_kills(cgroup_root: str = "/sys/fs/cgroup",
     """How many processes the OOM killer killed in this process's cgroup so far (its
     `oom_kill` count), or None where that cannot be read."""
     for v2, name in ((True, "memory.events"), (False, "memory.oom_control")):
-        directories = _directories(cgroup_root, proc_cgroup, v2=v2)
+        # The deepest that exists: without a cgroup namespace, a container sees its own
+        # cgroup's directory at the mount point, not under its full path.
+        directories = [d for d in _directories(cgroup_root, proc_cgroup, v2=v2)
+                       if os.path.isfile(os.path.join(d, name))]
         if directories:
             try:
                 with open(os.path.join(directories[-1], name)) as f:
@@ -56,7 +59,7 @@ def fit_warning(limit: int, rss_kib: list[int], workers: int) -> str:
     if workers * each <= FIT_SHARE * limit:
         return ""
     fit = max(1, int(FIT_SHARE * limit // each))
-    share = FIT_SHARE * limit / workers / 2**20
+    share = FIT_SHARE * limit / fit / 2**20
     return (f"{workers} workers of about {each / 2**20:.0f} MiB each take "
             f"{workers * each / 2**20:.0f} MiB, over {FIT_SHARE:.0%} of the cgroup's memory "
             f"limit of {limit / 2**20:.0f} MiB: {fit} would fit (-w {fit}); and as workers "

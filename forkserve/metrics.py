@@ -102,7 +102,7 @@ def read_report(payload: bytes, last: Totals) -> Totals:
 
 
 def _counts(values: Any, key: re.Pattern[str], last: dict[str, int]) -> dict[str, int]:
-    if not isinstance(values, dict) or len(values) > 64 or not set(last) <= set(values):
+    if not isinstance(values, dict) or len(values) > 100 or not set(last) <= set(values):
         raise ValueError("bad counts")
     for name in values:
         if key.fullmatch(name) is None:

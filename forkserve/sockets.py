@@ -6,6 +6,8 @@ import errno
 import os
 import socket
 import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from forkserve.errors import ConfigError
@@ -97,49 +99,79 @@ class Listener:
                 pass  # gone already, or in a directory we may no longer write to
 
 
-def listen(specs: list[str], backlog: int) -> list[Listener]:
+def listen(specs: list[str], backlog: int,
+           forget_stored: Callable[[list[str]], None] = lambda names: None) -> list[Listener]:
     """Bind and listen on every spec; on any failure close what was bound and raise ConfigError.
 
     Sockets handed over by a previous master (the INHERIT_ENV variable, removed here so that
     nothing started later misreads it) are adopted in --bind order instead of being bound;
-    sockets passed by systemd socket activation replace --bind altogether.
+    sockets passed by systemd socket activation replace --bind altogether. Sockets from
+    systemd's fd store (named FDSTORE_PREFIX...) are adopted for the --bind address they
+    listen on; `forget_stored(names)` is told those of no use before anything is bound (so
+    that systemd closes them, and their addresses are free again).
     """
     inherited = _inherited_fds()
-    stored: dict[int, int] = {}  # --bind index: fd, from the fd store (see systemd.py)
+    stored: dict[str, int] = {}  # name: fd, from the fd store (see systemd.py)
     activated = []
     for fd, name in listen_fds():
-        index = name[len(FDSTORE_PREFIX):]
-        if name.startswith(FDSTORE_PREFIX) and index.isdigit():
-            stored[int(index)] = fd
+        if name.startswith(FDSTORE_PREFIX):
+            stored[name] = fd
         else:
             activated.append(fd)
     addresses = [parse_bind(spec) for spec in specs]
     if inherited and len(inherited) != len(addresses) or activated and not inherited:
         # Sockets from systemd (or a master started with other --bind): use them as they are.
-        for fd in stored.values():
-            os.close(fd)
+        _forget(stored, forget_stored)
         return [Listener(_adopt_fd(fd), Address("fd", fd=fd)) for fd in inherited or activated]
+    reused: dict[int, int] = {}  # --bind index: the stored fd listening on its address
+    for index, address in enumerate(addresses):
+        name = next((name for name, fd in stored.items() if _bound_to(fd, address)), None)
+        if name is not None and not inherited:
+            reused[index] = stored.pop(name)
+    # Before binding: their addresses may be wanted again, once systemd closed its copies.
+    patience = STORE_RELEASE_SECONDS if stored else 0.0
+    _forget(stored, forget_stored)
     listeners: list[Listener] = []
     try:
         for index, address in enumerate(addresses):
-            fd = stored.pop(index, -1)
             if inherited:
                 sock = _adopt_fd(inherited.pop(0))
                 listeners.append(Listener(sock, address, owns_path=address.kind == "unix"))
-            elif fd >= 0 and _bound_to(fd, address):
-                listeners.append(Listener(_adopt_fd(fd), address))
+            elif index in reused:
+                listeners.append(Listener(_adopt_fd(reused.pop(index)), address))
             else:
-                if fd >= 0:
-                    os.close(fd)  # stored for a --bind that changed since
-                listeners.append(_listen_one(address, backlog))
+                listeners.append(_listen_patiently(address, backlog, patience))
     except BaseException:
         for listener in listeners:
             listener.close()
-        raise
-    finally:
-        for fd in stored.values():
+        for fd in reused.values():
             os.close(fd)
+        raise
     return listeners
+
+
+# How long a bind may find its address busy after systemd was told to close the stored
+# socket holding it (it handles notifications in its own time).
+STORE_RELEASE_SECONDS = 2.0
+
+
+def _listen_patiently(address: Address, backlog: int, patience: float) -> Listener:
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return _listen_one(address, backlog)
+        except ConfigError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _forget(stored: dict[str, int], forget_stored: Callable[[list[str]], None]) -> None:
+    """Close the stored sockets of no use, and have systemd drop its copies."""
+    for fd in stored.values():
+        os.close(fd)
+    if stored:
+        forget_stored(list(stored))
 
 
 def _bound_to(fd: int, address: Address) -> bool:

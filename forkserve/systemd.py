@@ -73,6 +73,11 @@ class Notifier:
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
 
+    def remove_fds(self, names: list[str]) -> None:
+        """Have systemd close the descriptors it stores under `names`."""
+        for name in names:
+            self.send("FDSTOREREMOVE=1", f"FDNAME={name}")
+
     def store_fds(self, named: list[tuple[int, str]]) -> None:
         """Hand each (fd, name) to the file descriptor store, in place of any stored under
         that name before (errors are ignored, as sd_notify's)."""

@@ -357,9 +357,9 @@ def test_workers_that_do_not_fit_the_memory_limit_are_named_once_ready(start_ser
     server = _start_limited(start_server, cgroup, 100, "-w", "4")
     warning = server.wait_for(r"\[WARNING\] 4 workers of about (\d+) MiB each take (\d+) MiB, "
                               r"over 80% of the cgroup's memory limit of 100 MiB: (\d+) would "
-                              r"fit \(-w \d+\); .* --max-worker-memory 20 recycles them")
-    each, fit = int(warning[1]), int(warning[3])
-    assert fit == max(1, 80 // each) < 4
+                              r"fit \(-w \d+\); .* --max-worker-memory (\d+) recycles them")
+    fit, share = int(warning[3]), int(warning[4])
+    assert 1 <= fit < 4 and share == round(80 / fit)
     (cgroup / "memory.limit_in_bytes").write_text(str(4 * 1024 * 1024 * 1024))
     mark = server.mark()
     os.kill(server.pid, signal.SIGHUP)  # (checked when a server becomes ready, not on HUP)

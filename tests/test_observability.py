@@ -568,14 +568,14 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def test_drain_delay_serves_on_with_health_503_then_stops(start_server):
-    server = start_server("wsgiapp:app", "-w", "2", "--drain-delay", "2",
+    server = start_server("wsgiapp:app", "-w", "2", "--drain-delay", "4",
                           "--health-path", "/healthz", "--threads", "2")
     with server.connect() as busy:
-        busy.sendall(b"GET /sleep?s=2.5&tag=late HTTP/1.1\r\nHost: t\r\n\r\n")
+        busy.sendall(b"GET /sleep?s=4.5&tag=late HTTP/1.1\r\nHost: t\r\n\r\n")
         server.wait_for("SLEEPING late")  # in flight when the drain ends: it still completes
         os.kill(server.pid, signal.SIGTERM)
         started = time.monotonic()
-        server.wait_for(r"SIGTERM: draining for 2 s")
+        server.wait_for(r"SIGTERM: draining for 4 s")
         for _ in range(20):  # new connections during the delay are served, told to close
             response = exchange(server, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n")
             assert response.status == 200 and response.header("Connection") == "close"
@@ -583,6 +583,6 @@ def test_drain_delay_serves_on_with_health_503_then_stops(start_server):
         assert (health.status, health.body) == (503, b"stopping\n")
         assert "drain delay over" not in server.log  # (all of that was within the delay)
         server.wait_for(r"drain delay over: graceful stop of 2 workers")
-        assert time.monotonic() - started > 1.5
+        assert time.monotonic() - started > 3.5
         assert Reader(busy).response().status == 200
     assert server.wait_exit() == 0

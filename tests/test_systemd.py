@@ -156,6 +156,7 @@ def test_usr2_upgrade_keeps_serving_the_activated_socket(activated):
         wait_gone([new])  # (every notification is sent by then)
         notify.read_all()
         assert sum("STOPPING" in message for message in notify.messages) == 1  # the new one's
+        assert {"MAINPID": str(new)} in notify.messages  # the old master's hand-over
     finally:
         try:
             os.kill(new, signal.SIGTERM)
