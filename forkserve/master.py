@@ -68,6 +68,8 @@ CONTROL_SIGNALS = {"reload": signal.SIGHUP, "incr": signal.SIGTTIN, "decr": sign
 CONTROL_COMMANDS = ("status", "stats", "stop", "reload", "scale", "incr", "decr", "reopen-logs",
                     "dump")
 MAX_WORKERS = 1000  # what `scale` accepts
+# Settings a reload cannot change: the sockets and servers the master holds.
+KEPT_ON_RELOAD = ("bind", "control_socket", "metrics_bind", "statsd_host", "statsd_prefix")
 # How long a hung worker gets to write its tracebacks before SIGKILL.
 DUMP_GRACE = 1.0
 # A worker whose pipe closed and that has not exited after this long is killed.
@@ -249,8 +251,7 @@ class Master:
                 self._stop_replaced()
                 self._tell_systemd(now)
                 if self.statsd is not None and now >= self.statsd.due:
-                    self.statsd.push(now, self._totals(),
-                                     sum(w.in_flight for w in self.workers.values()),
+                    self.statsd.push(now, self._totals(), self._in_flight(),
                                      len(self.workers), self.restarts)
             elif not self.workers:
                 break
@@ -395,16 +396,13 @@ class Master:
         except ConfigError as exc:
             error_log.error("%s: configuration not reloaded: %s", reason, exc)
             return
-        if cfg.bind != self.cfg.bind:
-            error_log.warning("%s: --bind changes need a restart or a USR2 upgrade; "
-                              "keeping %s", reason, ", ".join(self.cfg.bind))
-            cfg.bind = self.cfg.bind
-        for name in ("control_socket", "metrics_bind", "statsd_host", "statsd_prefix"):
-            if getattr(cfg, name) != getattr(self.cfg, name):
+        for name in KEPT_ON_RELOAD:
+            kept = getattr(self.cfg, name)
+            if getattr(cfg, name) != kept:
                 error_log.warning("%s: --%s changes need a restart or a USR2 upgrade; "
                                   "keeping %s", reason, name.replace("_", "-"),
-                                  getattr(self.cfg, name))
-                setattr(cfg, name, getattr(self.cfg, name))
+                                  ", ".join(kept) if isinstance(kept, list) else kept)
+                setattr(cfg, name, kept)
         try:
             tls = server_context(cfg)
         except ConfigError as exc:
@@ -559,10 +557,12 @@ class Master:
             totals.add(worker.stats)
         return totals
 
+    def _in_flight(self) -> int:
+        return sum(worker.in_flight for worker in self.workers.values())
+
     def _metrics_text(self) -> str:
-        status = self._status()
-        return exposition(self._totals(), sum(w.in_flight for w in self.workers.values()),
-                          status["workers"], self.restarts)
+        return exposition(self._totals(), self._in_flight(),
+                          self._worker_rows(time.monotonic()), self.restarts)
 
     def _open_control(self, path: str) -> None:
         try:
@@ -612,13 +612,12 @@ class Master:
         self.signals.append(signum)
         return {"signal": signal.Signals(signum).name}
 
-    def _status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        cfg = self.cfg
-        workers = []
+    def _worker_rows(self, now: float) -> list[dict[str, Any]]:
+        """What `status` and the metrics say of each worker."""
+        rows = []
         for worker in sorted(self.workers.values(), key=lambda w: (w.number, w.started)):
             memory = memory_kib(worker.pid) or (None, None)
-            workers.append({
+            rows.append({
                 "number": worker.number, "pid": worker.pid,
                 "state": "stopping" if worker.retiring else
                          "serving" if worker.booted else "booting",
@@ -628,6 +627,11 @@ class Master:
                 "heartbeat_age": round(now - worker.last_seen, 3),
                 "rss_kib": memory[0], "pss_kib": memory[1],
             })
+        return rows
+
+    def _status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        cfg = self.cfg
         return {
             "master": {
                 "pid": self.pid, "version": __version__,
@@ -640,7 +644,7 @@ class Master:
                 "loop": cfg.loop, "timeout": cfg.timeout, "config": cfg.config,
                 "served_by_gone_workers": self.served_by_gone,
             },
-            "workers": workers,
+            "workers": self._worker_rows(now),
         }
 
     # -- workers ------------------------------------------------------------------------------

@@ -20,16 +20,30 @@ RESTART_REASONS = ("crash", "hang", "max-requests", "memory", "reload")
 REFUSED_STATUSES = (400, 408, 413, 414, 431, 501, 505)
 
 
-class RequestStats:
-    """One worker's running totals: requests by method and status class, durations,
-    connections accepted, requests refused by status."""
+class Totals:
+    """Requests by method and status class ("GET 2xx"), their durations (a count per
+    bucket, and their sum), connections accepted, requests refused by status: of one
+    worker, or added up over several by the master."""
 
     def __init__(self) -> None:
-        self.requests: dict[str, int] = {}  # "METHOD 2xx"
+        self.requests: dict[str, int] = {}
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.duration_sum = 0.0
         self.accepted = 0
         self.refused: dict[str, int] = {}
+
+    def add(self, other: Totals) -> None:
+        for key, value in other.requests.items():
+            self.requests[key] = self.requests.get(key, 0) + value
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+        self.duration_sum += other.duration_sum
+        self.accepted += other.accepted
+        for key, value in other.refused.items():
+            self.refused[key] = self.refused.get(key, 0) + value
+
+
+class RequestStats(Totals):
+    """One worker's running totals, counted as it serves."""
 
     def count(self, method: str, status: int, seconds: float) -> None:
         """A request was answered with `status` in `seconds`."""
@@ -48,26 +62,6 @@ class RequestStats:
         return json.dumps({"requests": self.requests, "buckets": self.buckets,
                            "sum": self.duration_sum, "accepted": self.accepted,
                            "refused": self.refused}).encode()
-
-
-class Totals:
-    """Totals of one or more workers, as the master reads them."""
-
-    def __init__(self) -> None:
-        self.requests: dict[str, int] = {}
-        self.buckets = [0] * (len(BUCKETS) + 1)
-        self.duration_sum = 0.0
-        self.accepted = 0
-        self.refused: dict[str, int] = {}
-
-    def add(self, other: Totals) -> None:
-        for key, value in other.requests.items():
-            self.requests[key] = self.requests.get(key, 0) + value
-        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
-        self.duration_sum += other.duration_sum
-        self.accepted += other.accepted
-        for key, value in other.refused.items():
-            self.refused[key] = self.refused.get(key, 0) + value
 
 
 _REQUEST_KEY = re.compile(r"(?:[A-Z]+|other) [1-9]xx")
@@ -122,13 +116,9 @@ def summary(totals: Totals) -> dict[str, Any]:
     for key, value in totals.requests.items():
         status_class = key.split(" ", 1)[1]
         by_class[status_class] = by_class.get(status_class, 0) + value
-    cumulative, histogram = 0, {}
-    for bound, count in zip((*map(str, BUCKETS), "+Inf"), totals.buckets, strict=True):
-        cumulative += count
-        histogram[bound] = cumulative
     return {"requests": sum(totals.requests.values()), "by_status": by_class,
             "by_method_and_status": totals.requests, "duration_seconds": {
-                "sum": round(totals.duration_sum, 6), "buckets": histogram},
+                "sum": round(totals.duration_sum, 6), "buckets": dict(_cumulative(totals))},
             "connections_accepted": totals.accepted, "refused": totals.refused}
 
 
@@ -146,17 +136,14 @@ def exposition(totals: Totals, in_flight: int, workers: list[dict[str, Any]],
     family("forkserve_requests_total", "counter", "Requests answered, by method and status "
            "class.", [(f'{{method="{key.split()[0]}",status="{key.split()[1]}"}}', value)
                       for key, value in sorted(totals.requests.items())])
-    cumulative, buckets = 0, []
-    for bound, count in zip((*map(str, BUCKETS), "+Inf"), totals.buckets, strict=True):
-        cumulative += count
-        buckets.append((f'_bucket{{le="{bound}"}}', cumulative))
+    buckets = _cumulative(totals)
     out.append("# HELP forkserve_request_duration_seconds Time from the request head to the "
                "end of the response.")
     out.append("# TYPE forkserve_request_duration_seconds histogram")
-    out.extend(f"forkserve_request_duration_seconds{suffix} {_number(value)}"
-               for suffix, value in buckets)
+    out.extend(f'forkserve_request_duration_seconds_bucket{{le="{bound}"}} {count}'
+               for bound, count in buckets)
     out.append(f"forkserve_request_duration_seconds_sum {_number(totals.duration_sum)}")
-    out.append(f"forkserve_request_duration_seconds_count {cumulative}")
+    out.append(f"forkserve_request_duration_seconds_count {buckets[-1][1]}")
     family("forkserve_requests_in_flight", "gauge", "Requests being answered now.",
            [("", in_flight)])
     family("forkserve_requests_refused_total", "counter", "Requests refused before the app, "
@@ -175,6 +162,15 @@ def exposition(totals: Totals, in_flight: int, workers: list[dict[str, Any]],
            "worker.", [(f'{{worker="{w["number"]}"}}', w["rss_kib"] * 1024)
                        for w in workers if w["rss_kib"] is not None])
     return "\n".join(out) + "\n"
+
+
+def _cumulative(totals: Totals) -> list[tuple[str, int]]:
+    """The duration histogram as (upper bound, requests up to it), "+Inf" last."""
+    cumulative, buckets = 0, []
+    for bound, count in zip((*map(str, BUCKETS), "+Inf"), totals.buckets, strict=True):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    return buckets
 
 
 def _number(value: float) -> str:
