@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from forkserve.endpoints import Client, Server
+from forkserve.sockets import unix_socket_in_use
 
 MAX_CLIENTS = Server.max_clients
 MAX_LINE = 64 * 1024
@@ -176,17 +177,9 @@ def _clear_path(path: str, take_over: bool) -> None:
         return
     if not stat.S_ISSOCK(info.st_mode):
         raise ControlError(f"--control-socket {path}: exists and is not a socket")
-    if not take_over:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            pass  # stale: left by a server that did not exit cleanly
-        else:
-            raise ControlError(f"--control-socket {path}: another server listens on it")
-        finally:
-            probe.close()
-    os.unlink(path)
+    if not take_over and unix_socket_in_use(path):
+        raise ControlError(f"--control-socket {path}: another server listens on it")
+    os.unlink(path)  # (else stale: left by a server that did not exit cleanly)
 
 
 def request(path: str, message: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:

@@ -225,7 +225,7 @@ def _listen_unix(address: Address, backlog: int) -> Listener:
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ConfigError(f"cannot bind {address}: {path} exists and is not a socket")
-        if _unix_socket_in_use(path):
+        if unix_socket_in_use(path):
             raise ConfigError(f"cannot bind {address}: another server is listening there")
         os.unlink(path)  # stale socket left by a process that died
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -238,7 +238,8 @@ def _listen_unix(address: Address, backlog: int) -> Listener:
     return Listener(sock, address, owns_path=True)
 
 
-def _unix_socket_in_use(path: str) -> bool:
+def unix_socket_in_use(path: str) -> bool:
+    """Does a server listen on the unix socket at `path`?"""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
