@@ -9,12 +9,29 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
-from forkserve.errors import AppNotFound, ConfigError
+from forkserve.errors import EXIT_BOOT, EXIT_CONFIG, EXIT_OK, AppNotFound, ConfigError
+from forkserve.logs import error_log
 
 DEFAULT_NAMES = ("app", "application")
+
+
+def preload(spec: str, chdir: str | None) -> tuple[Callable[..., Any] | None, int]:
+    """--preload: load the app in the master, logging the outcome. Returns (the app, 0),
+    or (None, the exit status: 2 for a bad spec or a missing module, 3 when it raised)."""
+    try:
+        app = load_app(spec, chdir)
+    except ConfigError as exc:
+        error_log.error("%s", exc)
+        return None, EXIT_CONFIG
+    except BaseException:
+        error_log.error("cannot preload %s:\n%s", spec, traceback.format_exc().rstrip())
+        return None, EXIT_BOOT
+    error_log.info("preloaded %s", spec)
+    return app, EXIT_OK
 
 
 def check_app_module(spec: str, chdir: str | None = None) -> None:

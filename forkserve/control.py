@@ -136,21 +136,6 @@ class _ControlClient(Client):
 ControlServer.client_class = _ControlClient
 
 
-def memory_kib(pid: int) -> tuple[int, int] | None:
-    """(RSS, PSS) of process `pid` in KiB, or None if it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-            text = f.read()
-    except OSError:
-        return None
-    values = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(b":")
-        if name in (b"Rss", b"Pss"):
-            values[name] = int(rest.split()[0])
-    return values.get(b"Rss", 0), values.get(b"Pss", 0)
-
-
 def _answer(handle: Handler, line: bytes) -> dict[str, Any]:
     try:
         request = json.loads(line)

@@ -283,6 +283,16 @@ def reopen() -> list[str]:
     return failed
 
 
+def reopen_and_say(reason: str) -> None:
+    """`reopen`, and log the outcome (`reason` begins the lines)."""
+    failed = reopen()
+    for failure in failed:
+        error_log.error("%s: cannot reopen log file %s; still writing to the file it "
+                        "replaced", reason, failure)
+    if not failed:
+        error_log.info("%s: log files reopened", reason)
+
+
 def flush() -> None:
     """Flush every log handler: called before a process ends with os._exit()."""
     for handler in _all_handlers():

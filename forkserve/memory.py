@@ -1,5 +1,6 @@
-"""The cgroup memory this server lives under: its limit (is `-w` too many for it?) and the
-kernel OOM killer's count of kills there (was a worker's SIGKILL one?).
+"""The memory of this server: the cgroup memory it lives under, its limit (is `-w` too many
+for it?) and the kernel OOM killer's count of kills there (was a worker's SIGKILL one?); and
+a process's resident and proportional sizes.
 
 cgroup v2 (`memory.max`, `memory.events`) and v1 (`memory.limit_in_bytes`,
 `memory.oom_control`); the smallest limit from the hierarchy's mount point down to this
@@ -50,6 +51,16 @@ def oom_kills(cgroup_root: str = "/sys/fs/cgroup",
     return None
 
 
+def check_fit(pids: list[int], workers: int) -> str:
+    """`fit_warning` for `workers` workers like the processes `pids`, under this process's
+    cgroup memory limit ("" without a limit)."""
+    limit = memory_limit()
+    if limit is None:
+        return ""
+    sizes = [memory_kib(pid) for pid in pids]
+    return fit_warning(limit, [size[0] for size in sizes if size], workers)
+
+
 def fit_warning(limit: int, rss_kib: list[int], workers: int) -> str:
     """What to tell the operator if `workers` workers of about the resident sizes `rss_kib`
     (those measured) take more than FIT_SHARE of `limit` bytes; else ""."""
@@ -81,3 +92,18 @@ def _read_number(directory: str, name: str) -> int | None:
             return int(f.read())
     except (OSError, ValueError):
         return None  # no file here, or "max"
+
+
+def memory_kib(pid: int) -> tuple[int, int] | None:
+    """(RSS, PSS) of process `pid` in KiB, or None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(b":")
+        if name in (b"Rss", b"Pss"):
+            values[name] = int(rest.split()[0])
+    return values.get(b"Rss", 0), values.get(b"Pss", 0)

@@ -10,6 +10,8 @@
   (FDSTORE=1, FileDescriptorStoreMax=): systemd keeps them open across a restart and passes
   them back with $LISTEN_FDS, named FDSTORE_PREFIX and the --bind index, so that a restart
   without a .socket unit refuses no connection.
+- `Reporter` is what the master tells systemd as it runs: READY=1 again once a reload is
+  complete, STATUS= when it changed, and the watchdog ping while the workers are heard from.
 """
 
 from __future__ import annotations
@@ -18,9 +20,18 @@ import array
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from forkserve.sockets import Listener
+    from forkserve.workerset import WorkerSet
 
 SD_LISTEN_FDS_START = 3
 FDSTORE_PREFIX = "forkserve-bind-"  # FDNAME= of the --bind socket at this index
+# How often systemd gets a STATUS= line (when it changed).
+STATUS_INTERVAL = 5.0
+# With --timeout 0, workers silent this long stop the watchdog pings.
+WATCHDOG_STALE = 10.0
 
 
 class Notifier:
@@ -92,10 +103,57 @@ class Notifier:
             except OSError:
                 pass
 
+    def store_listeners(self, listeners: list[Listener]) -> None:
+        """`store_fds` for the TCP listening sockets, named by their --bind index (a unix
+        socket's path is removed at exit, so its descriptor would be of no use)."""
+        self.store_fds([(listener.sock.fileno(), f"{FDSTORE_PREFIX}{index}")
+                        for index, listener in enumerate(listeners)
+                        if listener.address.kind == "tcp"])
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+class Reporter:
+    """The master's notifications while it runs, sent from its loop (`tick`)."""
+
+    def __init__(self, notify: Notifier) -> None:
+        self.notify = notify
+        self.reloading = False  # READY=1 is due once the reload's new workers are up
+        self.next_status = 0.0
+        self.last_status = ""
+        self.next_watchdog = 0.0
+
+    def reload_started(self) -> None:
+        self.reloading = True
+        self.notify.reloading()
+
+    def tick(self, now: float, workers: WorkerSet, size: int, timeout: float) -> None:
+        """Notify what is due at `now` for a server of `size` workers silent up to
+        `timeout` seconds (0: no limit). The end of a reload is noted without systemd too
+        (`forkserve ctl status` says it)."""
+        notify = self.notify
+        if self.reloading and not workers.replacing() and workers.booted() >= size:
+            self.reloading = False
+            notify.ready(status_text(workers))
+        if now >= self.next_status:
+            self.next_status = now + STATUS_INTERVAL
+            text = status_text(workers)
+            if text != self.last_status:
+                self.last_status = text
+                notify.status(text)
+        stale = timeout if timeout > 0 else WATCHDOG_STALE
+        if notify.watchdog_interval and now >= self.next_watchdog \
+                and workers.heard_from(now, stale):
+            self.next_watchdog = now + notify.watchdog_interval
+            notify.watchdog()
+
+
+def status_text(workers: WorkerSet) -> str:
+    """The STATUS= line: '2 workers, 1234 requests served'."""
+    return f"{workers.booted()} workers, {workers.served()} requests served"
 
 
 def listen_fds(environ: dict[str, str] | None = None) -> list[tuple[int, str]]:

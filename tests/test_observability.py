@@ -204,6 +204,8 @@ def test_every_control_command_does_what_it_says(start_server, tmp_path):
     server.wait_for(r"HUP: reloading: starting 1 new workers before stopping 3", start=mark)
     server.wait_for(r"replaced 3 workers", start=mark)
     assert not set(server.workers()) & set(workers)
+    # (the reload is over once the old workers are told to stop: with or without systemd)
+    assert _ask(path, {"command": "status"})[0]["master"]["state"] == "serving"
     assert _ctl(path, "stop").stdout == "stopping (graceful)\n"
     assert server.wait_exit() == 0
     assert "SIGTERM: graceful stop" in server.log
