@@ -1,10 +1,13 @@
 """What a worker's failure means: log it once, wait before the next start, or give up.
 
-A worker that cannot load the app, that dies right after booting, or that cannot even be
-forked counts as a failure in a row; the next start waits longer after each (`backoff_delay`)
-so that a crash loop costs little, and with no worker left serving the master gives up.
-A worker killed by a request (it took traffic, or lived long enough) is replaced at once.
-Before the server was ever ready, the first boot failure stops it: the error is the user's.
+A worker that cannot load the app, or that dies right after booting without taking a
+connection, counts as a failure in a row; the next start waits longer after each
+(`backoff_delay`) so that a crash loop costs little, and with no worker left serving the
+master gives up. Before the server was ever ready, the first boot failure stops it: the
+error is the user's. A worker killed by a request (it took traffic, or lived long enough)
+is replaced at once, unless boots or forks are failing meanwhile. A fork that fails (a
+process or descriptor limit) is retried with the same growing delays, for as long as it
+takes: the workers still serving go on.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The whole supervision story is one loop (`Master._serve`):
 
     start missing workers (not before a crash-loop backoff ends)
-    wait on one selector: the signal wakeup pipe, one pipe per worker, the admin endpoints
+    wait on one selector: the signal wakeup pipe, one pipe per worker, the admin endpoints,
+        the --reload watcher
     act on queued signals, in order (`_act_on_signals`: one short branch each)
     reap exited workers
     dump and kill hung workers; stop workers whose replacements have booted

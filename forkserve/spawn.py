@@ -23,25 +23,25 @@ Run = Callable[[int, int], int]
 def fork_worker(number: int, scoreboard: Scoreboard, leave_master: Callable[[], None],
                 run: Run) -> tuple[int, int, int]:
     """Fork worker `number`. In the master, return (pid, the read end of its channel, the
-    write end of its nudge pipe), both non-blocking; raise OSError if fork() failed (nothing
-    is left open then). In the child, `leave_master()` closes what only the master needs,
-    then `run` serves."""
-    read_fd, write_fd = os.pipe()
-    nudge_r, nudge_w = os.pipe()
-    scoreboard.join(number)
-    # What the master holds now (forkserve, the parser, the loop, a preloaded app) is out of
-    # the collector's reach: a worker's collections would write to every such object and so
-    # copy the pages it shares with the master.
-    gc.freeze()
+    write end of its nudge pipe), both non-blocking; raise OSError if the pipes or the
+    process cannot be made (out of descriptors, a process limit), with nothing left open.
+    In the child, `leave_master()` closes what only the master needs, then `run` serves."""
+    fds: list[int] = []
     try:
+        fds.extend(os.pipe())
+        fds.extend(os.pipe())
+        read_fd, write_fd, nudge_r, nudge_w = fds
+        # What the master holds now (forkserve, the parser, the loop, a preloaded app) is
+        # out of the collector's reach: a worker's collections would write to every such
+        # object and so copy the pages it shares with the master.
+        gc.freeze()
+        scoreboard.join(number)
         with signals.blocked():
             pid = os.fork()
             if pid == 0:
-                os.close(read_fd)
-                os.close(nudge_w)
-                _child(number, leave_master, run, write_fd, nudge_r)
+                _child(number, leave_master, run, fds)
     except OSError:
-        for fd in (read_fd, write_fd, nudge_r, nudge_w):
+        for fd in fds:
             os.close(fd)
         scoreboard.leave(number)
         raise
@@ -52,14 +52,17 @@ def fork_worker(number: int, scoreboard: Scoreboard, leave_master: Callable[[], 
     return pid, read_fd, nudge_w
 
 
-def _child(number: int, leave_master: Callable[[], None], run: Run, write_fd: int,
-           nudge_fd: int) -> None:
-    """In the forked child: drop the master's state, run a worker, never return."""
+def _child(number: int, leave_master: Callable[[], None], run: Run, fds: list[int]) -> None:
+    """In the forked child: drop the master's state, run a worker, never return. `fds` are
+    fork_worker's pipes: the master's ends are closed here."""
     status = EXIT_FAILURE
     try:
+        read_fd, write_fd, nudge_r, nudge_w = fds
+        os.close(read_fd)
+        os.close(nudge_w)
         leave_master()
         os.set_blocking(write_fd, False)
-        status = run(write_fd, nudge_fd)
+        status = run(write_fd, nudge_r)
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else EXIT_OK
     except BaseException:

@@ -51,7 +51,14 @@ class Upgrade:
         env.pop("WATCHDOG_PID", None)  # the new master pings for itself once it is the main pid
         args = [sys.executable, "-m", "forkserve", *argv]
         with signals.blocked():
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                error_log.error("USR2: cannot start a new master: %s; this one carries on",
+                                exc.strerror)
+                if pidfile is not None:
+                    pidfile.restore_from_oldbin()
+                return
             if pid == 0:
                 try:
                     queue.reset_in_child()

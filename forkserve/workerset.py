@@ -258,7 +258,6 @@ class WorkerSet:
             if not worker.killed:
                 self.kill(worker, reason)
 
-
     def kill_and_reap_all(self) -> None:
         """SIGKILL every worker and wait for each (the master is leaving)."""
         self.signal_all(signal.SIGKILL)

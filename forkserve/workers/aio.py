@@ -1,10 +1,13 @@
 """The worker: an asyncio (or uvloop) event loop serving HTTP/1.1 to a WSGI or an ASGI app.
 
-The loop accepts on the shared listening sockets itself (so the scoreboard can spread
-connections across workers) and runs one `HTTPProtocol` per connection. An ASGI request runs
-as a task; a WSGI app is called inline in the loop (--threads 1, once the request's body is
-in) or in a pool of --threads threads (see `run_wsgi`). The heartbeat is a loop timer: an
-app that blocks the loop stops it, and the master then sees a hang and dumps the tracebacks.
+The loop (made by workers/loops.py) accepts on the shared listening sockets itself, so that the
+scoreboard can spread connections across workers (when it accepts: workers/accepting.py), and
+runs one `HTTPProtocol` per connection (workers/protocol.py; a TLS or PROXY connection's once
+its preamble is read, workers/preamble.py). An ASGI request runs as a task; a WSGI app is
+called inline in the loop (--threads 1, once the request's body is in) or in a pool of
+--threads threads (see `run_wsgi`). Connections waiting behind a long call in the loop go to
+peer workers (workers/handover.py). The heartbeat is a loop timer: an app that blocks the loop
+stops it, and the master then sees a hang and dumps the tracebacks.
 """
 
 from __future__ import annotations
@@ -12,40 +15,24 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from time import perf_counter
 from typing import Any
 
-from forkserve.asgi import Lifespan, LifespanFailed, wrap_asgi2
-
-# Imported here, in the master, so that the workers share its pages (PSS).
-try:
-    import uvloop
-except ImportError:  # asyncio's own loop then
-    uvloop = None
 from forkserve import channel, health
+from forkserve.asgi import Lifespan, LifespanFailed, wrap_asgi2
 from forkserve.errors import EXIT_BOOT, StopNow
-from forkserve.handoff import CallWatcher
-from forkserve.http.base import error_response
 from forkserve.logs import access_log, error_log
-from forkserve.proxy_protocol import ProxyHeader, ProxyProtocolError
 from forkserve.scoreboard import UNAVAILABLE
 from forkserve.threadpool import ThreadPool
-from forkserve.tls import PLAIN_HTTP_EXPLAIN, is_plain_http
+from forkserve.workers.accepting import Acceptor
 from forkserve.workers.autothreads import AUTO_THREADS, CALM_SECONDS, SLOW_CALL, AutoThreads
-from forkserve.workers.base import (
-    ACCEPT_BATCH,
-    BALANCE_MARGIN,
-    DEFER_POLL,
-    STOP_GRACE,
-    BootFailed,
-    ProxyHeaderReader,
-    Worker,
-    quiet_one,
-)
+from forkserve.workers.base import BootFailed, Worker, quiet_one
+from forkserve.workers.handover import Handover
+from forkserve.workers.loops import cancel_leftovers, new_event_loop
+from forkserve.workers.preamble import connect_after_preamble
 from forkserve.workers.protocol import HTTPProtocol
 from forkserve.wsgi_cycle import WSGICycle
 
@@ -60,23 +47,10 @@ CALLING_FRAME = channel.encode(channel.CALLING)
 THREAD_IDLE_SECONDS = CALM_SECONDS
 
 
-def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
-    """An event loop of `kind`: 'uvloop', 'asyncio', or 'auto' (uvloop when installed).
-    Raises ImportError for 'uvloop' without uvloop."""
-    if kind in ("auto", "uvloop"):
-        if uvloop is not None:
-            return uvloop.new_event_loop()
-        if kind == "uvloop":
-            raise ImportError("uvloop is not installed")
-    return asyncio.new_event_loop()
-
-
 class AsyncioWorker(Worker):
     """Serves a WSGI or an ASGI app from one event loop per process."""
 
-    accepting = False  # listeners registered with the loop
     serving = False  # booted and not stopping: a stop signal must wake its loop
-    deferring = False  # accepting paused for a while (a lighter peer, or no descriptors)
     quick_stopping = False  # see stop_loop_now
 
     def serve(self) -> None:
@@ -98,27 +72,15 @@ class AsyncioWorker(Worker):
         self.in_threads: set[WSGICycle] = set()
         self.ready: deque[WSGICycle] = deque()  # requests read in this turn of the loop
         self.in_batch = False  # _run_ready is calling the app for them
-        self.opening: set[int] = set()  # descriptors accepted, their protocol not yet made
-        self.handed_opening: set[int] = set()  # of those, handed to a peer meanwhile
         # Calls into the app in the loop hand its waiting connections to peers once they run
-        # long (forkserve.handoff); not TLS or PROXY connections, whose state is ours alone.
-        self.watcher: CallWatcher | None = None
-        if wsgi and not self.app_threaded and self.tls is None and not cfg.proxy_protocol:
-            try:
-                self.watcher = CallWatcher(
-                    self.handoff, self.handoff.nudges,
-                    lambda: self.scoreboard.call_started(self.number),
-                    self._waiting_connections, self._peers_free)
-            except RuntimeError as exc:  # a process limit counts threads too
-                error_log.warning("worker %d cannot start its hand-off thread (%s): its "
-                                  "connections will wait behind long calls into the app",
-                                  self.number, exc)
+        # long (workers/handover.py); not TLS or PROXY connections, whose state is ours alone.
+        self.handover: Handover | None = Handover.start(self) if wsgi \
+            and not self.app_threaded and self.tls is None and not cfg.proxy_protocol else None
         self.connections: set[HTTPProtocol] = set()
         # Connections waiting for a request that has not begun, longest waiting first.
         self.idle: dict[HTTPProtocol, None] = {}
         self.accepted = 0  # accepted sockets whose protocol is not set up yet
         self.stopping = False
-        self.accepting = False
         self.warned_no_websocket = False
         self.access_log_format = None if access_log.disabled else cfg.access_log_format
         try:
@@ -127,6 +89,7 @@ class AsyncioWorker(Worker):
             raise BootFailed(EXIT_BOOT, "--loop uvloop: uvloop is not installed "
                                         "(pip install 'forkserve[fast]')") from None
         asyncio.set_event_loop(self.loop)
+        self.acceptor = Acceptor(self)
         quick_stop = False
         try:
             self.loop.run_until_complete(self._main())
@@ -142,7 +105,7 @@ class AsyncioWorker(Worker):
             raise StopNow from None
         finally:
             if not quick_stop:
-                _cancel_leftovers(self.loop)
+                cancel_leftovers(self.loop)
                 self.loop.close()
             if self.pool is not None:
                 self.pool.close()
@@ -163,8 +126,8 @@ class AsyncioWorker(Worker):
         loop.add_reader(self.wakeup_r, self._on_wakeup)
         for listener in self.listeners:
             listener.sock.setblocking(False)
-        self._set_accepting(True)
-        if self.watcher is not None:  # (the watcher waits for this before it acts)
+        self.acceptor.set_accepting(True)
+        if self.handover is not None:  # (its watcher waits for this before it acts)
             self.scoreboard.mark_hands_off(self.number, True)
         self._publish()  # from now on peers may leave connections to this worker
         self._tick()
@@ -216,8 +179,8 @@ class AsyncioWorker(Worker):
             return
         self.stopping = self.close_all = True
         self.serving = False  # a second stop signal has nothing to wake (the loop may close)
-        self._set_accepting(False)
-        if self.watcher is not None:
+        self.acceptor.set_accepting(False)
+        if self.handover is not None:
             self.scoreboard.mark_hands_off(self.number, False)
         for listener in self.listeners:
             listener.sock.close()
@@ -248,55 +211,9 @@ class AsyncioWorker(Worker):
             for protocol in list(self.connections):
                 protocol.abort()
 
-    # -- accepting ------------------------------------------------------------------------------
+    # -- taking connections ----------------------------------------------------------------------
 
-    def _set_accepting(self, on: bool) -> None:
-        if on == self.accepting:
-            return
-        self.accepting = on
-        for listener in self.listeners:
-            if on:
-                self.loop.add_reader(listener.sock.fileno(), self._accept, listener.sock)
-            else:
-                self.loop.remove_reader(listener.sock.fileno())
-        if self.watcher is not None:  # connections handed by peers: taken like new ones
-            if on:
-                self.loop.add_reader(self.handoff.fileno(), self._adopt)
-            else:
-                self.loop.remove_reader(self.handoff.fileno())
-
-    def _resume_accepting(self, forced: bool = True) -> None:
-        """End a pause of accepting; `forced`: accept one connection even if a peer is
-        lighter (it may be slow to wake)."""
-        self.deferring = False
-        if not self.stopping and self._has_room():
-            self.accept_forced = forced
-            self._set_accepting(True)
-
-    def _pause_accepting(self, seconds: float, rebalancing: bool) -> None:
-        self.deferring = True  # ended by the timer below, or by a connection closing
-        self._set_accepting(False)
-        if rebalancing:
-            self._poll_deferral(self.loop.time() + seconds)
-        else:
-            self.loop.call_later(seconds, self._resume_accepting)
-
-    def _poll_deferral(self, until: float) -> None:
-        """A rebalancing pause ends at `until` (loop time), or as soon as no peer is lighter
-        (looked at every DEFER_POLL): no worker idles while connections queue."""
-        if not self.deferring:
-            return  # ended already
-        if self.loop.time() >= until:
-            self._resume_accepting()
-        elif not self.scoreboard.has_lighter_peer(self.number, BALANCE_MARGIN):
-            self._resume_accepting(forced=False)
-        else:
-            self.loop.call_later(DEFER_POLL, self._poll_deferral, until)
-
-    def _accept(self, listening: socket.socket) -> None:
-        self.accept_batch(listening, self._pause_accepting, self._take)
-
-    def _take(self, sock: socket.socket, peer: Any, replay: bytes | None = None) -> None:
+    def take(self, sock: socket.socket, peer: Any, replay: bytes | None = None) -> None:
         """Serve the connection `sock`: accepted, or handed by a peer with `replay`, the
         bytes it read of a request (maybe none)."""
         if replay is None and self.stats is not None:
@@ -312,16 +229,17 @@ class AsyncioWorker(Worker):
         self._publish()  # count it now: peers must see this worker's load at once
         if self.tls is None and not self.cfg.proxy_protocol:
             fd = sock.fileno()
-            if not replay:  # (one with bytes is handed on only once its protocol has them)
-                self.opening.add(fd)
+            # (One with bytes is handed on only once its protocol has them.)
+            if not replay and self.handover is not None:
+                self.handover.accepted(fd)
             self._open(self.loop.connect_accepted_socket(
                 lambda: HTTPProtocol(self, replay=replay), sock), sock, fd)
         else:
-            self.loop.create_task(self._connect(sock))
-        if not self._has_room():
-            self._set_accepting(False)  # connection_closed starts again once one is gone
+            self.loop.create_task(connect_after_preamble(self, sock))
+        if not self.has_room():
+            self.acceptor.set_accepting(False)  # connection_closed starts again once one is gone
 
-    def _has_room(self) -> bool:
+    def has_room(self) -> bool:
         """May this worker take another connection (--worker-connections, free threads)? At
         --worker-connections it still may when it can close an idle connection for it."""
         if self.app_threaded and self.in_flight >= self.thread_limit:
@@ -331,79 +249,6 @@ class AsyncioWorker(Worker):
 
     def _below_limit(self) -> bool:
         return len(self.connections) + self.accepted < self.cfg.worker_connections
-
-    async def _readable(self, sock: socket.socket, timeout: float) -> None:
-        """Wait until `sock` is readable; raises TimeoutError after `timeout` seconds."""
-        ready = self.loop.create_future()
-        fd = sock.fileno()
-        self.loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
-        try:
-            await asyncio.wait_for(ready, max(0.0, timeout))
-        finally:
-            self.loop.remove_reader(fd)
-
-    async def _proxy_header(self, sock: socket.socket, deadline: float) -> ProxyHeader:
-        """Read the PROXY protocol header the connection must start with, by `deadline`
-        (loop time)."""
-        reader = ProxyHeaderReader()
-        while True:
-            try:
-                header = reader.read(sock)
-            except BlockingIOError:
-                header = None
-            if header is not None:
-                return header
-            await self._readable(sock, deadline - self.loop.time())
-
-    async def _starts_tls(self, sock: socket.socket, deadline: float) -> bool:
-        """Wait for the first byte of the client's TLS handshake (by `deadline`, loop time):
-        True when it comes. A client speaking plain HTTP is answered 400 (in plain text)
-        and the socket closed; one that leaves is closed."""
-        await self._readable(sock, deadline - self.loop.time())
-        first = sock.recv(1, socket.MSG_PEEK)
-        if first and not is_plain_http(first):
-            return True
-        try:
-            if not first:
-                return False
-            sock.send(error_response(400, PLAIN_HTTP_EXPLAIN))
-            sock.shutdown(socket.SHUT_WR)
-            # Read what the client sent before closing: unread bytes would make the kernel
-            # reset the connection and destroy the answer.
-            while await asyncio.wait_for(self.loop.sock_recv(sock, 65536), STOP_GRACE):
-                pass
-        finally:
-            sock.close()
-        return False
-
-    async def _connect(self, sock: socket.socket) -> None:
-        """Run an HTTPProtocol on an accepted socket once its PROXY header is read and its
-        TLS handshake done (a plain socket goes through `_open`). The client has
-        --keep-alive to send its first byte, then --header-timeout for all that (the request
-        head's own bound starts once the protocol runs)."""
-        tls = self.tls
-        header = None
-        cfg = self.cfg
-        sock.setblocking(False)  # read here before its transport exists
-        try:
-            await self._readable(sock, self.first_byte_timeout)
-            # For the PROXY header and the TLS handshake (loop time):
-            deadline = self.loop.time() + (cfg.header_timeout or self.idle_timeout)
-            if cfg.proxy_protocol:
-                header = await self._proxy_header(sock, deadline)
-            if tls is not None and not await self._starts_tls(sock, deadline):
-                return
-            await self.loop.connect_accepted_socket(
-                lambda: HTTPProtocol(self, header), sock, ssl=tls,
-                ssl_handshake_timeout=max(0.001, deadline - self.loop.time()) if tls else None)
-        except (OSError, asyncio.TimeoutError, ProxyProtocolError) as exc:
-            if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLZeroReturnError):
-                error_log.debug("TLS handshake failed: %s", exc)
-            elif isinstance(exc, ProxyProtocolError):
-                error_log.info("closed a connection: %s", exc)
-            sock.close()
-        finally:
-            self._connected()
 
     def _open(self, opening: Coroutine[Any, Any, Any], sock: socket.socket, fd: int) -> None:
         """Step `opening`, connect_accepted_socket on a plain socket (descriptor `fd`), to
@@ -419,22 +264,23 @@ class AsyncioWorker(Worker):
         else:
             waiting.add_done_callback(lambda _: self._open(opening, sock, fd))
             return
-        self.opening.discard(fd)
-        self.handed_opening.discard(fd)
-        self._connected()
+        if self.handover is not None:
+            self.handover.settled(fd)
+        self.connection_settled()
 
-    def _connected(self) -> None:
+    def connection_settled(self) -> None:
         """An accepted socket runs its protocol now, or was closed."""
         self.accepted -= 1
         self._publish()
+        acceptor = self.acceptor
         if self.stopping:
             self._check_all_closed()
-        elif not self.accepting and not self.deferring and self._has_room():
-            self._set_accepting(True)
+        elif not acceptor.accepting and not acceptor.deferring and self.has_room():
+            acceptor.set_accepting(True)
 
     def stop_taking_connections(self) -> None:
         # Responses say Connection: close from now on (see `close_all`).
-        self._set_accepting(False)
+        self.acceptor.set_accepting(False)
 
     def _publish(self) -> None:
         if self.app_threaded and self.in_flight >= self.thread_limit:
@@ -500,8 +346,8 @@ class AsyncioWorker(Worker):
 
         self.in_threads.add(cycle)
         cycle.run_in_thread(self.pool, done)
-        if self.app_threaded and not self._has_room():
-            self._set_accepting(False)  # let other workers take new connections
+        if self.app_threaded and not self.has_room():
+            self.acceptor.set_accepting(False)  # let other workers take new connections
             self._publish()
 
     def _thread_call_done(self) -> None:
@@ -514,11 +360,12 @@ class AsyncioWorker(Worker):
         """`call(*args)`, a call into the app for `cycle` in the loop, which it blocks: the
         scoreboard says so meanwhile, so that peers do not wait for this worker to accept,
         the master can name the request if it hangs, and the watcher can hand the worker's
-        waiting connections to peers if it runs long (closed here as it returns)."""
+        waiting connections to peers if it runs long (closed here as it returns, see
+        `Handover`)."""
         request = cycle.request
-        watcher = self.watcher
+        handover = self.handover
         if self.scoreboard.serving(self.number, request.method + b" " + request.target) \
-                and watcher is not None:
+                and handover is not None:
             try:
                 channel.send(self.channel_fd, CALLING_FRAME)  # the master polls again
             except OSError:
@@ -531,61 +378,13 @@ class AsyncioWorker(Worker):
             return call(*args)
         finally:
             self.scoreboard.served(self.number)
-            if watcher is not None and watcher.attention:
-                self._close_handed(watcher.call_ended())
+            if handover is not None and handover.watcher.attention:
+                handover.close_handed()
             if auto is not None and auto.called_in_loop(perf_counter() - started,
                                                         self.loop.time()):
                 self._place_calls()
             if not self.in_batch:  # (a batch publishes once, at its end)
                 self._publish()
-
-    # -- handing connections to peers while the app blocks the loop ----------------------------
-
-    def _waiting_connections(self) -> list[tuple[int, Any, bytes]]:
-        """(The watcher's thread, while the loop is in a call.) The connections a peer could
-        serve as new ones: (descriptor, protocol, b"") of those idle with nothing read,
-        (descriptor, descriptor, b"") of those accepted whose protocol is not made yet, and
-        (descriptor, protocol, its bytes) of those whose request waits for the app, read in
-        one piece (see HTTPProtocol.replay)."""
-        waiting: dict[int, tuple[int, Any, bytes]] = {
-            fd: (fd, fd, b"") for fd in list(self.opening)}
-        for protocol in list(self.idle):
-            if protocol.may_hand_off():
-                waiting[protocol.fd] = (protocol.fd, protocol, b"")
-        for cycle in list(self.ready):
-            protocol = cycle.out
-            replay = protocol.replay()
-            if replay:
-                waiting[protocol.fd] = (protocol.fd, protocol, replay)
-        return list(waiting.values())
-
-    def _peers_free(self) -> bool:
-        return self.scoreboard.has_free_adopter(self.number)
-
-    def _close_handed(self, handed: list[Any]) -> None:
-        """Close this worker's descriptors of connections a peer now serves: a protocol now,
-        a connection still opening as its protocol is made (see connection_opened)."""
-        for owner in handed:
-            if type(owner) is int:
-                self.opening.discard(owner)  # not to be handed again in the next call
-                self.handed_opening.add(owner)
-                continue
-            cycle = owner.cycle
-            if cycle is not None:  # its request was queued for the app: the peer answers it
-                self.ready.remove(cycle)
-                owner.cycle = None
-                self.in_flight -= 1
-                self.served -= 1
-            owner.hand_over()
-
-    def _adopt(self) -> None:
-        """Take the connections a peer handed over, as if accepted."""
-        for _ in range(ACCEPT_BATCH):
-            given = self.handoff.receive()
-            if given is None:
-                return
-            for sock, replay in given:
-                self._take(sock, None, replay)
 
     def _place_calls(self) -> None:
         """--threads auto changed its mind: from now on the app is called in the pool
@@ -618,9 +417,10 @@ class AsyncioWorker(Worker):
             self.check_memory()
         if self.app_threaded:
             self._publish()
-            if not self.accepting and not self.deferring and not self.stopping \
-                    and self._has_room():
-                self._set_accepting(True)
+            acceptor = self.acceptor
+            if not acceptor.accepting and not acceptor.deferring and not self.stopping \
+                    and self.has_room():
+                acceptor.set_accepting(True)
 
     def held_connections(self) -> int:
         return len(self.connections) + self.accepted
@@ -646,9 +446,8 @@ class AsyncioWorker(Worker):
     def connection_opened(self, protocol: HTTPProtocol) -> bool:
         """`protocol` starts; False if a peer serves its connection (handed while opening):
         the protocol then closes it without a word."""
-        fd = protocol.fd
-        self.opening.discard(fd)  # (a peer may take it as idle from now on)
-        if self.handed_opening and fd in self.handed_opening:
+        handover = self.handover
+        if handover is not None and not handover.opened(protocol.fd):
             return False
         self.connections.add(protocol)
         return True
@@ -657,15 +456,16 @@ class AsyncioWorker(Worker):
         """`protocol` waits for a request: at --worker-connections it can make room for a
         new connection, so a worker that stopped accepting may start again."""
         self.idle[protocol] = None
-        if not self.accepting and not self.deferring and not self.stopping \
-                and self._has_room():
-            self._set_accepting(True)
+        if not self.acceptor.accepting and not self.acceptor.deferring and not self.stopping \
+                and self.has_room():
+            self.acceptor.set_accepting(True)
 
     def not_idle(self, protocol: HTTPProtocol) -> None:
         """`protocol`'s next request has begun: it can no longer make room for a new
         connection, so a worker at --worker-connections may have to stop accepting."""
-        if self.idle.pop(protocol, 0) is None and self.accepting and not self._has_room():
-            self._set_accepting(False)  # connection_closed starts again once one is gone
+        if self.idle.pop(protocol, 0) is None and self.acceptor.accepting \
+                and not self.has_room():
+            self.acceptor.set_accepting(False)  # connection_closed starts again once one is gone
 
     def connection_closed(self, protocol: HTTPProtocol) -> None:
         self.connections.discard(protocol)
@@ -673,18 +473,10 @@ class AsyncioWorker(Worker):
         self._publish()
         if self.stopping:
             self._check_all_closed()
-        elif not self.accepting and self._has_room():
-            self._resume_accepting(forced=False)  # also ends a pause: a descriptor is free
+        elif not self.acceptor.accepting and self.has_room():
+            self.acceptor.resume(forced=False)  # also ends a pause: a descriptor is free
 
     def _check_all_closed(self) -> None:
         if not self.connections and not self.accepted:
             self.all_closed.set()
 
-
-def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel tasks still running when the worker stops (an app's background work)."""
-    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))

@@ -6,15 +6,20 @@ interface: `asgi.HTTPCycle` (a task per request) or `wsgi.WSGICycle` (the app ca
 or in a pool thread, see `AsyncioWorker.run_wsgi`). It owns the connection's timers (idle,
 --header-timeout), flow control (pipelined bytes, unread bodies, a client that does not read)
 and the end of each exchange: next request, discard of an unread body, or close.
+
+Elsewhere, called from here: the switch to a WebSocket session (workers/websocket_upgrade.py),
+the answers refusing a request (workers/refusals.py), the record of each exchange
+(workers/records.py), and what decides whether a peer worker may take the connection over
+(workers/handover.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from forkserve.asgi import (
@@ -27,21 +32,16 @@ from forkserve.asgi import (
 )
 from forkserve.errors import StopNow
 from forkserve.handoff import MAX_REPLAY
-from forkserve.http.base import (
-    CLOSED,
-    END_OF_MESSAGE,
-    Data,
-    ProtocolError,
-    Request,
-    error_response,
-)
-from forkserve.logs import access_log, error_log, format_access_line
+from forkserve.http.base import CLOSED, END_OF_MESSAGE, Data, ProtocolError, Request
 from forkserve.proxy import forwarded
 from forkserve.proxy_protocol import ProxyHeader
 from forkserve.tls import tls_environ, tls_extension
-from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
-from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade, websocket_scope
+from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade
 from forkserve.workers.base import LINGER_SECONDS, MAX_DRAIN, STOP_GRACE
+from forkserve.workers.handover import shut_down
+from forkserve.workers.records import record
+from forkserve.workers.refusals import body_stalled, reject
+from forkserve.workers.websocket_upgrade import upgrade
 from forkserve.wsgi import EnvironFactory
 from forkserve.wsgi_cycle import WSGICycle
 
@@ -86,11 +86,11 @@ class HTTPProtocol(asyncio.Protocol):
         self.fd = -1  # the socket's descriptor
         # A connection a peer worker handed over (see forkserve.handoff) comes with the
         # bytes of a request the peer had read (maybe none): received first. And while the
-        # worker may hand connections over (`worker.watcher`), it keeps the bytes of the last
-        # read if they began a request (see `replay`).
+        # worker may hand connections over (`worker.handover`), it keeps the bytes of the last
+        # read if they began a request (which workers/handover.py may hand over with it).
         self.adopted = replay is not None
         self.replayed = replay
-        self.keep_last_read = worker.watcher is not None
+        self.keep_last_read = worker.handover is not None
         self.last_read: bytes | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
@@ -179,7 +179,7 @@ class HTTPProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.adopted and self.fd >= 0:
-            _shut_down(self.fd)
+            shut_down(self.fd)
         self.closed = True
         self.deadline = math.inf
         if self.timer is not None:
@@ -245,29 +245,6 @@ class HTTPProtocol(asyncio.Protocol):
             self.closed = True
             self.transport.abort()
 
-    def replay(self) -> bytes:
-        """(Another thread, while the loop is in the app.) The bytes of this connection's
-        request, queued for the app, if a peer worker could serve it from them as a new
-        connection: read in one piece of at most MAX_REPLAY bytes, with nothing after it;
-        else b""."""
-        data = self.last_read
-        if data is None or not self._quiet():
-            return b""
-        return data
-
-    def may_hand_off(self) -> bool:
-        """(Another thread, while the loop is in the app.) Whether a peer worker could serve
-        this connection as a new one: it waits for a request with nothing of it read."""
-        return self.cycle is None and self._quiet()
-
-    def _quiet(self) -> bool:
-        """Not closing, nothing unparsed, nothing unsent, no WebSocket. (TLS and PROXY
-        connections are never asked: their workers hand nothing over.)"""
-        transport = self.transport
-        return (self.ws is None and not self.closed and self.fd >= 0
-                and not self.reading_paused and not transport.is_closing()
-                and not transport.get_write_buffer_size() and not self.conn.buffered())
-
     # -- parsing ----------------------------------------------------------------------------------
 
     def _process(self) -> None:
@@ -309,12 +286,12 @@ class HTTPProtocol(asyncio.Protocol):
             try:
                 event = conn.next_event()
             except ProtocolError as exc:
-                self._reject(exc)
+                reject(self, exc)
                 return
             kind = type(event)
             if kind is Request:
                 if self.environ_factory is None and is_upgrade(event):
-                    self._upgrade(event)
+                    upgrade(self, event)
                     return
                 self._new_cycle(event)
             elif event is END_OF_MESSAGE:
@@ -366,19 +343,8 @@ class HTTPProtocol(asyncio.Protocol):
                 or not cycle.wants_body or self.conn.client_waiting_for_continue \
                 or _length(cycle.request) > BODY_HIGH_WATER:
             return False
-        self._set_deadline(self.worker.io_timeout, self._body_stalled)
+        self._set_deadline(self.worker.io_timeout, partial(body_stalled, self))
         return True
-
-    def _body_stalled(self) -> None:
-        request = self.request
-        error_log.info("%s %s: the client sent no body for %g s; answered 408",
-                       request.method.decode("ascii"), request.target.decode("latin-1"),
-                       self.worker.io_timeout)
-        if self.worker.stats is not None:
-            self.worker.stats.refuse(408)
-        self.cycle.disconnect()
-        self.write(error_response(408, head=request.method == b"HEAD"))
-        self.close()
 
     def _new_cycle(self, request: Request) -> None:
         worker = self.worker
@@ -396,7 +362,7 @@ class HTTPProtocol(asyncio.Protocol):
                                    self._response_complete, worker.io_timeout)
         else:
             self.asgi_app = worker.health_app if health else worker.asgi_app
-            scope = self._completed(request, http_scope(
+            scope = self.completed(request, http_scope(
                 request, self.client, self.server, worker.cfg.root_path,
                 worker.lifespan.state if worker.lifespan.supported else None))
             self.cycle = HTTPCycle(scope, self.conn, self, close, self._response_complete,
@@ -404,7 +370,7 @@ class HTTPProtocol(asyncio.Protocol):
         if worker.stopping:
             self.cycle.stop()
 
-    def _completed(self, request: Request, scope: dict[str, Any]) -> dict[str, Any]:
+    def completed(self, request: Request, scope: dict[str, Any]) -> dict[str, Any]:
         """`scope` with what the connection adds: TLS (scheme, extension; or TLS at the load
         balancer, per its PROXY header), then what a trusted proxy's headers say (which
         may change the scheme back)."""
@@ -423,46 +389,9 @@ class HTTPProtocol(asyncio.Protocol):
         finally:
             worker.request_done()
 
-    def _upgrade(self, request: Request) -> None:
-        """Hand the connection to a WebSocket session (or refuse: no wsproto)."""
-        worker = self.worker
-        if not WEBSOCKET_AVAILABLE:
-            if not worker.warned_no_websocket:
-                worker.warned_no_websocket = True
-                error_log.warning("refusing WebSocket requests: wsproto is not installed "
-                                  "(pip install 'forkserve[ws]')")
-            self.write(error_response(501, "WebSocket support is not installed"))
-            self.close()
-            return
-        try:
-            while self.conn.next_event() is END_OF_MESSAGE:
-                pass  # a GET has no body: the parser now waits for the protocol switch
-        except ProtocolError as exc:
-            self._reject(exc)
-            return
-        self.deadline = math.inf
-        worker.not_idle(self)
-        cfg = worker.cfg
-        scope = self._completed(request, websocket_scope(
-            request, self.client, self.server, cfg.root_path,
-            worker.lifespan.state if worker.lifespan.supported else None))
-        self.ws = WebSocketSession(scope, request, self, cfg.ws_max_size, cfg.ws_ping_interval,
-                                   cfg.ws_ping_timeout)
-        worker.in_flight += 1
-        worker.served += 1
-        self.loop.create_task(self._run_websocket(self.ws, self.conn.trailing_data()))
-
-    async def _run_websocket(self, session: WebSocketSession, leftover: bytes) -> None:
-        if leftover:
-            session.receive_data(leftover)
-        try:
-            await session.run(self.worker.asgi_app)
-        finally:
-            self.worker.in_flight -= 1
-
     def _response_complete(self, cycle: HTTPCycle | WSGICycle) -> None:
         if self.started:
-            self._record(cycle)
+            record(self, cycle)
         if self.closing:
             return
         if not cycle.body_complete or cycle.failed:
@@ -503,48 +432,6 @@ class HTTPProtocol(asyncio.Protocol):
         self._wait_for_request()
         self.resume_reading()  # if pipelined bytes had filled the buffer
         self._process()
-
-    def _reject(self, exc: ProtocolError) -> None:
-        error_log.debug("refused request: %s %s", exc.status, exc.detail)
-        if self.worker.stats is not None:
-            self.worker.stats.refuse(exc.status)
-        if self.cycle is not None and self.cycle.head_sent:
-            self.close()
-            return
-        if self.cycle is not None:
-            self.cycle.disconnect()  # the app must not answer a request that broke
-        self.write(error_response(exc.status, exc.explain))
-        self.close()
-
-    def _record(self, cycle: HTTPCycle | WSGICycle) -> None:
-        """The exchange is over: count it (--metrics-bind, --control-socket) and write its
-        access-log line (--access-logfile)."""
-        request = self.request
-        duration = max(0.0, time.time() - self.started)  # (the clock may be set back)
-        worker = self.worker
-        if worker.stats is not None and cycle.status:
-            worker.stats.count(request.method.decode("ascii"), cycle.status, duration)
-        if worker.access_log_format:
-            self._log_access(cycle, duration)
-        self.started = 0.0
-
-    def _log_access(self, cycle: HTTPCycle | WSGICycle, duration: float) -> None:
-        request = self.request
-        environ = cycle.environ if type(cycle) is WSGICycle else None
-        access_log.info(format_access_line(
-            self.worker.access_log_format,
-            remote=environ["REMOTE_ADDR"] if environ else self.client[0] if self.client else "",
-            method=request.method.decode("ascii"),
-            target=request.target.decode("latin-1"),
-            version=request.http_version.decode("ascii"),
-            status=cycle.status,
-            sent=cycle.sent,
-            started=self.started,
-            duration=duration,
-            request_headers=request.headers,
-            response_headers=cycle.headers,
-            environ=environ,
-        ))
 
     # -- timers and stopping ----------------------------------------------------------------------
 
@@ -603,16 +490,3 @@ def _length(request: Request) -> int:
         if name == b"content-length":
             return int(value)
     return 0
-
-
-def _shut_down(fd: int) -> None:
-    """End the connection of socket `fd` (still open: the transport closes it next) for the
-    client: a worker that handed it over may still hold a descriptor of it, so closing ours
-    alone would not."""
-    sock = socket.socket(fileno=fd)
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # the client reset it, or it is no socket at all
-    finally:
-        sock.detach()

@@ -1,0 +1,62 @@
+"""A connection switching from HTTP to the WebSocket protocol (ASGI apps): the upgrade request
+hands it to a `WebSocketSession` (forkserve.websocket), which the app then drives in a task.
+Without wsproto, upgrade requests are refused (501).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from forkserve.http.base import END_OF_MESSAGE, ProtocolError, Request, error_response
+from forkserve.logs import error_log
+from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
+from forkserve.websocket import WebSocketSession, websocket_scope
+from forkserve.workers.refusals import reject
+
+if TYPE_CHECKING:
+    from forkserve.workers.aio import AsyncioWorker
+    from forkserve.workers.protocol import HTTPProtocol
+
+
+def upgrade(protocol: HTTPProtocol, request: Request) -> None:
+    """Hand `protocol`'s connection to a WebSocket session for the upgrade `request` (or
+    refuse: no wsproto). The session is `protocol.ws` from then on: it gets what the client
+    sends."""
+    worker = protocol.worker
+    if not WEBSOCKET_AVAILABLE:
+        if not worker.warned_no_websocket:
+            worker.warned_no_websocket = True
+            error_log.warning("refusing WebSocket requests: wsproto is not installed "
+                              "(pip install 'forkserve[ws]')")
+        protocol.write(error_response(501, "WebSocket support is not installed"))
+        protocol.close()
+        return
+    conn = protocol.conn
+    try:
+        while conn.next_event() is END_OF_MESSAGE:
+            pass  # a GET has no body: the parser now waits for the protocol switch
+    except ProtocolError as exc:
+        reject(protocol, exc)
+        return
+    protocol.deadline = math.inf
+    worker.not_idle(protocol)
+    cfg = worker.cfg
+    scope = protocol.completed(request, websocket_scope(
+        request, protocol.client, protocol.server, cfg.root_path,
+        worker.lifespan.state if worker.lifespan.supported else None))
+    session = WebSocketSession(scope, request, protocol, cfg.ws_max_size,
+                               cfg.ws_ping_interval, cfg.ws_ping_timeout)
+    protocol.ws = session
+    worker.in_flight += 1
+    worker.served += 1
+    protocol.loop.create_task(_run(worker, session, conn.trailing_data()))
+
+
+async def _run(worker: AsyncioWorker, session: WebSocketSession, leftover: bytes) -> None:
+    if leftover:
+        session.receive_data(leftover)
+    try:
+        await session.run(worker.asgi_app)
+    finally:
+        worker.in_flight -= 1
