@@ -315,6 +315,34 @@ def test_the_same_response_is_framed_for_each_request(parser):
                     out == b"hello", conn.will_close()) == (close, keep_alive, body, closes), raw
 
 
+def test_a_head_seen_before_is_checked_again_under_other_limits_and_gets_its_own_fields(
+        parser):
+    """Heads already parsed are remembered by their bytes (http/connection.py): the same
+    bytes under the same limits give an equal Request with fields of its own; under other
+    limits they are checked again."""
+    raw = b"GET /a?b HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n"
+    limits = Limits()
+    requests = []
+    for _ in range(3):
+        conn = new_connection(limits, parser)
+        conn.receive_data(raw)
+        requests.append(conn.next_event())
+        assert conn.next_event() is END_OF_MESSAGE
+        assert b"hello" in conn.send_response(200, b"OK", [(b"Content-Length", b"5")]) \
+            + conn.send_data(b"hello") + conn.send_end()
+        assert conn.start_next_cycle()
+        # (as ASGI middleware may change scope["headers"]; the next request must not see it)
+        requests[-1].headers.append((b"x-b", b"2"))
+    for request in requests:
+        assert (request.method, request.target, request.http_version, request.headers) == (
+            b"GET", b"/a?b", b"1.1", [(b"host", b"h"), (b"x-a", b"1"), (b"x-b", b"2")])
+    strict = new_connection(Limits(header_count=1), parser)
+    strict.receive_data(raw)
+    with pytest.raises(ProtocolError) as refused:
+        strict.next_event()
+    assert refused.value.status == 431
+
+
 @pytest.mark.parametrize(("value", "valid"), [
     (b"", True), (b"h", True), (b"h:", True), (b"h:0", True), (b"h:00080", True),
     (b"h:65535", True), (b":80", True), (b"[::1]", True), (b"[::ffff:1.2.3.4]:443", True),

@@ -40,6 +40,14 @@ _EMPTY_LINES = re.compile(rb"(?:\r?\n)+")
 # The blank line that ends a head, found the way h11 finds it.
 _END_OF_HEAD = re.compile(rb"\n\r?\n")
 
+# Request heads parsed and checked before, by their bytes: keep-alive clients, health checks
+# and API clients send the same head again and again, and the parse and the checks depend on
+# nothing but the bytes, the limits and the parser (`_checked_request`). Bounded: emptied
+# when full, heads up to _CACHED_HEAD_MAX bytes.
+_CHECKED_HEADS: dict[bytes, tuple] = {}
+_CHECKED_HEADS_MAX = 256
+_CACHED_HEAD_MAX = 1024
+
 # The reading side's states.
 _IDLE = "IDLE"  # waiting for a request head
 _BODY = "BODY"  # a request head was returned, its body is not read to its end
@@ -61,6 +69,10 @@ def comma_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]
 
 class BaseConnection:
     """The shared half of an `HTTPConnection` (see forkserve.http.base for the contract)."""
+
+    # A subclass whose `_parse_head` depends on the head alone, and whose only other effect
+    # is `_new_response()`, sets this: its Requests are then remembered (_CHECKED_HEADS).
+    _pure_parse = False
 
     def __init__(self, limits: Limits) -> None:
         self._limits = limits
@@ -128,8 +140,7 @@ class BaseConnection:
         return NEED_DATA
 
     def _begin(self, head: bytearray) -> Request:
-        request = self._parse_head(head)
-        framing = check_request(request, self._limits, head)
+        request, framing = self._checked_request(head)
         self._method = method = request.method
         self._empty_lines = 0
         self._body_read = 0
@@ -157,6 +168,28 @@ class BaseConnection:
             self.client_waiting_for_continue = False
         self._state = _BODY
         return request
+
+    def _checked_request(self, head: bytearray) -> tuple[Request, int]:
+        """The Request of `head` and its body's framing (see check_request): parsed and
+        checked, or, for a parser whose `_parse_head` is pure (`_pure_parse`), as the same
+        bytes were under the same limits before (_CHECKED_HEADS)."""
+        key = bytes(head) if self._pure_parse and len(head) <= _CACHED_HEAD_MAX else None
+        known = _CHECKED_HEADS.get(key) if key is not None else None
+        if known is not None and known[0] is self._limits and known[1] is type(self):
+            _, _, method, target, version, headers, proxy_headers, options, framing = known
+            self._new_response()  # (what _parse_head does for the writing side)
+            # A list of its own: an ASGI app's middleware may change scope["headers"].
+            return Request(method, target, version, list(headers), proxy_headers,
+                           options), framing
+        request = self._parse_head(head)
+        framing = check_request(request, self._limits, head)
+        if key is not None:
+            if len(_CHECKED_HEADS) >= _CHECKED_HEADS_MAX:
+                _CHECKED_HEADS.clear()
+            _CHECKED_HEADS[key] = (self._limits, type(self), request.method, request.target,
+                                   request.http_version, tuple(request.headers),
+                                   request.proxy_headers, request.options, framing)
+        return request, framing
 
     def _body_event(self) -> Event:
         chunked = self._chunked

@@ -23,6 +23,8 @@ class H11Connection(ResponseWriter, BaseConnection):
     a body, an empty line before a request line or what follows a request. As h11, it keeps
     no HTTP/1.0 connection, even when the client asks for keep-alive."""
 
+    _pure_parse = True
+
     def _parse_head(self, head: bytes | bytearray) -> Request:
         buffer = ReceiveBuffer()
         buffer += head

@@ -103,6 +103,8 @@ def check_fields(version: bytes, fields: list[tuple[bytes, bytes]]) -> None:
 class HttptoolsConnection(ResponseWriter, BaseConnection):
     """An `HTTPConnection` on httptools (see forkserve.http.base for the contract)."""
 
+    _pure_parse = True
+
     def __init__(self, limits: Limits) -> None:
         super().__init__(limits)
         self._sink = _Fields()
