@@ -51,7 +51,8 @@ class Commands:
             for worker in workers:
                 kill(worker.pid, DUMP_SIGNAL)
             return {"workers": [worker.pid for worker in workers]}
-        if master.stop_deadline is not None and command != "stop":
+        if (master.stop_deadline is not None or master.drain_until is not None) \
+                and command != "stop":  # (as the signals those commands stand for)
             raise ControlError("the server is stopping")
         if command == "scale":
             size = request.get("workers")

@@ -160,7 +160,8 @@ class Master:
                 if hangs.forgive_silence(self.workers, now - self.turn_due, now):
                     self._read_ready(0)
                 hangs.check(self.workers, now, self.cfg.timeout, self.cfg.boot_timeout)
-                self._reload_on_change(now)
+                if self.drain_until is None:  # (a drain ends in a stop: nothing to reload)
+                    self._reload_on_change(now)
                 self.workers.stop_replaced(self.size)
                 if not self.upgrade.handed_over:  # (a successor speaks for the service)
                     self.reporter.tick(now, self.workers, self.size, self.cfg.timeout)

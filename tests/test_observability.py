@@ -569,9 +569,11 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_drain_delay_serves_on_with_health_503_then_stops(start_server):
+def test_drain_delay_serves_on_with_health_503_then_stops(start_server, tmp_path):
+    path = tmp_path / "control.sock"
     server = start_server("wsgiapp:app", "-w", "2", "--drain-delay", "4",
-                          "--health-path", "/healthz", "--threads", "2")
+                          "--health-path", "/healthz", "--threads", "2",
+                          "--control-socket", str(path))
     with server.connect() as busy:
         busy.sendall(b"GET /sleep?s=4.5&tag=late HTTP/1.1\r\nHost: t\r\n\r\n")
         server.wait_for("SLEEPING late")  # in flight when the drain ends: it still completes
@@ -583,7 +585,13 @@ def test_drain_delay_serves_on_with_health_503_then_stops(start_server):
             assert response.status == 200 and response.header("Connection") == "close"
         health = exchange(server, HEALTH)
         assert (health.status, health.body) == (503, b"stopping\n")
+        # The control socket answers, but changes nothing, as the signals would not.
+        (status,) = _ask(path, {"command": "status"})
+        assert status["master"]["state"] == "draining"
+        assert _ask(path, {"command": "scale", "workers": 3}) == [
+            {"ok": False, "error": "the server is stopping"}]
         assert "drain delay over" not in server.log  # (all of that was within the delay)
+        assert "scale" not in server.log
         server.wait_for(r"drain delay over: graceful stop of 2 workers")
         assert time.monotonic() - started > 3.5
         assert Reader(busy).response().status == 200

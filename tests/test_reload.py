@@ -325,3 +325,17 @@ def test_reload_with_preload_is_refused(module):
     assert result.stderr.count("\n") == 1
     assert "--reload cannot be used with --preload" in result.stderr
 
+
+
+def test_a_change_during_a_drain_does_not_reload(start_server, module):
+    """TERM with --drain-delay: the server is on its way out; a file saved meanwhile starts
+    no new workers (they would load the app only to be stopped)."""
+    server = start(start_server, module, "--drain-delay", "2")
+    os.kill(server.pid, signal.SIGTERM)
+    server.wait_for(r"SIGTERM: draining for 2 s")
+    mark = server.mark()
+    module.write_text(app_source(b"v2"))
+    assert server.wait_exit() == 0
+    after = "\n".join(server.lines[mark:])
+    assert "drain delay over: graceful stop" in after
+    assert "reloading" not in after and "booted" not in after

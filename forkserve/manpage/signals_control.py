@@ -103,6 +103,8 @@ Commands:
 .Cm stop Op Ar graceful | quick ,
 .Cm dump
 (every worker's tracebacks to the error log).
+While the server stops or drains, the commands that stand for a signal other than TERM and
+QUIT answer an error, as those signals are ignored then.
 .Fl -json
 prints the answer as it came.
 The exit status is 0 when the server did it, 1 when it answered an error or cannot be
