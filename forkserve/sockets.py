@@ -180,6 +180,8 @@ def _bound_to(fd: int, address: Address) -> bool:
         return False
     try:
         with socket.socket(fileno=os.dup(fd)) as sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return False  # (not what forkserve stores: systemd passed something else)
             host, port = sock.getsockname()[:2]
             wanted = socket.getaddrinfo(address.host or None, address.port, sock.family,
                                         socket.SOCK_STREAM, 0, socket.AI_PASSIVE)

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import APPS, LoadClient, Reader, Server, children, forkserve_command
+from conftest import APPS, LoadClient, Reader, Server, children, exchange, forkserve_command
 from test_process import wait_gone
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
@@ -202,4 +202,65 @@ def test_a_restart_through_the_fd_store_refuses_no_connection(tmp_path):
             if server is not None:
                 server.stop()
         os.close(stored)
+        notify.close()
+
+
+# As _AS_SYSTEMD, with every descriptor of the comma-separated argv[1] passed from fd 3 on.
+_AS_SYSTEMD_MANY = (
+    "import os, sys\n"
+    "fds = [int(fd) for fd in sys.argv[1].split(',')]\n"
+    "moved = [os.dup(fd) for fd in fds]\n"
+    "for fd in fds:\n"
+    "    os.close(fd)\n"
+    "for target, fd in enumerate(moved, 3):\n"
+    "    os.dup2(fd, target)\n"
+    "    os.set_inheritable(target, True)\n"
+    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
+def test_stored_sockets_are_matched_to_a_changed_bind_by_address(tmp_path):
+    """--bind A --bind B, then --bind B --bind C: the stored socket of B is adopted at its new
+    place, the one of A (of no use now) is dropped from the store before anything is bound,
+    and C is bound anew."""
+    notify = NotifySocket(tmp_path / "notify.sock")
+    a, b, c = free_port(), free_port(), free_port()
+    first = Server(["wsgiapp:app", "-w", "1", "-b", f"127.0.0.1:{a}", "-b", f"127.0.0.1:{b}"],
+                   env={"NOTIFY_SOCKET": notify.path})
+    second = None
+    stored = [notify.stored_fd("forkserve-bind-0"), notify.stored_fd("forkserve-bind-1")]
+    try:
+        notify.wait_for("READY", "1")
+        os.kill(first.pid, signal.SIGTERM)
+        assert first.wait_exit() == 0
+        notify.read_all()
+        notify.messages.clear()
+        second = Server(["wsgiapp:app", "-w", "1", "-b", f"127.0.0.1:{b}", "-b",
+                         f"127.0.0.1:{c}"],
+                        command=[sys.executable, "-c", _AS_SYSTEMD_MANY,
+                                 ",".join(map(str, stored)), *forkserve_command()],
+                        env={"NOTIFY_SOCKET": notify.path, "LISTEN_FDS": "2",
+                             "LISTEN_FDNAMES": "forkserve-bind-0:forkserve-bind-1"},
+                        pass_fds=tuple(stored))
+        assert notify.wait_for("READY", "1")["MAINPID"] == str(second.pid)
+        for port in (b, c):
+            second.port = port
+            assert exchange(second, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n").status == 200
+        # B is the very socket the store kept (the same inode), now at --bind index 0.
+        held = {os.stat(f"/proc/{second.pid}/fd/{fd}").st_ino
+                for fd in os.listdir(f"/proc/{second.pid}/fd")
+                if os.readlink(f"/proc/{second.pid}/fd/{fd}").startswith("socket:")}
+        assert os.fstat(stored[1]).st_ino in held and os.fstat(stored[0]).st_ino not in held
+        names = [message for message in notify.messages if "FDNAME" in message]
+        assert names[0] == {"FDSTOREREMOVE": "1", "FDNAME": "forkserve-bind-0"}  # A, first
+        assert names[1:] == [{"FDSTOREREMOVE": "1", "FDNAME": "forkserve-bind-0"},
+                             {"FDSTORE": "1", "FDNAME": "forkserve-bind-0"},
+                             {"FDSTOREREMOVE": "1", "FDNAME": "forkserve-bind-1"},
+                             {"FDSTORE": "1", "FDNAME": "forkserve-bind-1"}]
+    finally:
+        for server in (first, second):
+            if server is not None:
+                server.stop()
+        for fd in stored:
+            os.close(fd)
         notify.close()

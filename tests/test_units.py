@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import socket
 
 import pytest
 
@@ -17,7 +18,7 @@ from forkserve.http.base import END_OF_MESSAGE, NEED_DATA, Data, ProtocolError, 
 from forkserve.logs import check_access_log_format, format_access_line
 from forkserve.memory import fit_warning, memory_limit, oom_kills
 from forkserve.metrics import RequestStats, Totals, read_report
-from forkserve.sockets import Address, parse_bind
+from forkserve.sockets import Address, _bound_to, parse_bind
 from forkserve.wsgi import InputStream
 
 # -- cpus ---------------------------------------------------------------------------------------
@@ -356,3 +357,16 @@ def test_a_worker_report_is_read_only_when_it_is_one():
         read_report(json.dumps({**good, "accepted": 1}).encode(), totals)
     with pytest.raises(ValueError):
         read_report(json.dumps({**good, "requests": {"GET 2xx": 1}}).encode(), totals)
+
+
+def test_a_stored_socket_of_another_family_matches_no_bind():
+    """systemd passes back what was stored under forkserve's names; a socket that is not
+    TCP (here an unnamed unix socket) is no --bind's, and does not stop the start."""
+    unix, other = socket.socketpair()
+    with unix, other:
+        assert _bound_to(unix.fileno(), parse_bind("127.0.0.1:8000")) is False
+    with socket.socket() as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        port = tcp.getsockname()[1]
+        assert _bound_to(tcp.fileno(), parse_bind(f"127.0.0.1:{port}")) is True
+        assert _bound_to(tcp.fileno(), parse_bind(f"127.0.0.1:{port + 1}")) is False
