@@ -315,32 +315,68 @@ def test_the_same_response_is_framed_for_each_request(parser):
                     out == b"hello", conn.will_close()) == (close, keep_alive, body, closes), raw
 
 
+def counting_parses(conn) -> list[bytes]:
+    """The heads `conn` will parse from now on (not those taken from what was parsed
+    before)."""
+    parsed: list[bytes] = []
+    parse = conn._parse_head
+
+    def counted(head):
+        parsed.append(bytes(head))
+        return parse(head)
+
+    conn._parse_head = counted
+    return parsed
+
+
 def test_a_head_seen_before_is_checked_again_under_other_limits_and_gets_its_own_fields(
         parser):
     """Heads already parsed are remembered by their bytes (http/connection.py): the same
-    bytes under the same limits give an equal Request with fields of its own; under other
-    limits they are checked again."""
+    bytes under the same limits and parser give an equal Request with fields of its own,
+    unparsed; under other limits, or by the other parser, they are parsed and checked
+    again."""
     raw = b"GET /a?b HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n"
     limits = Limits()
     requests = []
+    parses = 0
     for _ in range(3):
         conn = new_connection(limits, parser)
+        parsed = counting_parses(conn)
         conn.receive_data(raw)
         requests.append(conn.next_event())
+        parses += len(parsed)
         assert conn.next_event() is END_OF_MESSAGE
         assert b"hello" in conn.send_response(200, b"OK", [(b"Content-Length", b"5")]) \
             + conn.send_data(b"hello") + conn.send_end()
         assert conn.start_next_cycle()
         # (as ASGI middleware may change scope["headers"]; the next request must not see it)
         requests[-1].headers.append((b"x-b", b"2"))
+    assert parses == 1
     for request in requests:
         assert (request.method, request.target, request.http_version, request.headers) == (
             b"GET", b"/a?b", b"1.1", [(b"host", b"h"), (b"x-a", b"1"), (b"x-b", b"2")])
+    other = new_connection(limits, "h11" if parser == "httptools" else "httptools")
+    parsed = counting_parses(other)
+    other.receive_data(raw)
+    assert type(other.next_event()) is Request and len(parsed) == 1
     strict = new_connection(Limits(header_count=1), parser)
     strict.receive_data(raw)
     with pytest.raises(ProtocolError) as refused:
         strict.next_event()
     assert refused.value.status == 431
+
+
+def test_heads_with_credentials_are_not_remembered(parser):
+    """A head with a Cookie or Authorization field is parsed each time: its secret is not
+    kept in memory after its request, nor can another client time whether it was sent."""
+    limits = Limits()
+    for field in (b"Cookie: s=1", b"Authorization: Bearer t", b"Proxy-Authorization: B t"):
+        raw = b"GET / HTTP/1.1\r\nHost: h\r\n" + field + b"\r\n\r\n"
+        for _ in range(2):
+            conn = new_connection(limits, parser)
+            parsed = counting_parses(conn)
+            conn.receive_data(raw)
+            assert type(conn.next_event()) is Request and len(parsed) == 1, field
 
 
 @pytest.mark.parametrize(("value", "valid"), [

@@ -43,10 +43,14 @@ _END_OF_HEAD = re.compile(rb"\n\r?\n")
 # Request heads parsed and checked before, by their bytes: keep-alive clients, health checks
 # and API clients send the same head again and again, and the parse and the checks depend on
 # nothing but the bytes, the limits and the parser (`_checked_request`). Bounded: emptied
-# when full, heads up to _CACHED_HEAD_MAX bytes.
+# when full, heads up to _CACHED_HEAD_MAX bytes and _CACHED_HEAD_FIELDS fields (under 1 MiB
+# in all). Heads with credentials are never kept: a secret must not outlive its request in
+# memory, nor could a client time the cache to learn whether another sent a head like it.
 _CHECKED_HEADS: dict[bytes, tuple] = {}
-_CHECKED_HEADS_MAX = 256
+_CHECKED_HEADS_MAX = 128
 _CACHED_HEAD_MAX = 1024
+_CACHED_HEAD_FIELDS = 32
+_CREDENTIALS = frozenset((b"authorization", b"cookie", b"proxy-authorization"))
 
 # The reading side's states.
 _IDLE = "IDLE"  # waiting for a request head
@@ -72,6 +76,7 @@ class BaseConnection:
 
     # A subclass whose `_parse_head` depends on the head alone, and whose only other effect
     # is `_new_response()`, sets this: its Requests are then remembered (_CHECKED_HEADS).
+    # (Inherited: a subclass of such a parser with a `_parse_head` of its own must say again.)
     _pure_parse = False
 
     def __init__(self, limits: Limits) -> None:
@@ -183,7 +188,8 @@ class BaseConnection:
                            options), framing
         request = self._parse_head(head)
         framing = check_request(request, self._limits, head)
-        if key is not None:
+        if key is not None and len(request.headers) <= _CACHED_HEAD_FIELDS \
+                and not any(name in _CREDENTIALS for name, _ in request.headers):
             if len(_CHECKED_HEADS) >= _CHECKED_HEADS_MAX:
                 _CHECKED_HEADS.clear()
             _CHECKED_HEADS[key] = (self._limits, type(self), request.method, request.target,
