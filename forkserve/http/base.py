@@ -152,6 +152,11 @@ class HTTPConnection(Protocol):
         amount while a response is in progress: the caller stops reading past a limit)."""
         ...
 
+    def has_input(self) -> bool:
+        """Do received bytes wait, or has the client closed its end? (If not, next_event can
+        only say NEED_DATA once the current request is over.)"""
+        ...
+
 
 def check_partial_head(buffered: bytes, limits: Limits) -> None:
     """Refuse an incomplete request head that is already over a limit."""

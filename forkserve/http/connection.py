@@ -278,6 +278,9 @@ class BaseConnection:
     def buffered(self) -> int:
         return len(self._inbox)
 
+    def has_input(self) -> bool:
+        return bool(self._inbox) or self._eof
+
     # -- the cycle --------------------------------------------------------------------------
 
     def will_close(self) -> bool:

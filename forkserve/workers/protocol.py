@@ -321,7 +321,8 @@ class HTTPProtocol(asyncio.Protocol):
         body bytes that came with the head are fed to it (the app runs later, in a task or in
         the worker's batch: never inside this call)."""
         cycle = self.cycle
-        if cycle is None or self.cycle_started or self._awaits_body(cycle):
+        if cycle is None or self.cycle_started \
+                or not cycle.body_complete and self._awaits_body(cycle):
             return
         self.deadline = math.inf  # (a body stall timer)
         self.cycle_started = True
@@ -430,8 +431,10 @@ class HTTPProtocol(asyncio.Protocol):
             self.close()
             return
         self._wait_for_request()
-        self.resume_reading()  # if pipelined bytes had filled the buffer
-        self._process()
+        if self.reading_paused:
+            self.resume_reading()  # pipelined bytes had filled the buffer
+        if self.conn.has_input():  # (else the next bytes start the next request)
+            self._process()
 
     # -- timers and stopping ----------------------------------------------------------------------
 
