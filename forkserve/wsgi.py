@@ -272,6 +272,33 @@ def _check_status(status: str) -> tuple[int, bytes]:
     return checked
 
 
+def _server_part(sockname: tuple | None, multithread: bool, root_path: str,
+                 url_scheme: str) -> dict[str, Any]:
+    """The environ variables that every connection to `sockname` (None: a unix socket)
+    shares."""
+    if sockname is not None:
+        server_name, server_port = sockname[0], str(sockname[1])
+    else:
+        server_name, server_port = "localhost", "80"
+    return {
+        "SERVER_SOFTWARE": SERVER_SOFTWARE,
+        "SCRIPT_NAME": root_path,
+        "SERVER_NAME": server_name,
+        "SERVER_PORT": server_port,
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": url_scheme,
+        "wsgi.multithread": multithread,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.file_wrapper": FileWrapper,
+        "wsgi.input_terminated": True,
+    }
+
+
+# _server_part's answers, by its arguments: a worker listens on a few addresses.
+_SERVER_PARTS: dict[tuple, dict[str, Any]] = {}
+
+
 class EnvironFactory:
     """Builds request environs for one connection from a per-connection template."""
 
@@ -279,34 +306,24 @@ class EnvironFactory:
 
     def __init__(self, sockname: Any, peername: Any, multithread: bool, root_path: str = "",
                  url_scheme: str = "http", proxies: TrustedProxies | None = None):
-        if isinstance(sockname, tuple):
-            server_name, server_port = sockname[0], str(sockname[1])
-        else:  # unix socket
-            server_name, server_port = "localhost", "80"
+        """For a connection from `peername` to `sockname`; `proxies`: the trusted proxies,
+        if `peername` is one of them (their headers are then believed), else None."""
         if isinstance(peername, tuple):
             remote_addr, remote_port = peername[0], str(peername[1])
         else:
             remote_addr, remote_port = "", ""
         self._root_path = root_path
-        # Proxy headers are read only on connections from a trusted proxy.
-        trusted = proxies is not None and proxies.trusts(
-            peername[0] if isinstance(peername, tuple) else None)
-        self._proxies = proxies if trusted else None
-        self._template = {
-            "SERVER_SOFTWARE": SERVER_SOFTWARE,
-            "SCRIPT_NAME": root_path,
-            "SERVER_NAME": server_name,
-            "SERVER_PORT": server_port,
-            "REMOTE_ADDR": remote_addr,
-            "REMOTE_PORT": remote_port,
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": url_scheme,
-            "wsgi.multithread": multithread,
-            "wsgi.multiprocess": True,
-            "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper,
-            "wsgi.input_terminated": True,
-        }
+        self._proxies = proxies
+        key = (sockname if isinstance(sockname, tuple) else None, multithread, root_path,
+               url_scheme)
+        server = _SERVER_PARTS.get(key)
+        if server is None:
+            server = _server_part(*key)
+            if len(_SERVER_PARTS) < 64:
+                _SERVER_PARTS[key] = server
+        self._template = template = server.copy()
+        template["REMOTE_ADDR"] = remote_addr
+        template["REMOTE_PORT"] = remote_port
 
     def extend(self, variables: dict[str, Any]) -> None:
         """Add `variables` to every environ built from now on (e.g. the TLS session's)."""

@@ -71,6 +71,25 @@ def comma_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]
     return values
 
 
+def _asks(request: Request) -> tuple[bool, bool, bool]:
+    """What a checked request asks of the connection: (no keep-alive: Connection: close, or
+    HTTP/1.0 without Connection: keep-alive; a protocol switch proposed: Upgrade or CONNECT;
+    100 Continue awaited before the body)."""
+    method = request.method
+    http10 = request.http_version == b"1.0"
+    options = request.options
+    if not options:
+        return http10, method == b"CONNECT", False
+    headers = request.headers
+    tokens = comma_values(headers, b"connection") if options & CONNECTION else ()
+    # HTTP/1.0 keeps the connection only when the client asks (RFC 9112 §9.3, Appendix
+    # C.2.2): the writer may then answer keep-alive (h11's never does).
+    return (b"close" in tokens or http10 and b"keep-alive" not in tokens,
+            method == b"CONNECT" or bool(options & UPGRADE and comma_values(headers, b"upgrade")),
+            bool(options & EXPECT and request.http_version == b"1.1"
+                 and b"100-continue" in comma_values(headers, b"expect")))
+
+
 class BaseConnection:
     """The shared half of an `HTTPConnection` (see forkserve.http.base for the contract)."""
 
@@ -145,8 +164,8 @@ class BaseConnection:
         return NEED_DATA
 
     def _begin(self, head: bytearray) -> Request:
-        request, framing = self._checked_request(head)
-        self._method = method = request.method
+        request, framing, flags = self._checked_request(head)
+        self._method = request.method
         self._empty_lines = 0
         self._body_read = 0
         if framing == CHUNKED:  # check_request let only a final "chunked" through
@@ -154,48 +173,36 @@ class BaseConnection:
         else:
             self._chunked = None
             self._body_left = framing
-        self._http10 = http10 = request.http_version == b"1.0"
-        options = request.options
-        if options:
-            headers = request.headers
-            tokens = comma_values(headers, b"connection") if options & CONNECTION else ()
-            # HTTP/1.0 keeps the connection only when the client asks (RFC 9112 §9.3,
-            # Appendix C.2.2): the writer may then answer keep-alive (h11's never does).
-            self._close_asked = b"close" in tokens or http10 and b"keep-alive" not in tokens
-            self._switch_proposed = method == b"CONNECT" or bool(
-                options & UPGRADE and comma_values(headers, b"upgrade"))
-            self.client_waiting_for_continue = bool(
-                options & EXPECT and request.http_version == b"1.1"
-                and b"100-continue" in comma_values(headers, b"expect"))
-        else:
-            self._close_asked = http10
-            self._switch_proposed = method == b"CONNECT"
-            self.client_waiting_for_continue = False
+        self._http10 = request.http_version == b"1.0"
+        self._close_asked, self._switch_proposed, self.client_waiting_for_continue = flags
         self._state = _BODY
         return request
 
-    def _checked_request(self, head: bytearray) -> tuple[Request, int]:
-        """The Request of `head` and its body's framing (see check_request): parsed and
-        checked, or, for a parser whose `_parse_head` is pure (`_pure_parse`), as the same
-        bytes were under the same limits before (_CHECKED_HEADS)."""
+    def _checked_request(self, head: bytearray) -> tuple[Request, int, tuple[bool, bool, bool]]:
+        """The Request of `head`, its body's framing (see check_request) and what it asks of
+        the connection (`_asks`): parsed and checked, or, for a parser whose `_parse_head` is
+        pure (`_pure_parse`), as the same bytes were under the same limits before
+        (_CHECKED_HEADS)."""
         key = bytes(head) if self._pure_parse and len(head) <= _CACHED_HEAD_MAX else None
         known = _CHECKED_HEADS.get(key) if key is not None else None
         if known is not None and known[0] is self._limits and known[1] is type(self):
-            _, _, method, target, version, headers, proxy_headers, options, framing = known
+            _, _, method, target, version, headers, proxy_headers, options, framing, flags \
+                = known
             self._new_response()  # (what _parse_head does for the writing side)
             # A list of its own: an ASGI app's middleware may change scope["headers"].
             return Request(method, target, version, list(headers), proxy_headers,
-                           options), framing
+                           options), framing, flags
         request = self._parse_head(head)
         framing = check_request(request, self._limits, head)
+        flags = _asks(request)
         if key is not None and len(request.headers) <= _CACHED_HEAD_FIELDS \
                 and not any(name in _CREDENTIALS for name, _ in request.headers):
             if len(_CHECKED_HEADS) >= _CHECKED_HEADS_MAX:
                 _CHECKED_HEADS.clear()
             _CHECKED_HEADS[key] = (self._limits, type(self), request.method, request.target,
                                    request.http_version, tuple(request.headers),
-                                   request.proxy_headers, request.options, framing)
-        return request, framing
+                                   request.proxy_headers, request.options, framing, flags)
+        return request, framing, flags
 
     def _body_event(self) -> Event:
         chunked = self._chunked

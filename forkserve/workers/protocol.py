@@ -52,38 +52,42 @@ if TYPE_CHECKING:
 class HTTPProtocol(asyncio.Protocol):
     """One client connection: bytes to the parser, requests to the interface's cycles."""
 
+    # What a new connection starts with (class attributes: a connection is made per client,
+    # and most of these never change on most of them).
+    transport: asyncio.Transport | None = None
+    cycle: HTTPCycle | WSGICycle | None = None
+    cycle_started = False  # the app has the cycle (see _start_pending)
+    ws: WebSocketSession | None = None
+    request: Request | None = None
+    started = 0.0
+    discarding = False  # reading and dropping a body the app did not read
+    discarded = 0
+    reading_paused = False
+    processing = False  # _process is running: an exchange ending inside it goes on
+    # Cleared while the transport asks to pause writing; made the first time it does.
+    writable: asyncio.Event | None = None
+    # One timer per connection: `deadline` (loop time) is when `on_deadline` runs; the
+    # timer wakes at or before it (see _set_deadline).
+    timer: asyncio.TimerHandle | None = None
+    deadline = math.inf
+    on_deadline: Callable[[], None] | None = None  # (set with the deadline)
+    closed = False
+    client: Any = None
+    server: Any = None
+    trusted = False  # the peer is a trusted proxy: believe its forwarded headers
+    tls: dict[str, Any] | None = None  # the ASGI TLS extension, on HTTPS
+    environ_factory: EnvironFactory | None = None  # a WSGI app's per-connection part
+    asgi_app: ASGIApp | None = None  # what answers the current request (ASGI)
+    head_started = False  # the next request's first bytes have arrived
+    fd = -1  # the socket's descriptor
+    last_read: bytes | None = None
+
     def __init__(self, worker: AsyncioWorker, proxy_header: ProxyHeader | None = None,
                  replay: bytes | None = None) -> None:
         self.worker = worker
         self.proxy_header = proxy_header
         self.loop = worker.loop
         self.conn = worker.new_connection(worker.limits)
-        self.transport: asyncio.Transport | None = None
-        self.cycle: HTTPCycle | WSGICycle | None = None
-        self.cycle_started = False  # the app has the cycle (see _start_pending)
-        self.ws: WebSocketSession | None = None
-        self.request: Request | None = None
-        self.started = 0.0
-        self.discarding = False  # reading and dropping a body the app did not read
-        self.discarded = 0
-        self.reading_paused = False
-        self.processing = False  # _process is running: an exchange ending inside it goes on
-        self.writable = asyncio.Event()
-        self.writable.set()
-        # One timer per connection: `deadline` (loop time) is when `on_deadline` runs; the
-        # timer wakes at or before it (see _set_deadline).
-        self.timer: asyncio.TimerHandle | None = None
-        self.deadline = math.inf
-        self.on_deadline: Callable[[], None] = self.close
-        self.closed = False
-        self.client: Any = None
-        self.server: Any = None
-        self.trusted = False  # the peer is a trusted proxy: believe its forwarded headers
-        self.tls: dict[str, Any] | None = None  # the ASGI TLS extension, on HTTPS
-        self.environ_factory: EnvironFactory | None = None  # a WSGI app's per-connection part
-        self.asgi_app: ASGIApp | None = None  # what answers the current request (ASGI)
-        self.head_started = False  # the next request's first bytes have arrived
-        self.fd = -1  # the socket's descriptor
         # A connection a peer worker handed over (see forkserve.handoff) comes with the
         # bytes of a request the peer had read (maybe none): received first. And while the
         # worker may hand connections over (`worker.handover`), it keeps the bytes of the last
@@ -91,7 +95,6 @@ class HTTPProtocol(asyncio.Protocol):
         self.adopted = replay is not None
         self.replayed = replay
         self.keep_last_read = worker.handover is not None
-        self.last_read: bytes | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -137,7 +140,8 @@ class HTTPProtocol(asyncio.Protocol):
         header = self.proxy_header
         https = ssl_object is not None or (header is not None and header.tls)
         factory = EnvironFactory(local, peer, worker.concurrent, cfg.root_path,
-                                 "https" if https else "http", worker.proxies)
+                                 "https" if https else "http",
+                                 worker.proxies if self.trusted else None)
         variables = tls_environ(ssl_object) if ssl_object is not None else {}
         if header is not None and header.client is not None:
             variables.update(REMOTE_ADDR=header.client[0], REMOTE_PORT=str(header.client[1]))
@@ -189,14 +193,18 @@ class HTTPProtocol(asyncio.Protocol):
             self.cycle.disconnect()
         if self.ws is not None:
             self.ws.connection_lost()
-        self.writable.set()
+        if self.writable is not None:
+            self.writable.set()
         self.worker.connection_closed(self)
 
     def pause_writing(self) -> None:
+        if self.writable is None:
+            self.writable = asyncio.Event()
         self.writable.clear()
 
     def resume_writing(self) -> None:
-        self.writable.set()
+        if self.writable is not None:
+            self.writable.set()
 
     # -- Output (what the cycles write through) -------------------------------------------------
 
@@ -211,10 +219,10 @@ class HTTPProtocol(asyncio.Protocol):
     @property
     def paused(self) -> bool:
         """The client is not reading fast enough: write no more until `drain()`."""
-        return not self.writable.is_set()
+        return self.writable is not None and not self.writable.is_set()
 
     async def drain(self) -> None:
-        if not self.writable.is_set():
+        if self.paused:
             try:
                 await asyncio.wait_for(self.writable.wait(), self.worker.io_timeout)
             except asyncio.TimeoutError:  # the client stopped reading: give up on it
