@@ -98,22 +98,24 @@ class BaseConnection:
     # (Inherited: a subclass of such a parser with a `_parse_head` of its own must say again.)
     _pure_parse = False
 
+    # What a new connection starts with (class attributes: a connection is made per client).
+    _eof = False  # the client closed its end
+    _state = _IDLE
+    _empty_lines = 0  # bytes of empty lines before the next request line
+    _body_left = 0  # bytes of a Content-Length body not read yet
+    _body_read = 0
+    _chunked: ChunkedFraming | None = None
+    _switch_proposed = False  # Upgrade or CONNECT: PAUSED until a response says no
+    # Set from the request head for the writing side: the client's Connection: close or
+    # HTTP/1.0 without Connection: keep-alive (no keep-alive either way), and its method.
+    _close_asked = False
+    _http10 = False
+    _method = b""
+    client_waiting_for_continue = False
+
     def __init__(self, limits: Limits) -> None:
         self._limits = limits
         self._inbox = bytearray()  # received, not read yet
-        self._eof = False  # the client closed its end
-        self._state = _IDLE
-        self._empty_lines = 0  # bytes of empty lines before the next request line
-        self._body_left = 0  # bytes of a Content-Length body not read yet
-        self._body_read = 0
-        self._chunked: ChunkedFraming | None = None
-        self._switch_proposed = False  # Upgrade or CONNECT: PAUSED until a response says no
-        # Set from the request head for the writing side: the client's Connection: close or
-        # HTTP/1.0 without Connection: keep-alive (no keep-alive either way), and its method.
-        self._close_asked = False
-        self._http10 = False
-        self._method = b""
-        self.client_waiting_for_continue = False
 
     # -- what a parser supplies ----------------------------------------------------------
 

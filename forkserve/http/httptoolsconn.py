@@ -21,7 +21,7 @@ import re
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from forkserve.http.base import Limits, ProtocolError, Request
+from forkserve.http.base import ProtocolError, Request
 from forkserve.http.connection import BaseConnection
 from forkserve.http.writer import ResponseWriter
 
@@ -104,20 +104,21 @@ class HttptoolsConnection(ResponseWriter, BaseConnection):
     """An `HTTPConnection` on httptools (see forkserve.http.base for the contract)."""
 
     _pure_parse = True
-
-    def __init__(self, limits: Limits) -> None:
-        super().__init__(limits)
-        self._sink = _Fields()
-        # The parser of the last head if that was a whole message: it then waits for the
-        # next one as a new parser would, and reusing it costs half as much as making one.
-        # Any other state (a body expected, an upgrade, an error) is left behind with it.
-        self._parser: HttpRequestParser | None = None
+    # What the parser calls back, made with the first head parsed (a head remembered by
+    # BaseConnection is not parsed).
+    _sink: _Fields | None = None
+    # The parser of the last head if that was a whole message: it then waits for the next
+    # one as a new parser would, and reusing it costs half as much as making one. Any other
+    # state (a body expected, an upgrade, an error) is left behind with it.
+    _parser: HttpRequestParser | None = None
 
     def _parse_head(self, head: bytes | bytearray) -> Request:
         line = _REQUEST_LINE.match(head)
         if line is None:
             raise ProtocolError(400, "illegal request line")
         method, target, version = line.groups()
+        if self._sink is None:
+            self._sink = _Fields()
         parser = self._parser
         self._parser = None
         fields = None
