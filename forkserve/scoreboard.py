@@ -153,11 +153,16 @@ class Scoreboard:
         """Worker: does another available worker hold clearly fewer connections: at least
         `margin` fewer, and at least an eighth fewer? (The relative part keeps workers
         holding hundreds of connections each from leaving new ones to each other in turn.)"""
-        counts = self._counts
-        if number >= SLOTS or counts[number] == UNAVAILABLE:
+        if number >= SLOTS:
             return False
-        threshold = counts[number] - max(margin, counts[number] >> 3)
+        counts = self._counts
+        mine = counts[number]
+        if mine == UNAVAILABLE:
+            return False
+        threshold = mine - max(margin, mine >> 3)
         if threshold < 0:
             return False
-        return any(counts[slot] <= threshold and slot != number
-                   for slot in range(1, counts[0] + 1))
+        for slot in range(1, counts[0] + 1):  # noqa: SIM110 (any() of a generator costs more)
+            if counts[slot] <= threshold and slot != number:
+                return True
+        return False
