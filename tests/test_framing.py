@@ -370,7 +370,8 @@ def test_heads_with_credentials_are_not_remembered(parser):
     """A head with a Cookie or Authorization field is parsed each time: its secret is not
     kept in memory after its request, nor can another client time whether it was sent."""
     limits = Limits()
-    for field in (b"Cookie: s=1", b"Authorization: Bearer t", b"Proxy-Authorization: B t"):
+    for field in (b"Cookie: s=1", b"Authorization: Bearer t", b"Proxy-Authorization: B t",
+                  b"COOKIE: s=1", b"AUTHORIZATION: Bearer t"):
         raw = b"GET / HTTP/1.1\r\nHost: h\r\n" + field + b"\r\n\r\n"
         for _ in range(2):
             conn = new_connection(limits, parser)

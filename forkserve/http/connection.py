@@ -46,6 +46,9 @@ _END_OF_HEAD = re.compile(rb"\n\r?\n")
 # when full, heads up to _CACHED_HEAD_MAX bytes and _CACHED_HEAD_FIELDS fields (under 1 MiB
 # in all). Heads with credentials are never kept: a secret must not outlive its request in
 # memory, nor could a client time the cache to learn whether another sent a head like it.
+# (Most such heads, the browsers', are not even looked up: `_checked_request` passes over a
+# head with "ookie" or "uthorization" in it, as spelled in any case but upper; the exact
+# check of the parsed fields decides what is kept.)
 _CHECKED_HEADS: dict[bytes, tuple] = {}
 _CHECKED_HEADS_MAX = 128
 _CACHED_HEAD_MAX = 1024
@@ -185,7 +188,8 @@ class BaseConnection:
         the connection (`_asks`): parsed and checked, or, for a parser whose `_parse_head` is
         pure (`_pure_parse`), as the same bytes were under the same limits before
         (_CHECKED_HEADS)."""
-        key = bytes(head) if self._pure_parse and len(head) <= _CACHED_HEAD_MAX else None
+        key = bytes(head) if self._pure_parse and len(head) <= _CACHED_HEAD_MAX \
+            and b"ookie" not in head and b"uthorization" not in head else None
         known = _CHECKED_HEADS.get(key) if key is not None else None
         if known is not None and known[0] is self._limits and known[1] is type(self):
             _, _, method, target, version, headers, proxy_headers, options, framing, flags \
