@@ -542,7 +542,9 @@ def test_a_failed_usr2_upgrade_gives_the_control_socket_back(start_server, tmp_p
     mark = server.mark()
     os.kill(server.pid, signal.SIGUSR2)
     server.wait_for(r"new master pid \d+ exited .*; this master carries on", start=mark)
-    server.wait_for(rf"control socket at {re.escape(str(path))}", start=mark)
+    # (the new master said the same line before it failed: wait for the old master's)
+    server.wait_for(rf"\[{server.pid}\] \[INFO\] control socket at {re.escape(str(path))}",
+                    start=mark)
     assert _ask(path, {"command": "status"})[0]["master"]["pid"] == server.pid
 
 
