@@ -332,38 +332,64 @@ class EnvironFactory:
     def build(self, request: Request, body: InputStream, errors: ErrorStream) -> dict[str, Any]:
         """The environ of `request`, with `body` as wsgi.input and `errors` as wsgi.errors."""
         environ = self._template.copy()
-        target = request.target.decode("latin-1")
-        origin_form = target[:1] == "/"
-        path, _, query = (target if origin_form else _path_of(target)).partition("?")
-        if "%" in path:
-            path = unquote_to_bytes(path).decode("latin-1")
-        root = self._root_path
-        if root and (path == root or path.startswith(root + "/")):
-            path = path[len(root):]  # SCRIPT_NAME + PATH_INFO is the whole path
-        environ["REQUEST_METHOD"] = request.method.decode("ascii")
-        environ["PATH_INFO"] = path
-        environ["QUERY_STRING"] = query
-        environ["RAW_URI"] = environ["REQUEST_URI"] = target
-        environ["SERVER_PROTOCOL"] = _PROTOCOLS[request.http_version]
+        head = request.head
+        if head is None:
+            environ.update(_request_part(request, self._root_path))
+        else:
+            # A head seen before: its part is remembered by its bytes (and the root path).
+            known = _REQUEST_PARTS.get(head)
+            if known is None or known[0] != self._root_path:
+                if len(_REQUEST_PARTS) >= _REQUEST_PARTS_MAX:
+                    _REQUEST_PARTS.clear()
+                known = _REQUEST_PARTS[head] = (self._root_path,
+                                                _request_part(request, self._root_path))
+            environ.update(known[1])
         environ["wsgi.input"] = body
         environ["wsgi.errors"] = errors
-        keys = _ENVIRON_KEYS
-        for name, value in request.headers:
-            key = keys.get(name)
-            if key is None:
-                key = _environ_key(name)
-                if key is None:
-                    continue  # see _environ_key: names with "_" are dropped
-            if key in environ:
-                environ[key] += ("; " if key == "HTTP_COOKIE" else ",") + value.decode("latin-1")
-            else:
-                environ[key] = value.decode("latin-1")
-        if not origin_form and "://" in target:
-            # RFC 9112 §3.2.2: with an absolute-form target, its authority is the host.
-            environ["HTTP_HOST"] = target.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
         if self._proxies is not None and request.proxy_headers:
             _apply_forwarded(environ, forwarded(request.headers, self._proxies))
         return environ
+
+
+def _request_part(request: Request, root: str) -> dict[str, str]:
+    """The environ variables that `request`'s head alone decides, under root path `root`:
+    the method, path, query, protocol and HTTP_ variables."""
+    target = request.target.decode("latin-1")
+    origin_form = target[:1] == "/"
+    path, _, query = (target if origin_form else _path_of(target)).partition("?")
+    if "%" in path:
+        path = unquote_to_bytes(path).decode("latin-1")
+    if root and (path == root or path.startswith(root + "/")):
+        path = path[len(root):]  # SCRIPT_NAME + PATH_INFO is the whole path
+    part = {
+        "REQUEST_METHOD": request.method.decode("ascii"),
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+        "RAW_URI": target,
+        "REQUEST_URI": target,
+        "SERVER_PROTOCOL": _PROTOCOLS[request.http_version],
+    }
+    keys = _ENVIRON_KEYS
+    for name, value in request.headers:
+        key = keys.get(name)
+        if key is None:
+            key = _environ_key(name)
+            if key is None:
+                continue  # see _environ_key: names with "_" are dropped
+        if key in part:
+            part[key] += ("; " if key == "HTTP_COOKIE" else ",") + value.decode("latin-1")
+        else:
+            part[key] = value.decode("latin-1")
+    if not origin_form and "://" in target:
+        # RFC 9112 §3.2.2: with an absolute-form target, its authority is the host.
+        part["HTTP_HOST"] = target.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+    return part
+
+
+# _request_part's answers for heads remembered by the HTTP connection (Request.head), with
+# the root path they were made under. As bounded as those heads (they hold no credentials).
+_REQUEST_PARTS: dict[bytes, tuple[str, dict[str, str]]] = {}
+_REQUEST_PARTS_MAX = 128
 
 
 # SERVER_PROTOCOL by Request.http_version (check_request leaves only these two).

@@ -588,3 +588,90 @@ def test_http10_keep_alive_is_kept_on_the_fast_path(start_server, interface, par
         sock.sendall(b"GET /stream?n=2 HTTP/1.0\r\n" + keep)
         raw = reader.read_to_eof()  # no length: the close ends it
         assert raw.endswith(b"\r\n\r\npiece 0\npiece 1\n") and b"keep-alive" not in raw.lower()
+
+
+def test_a_request_head_seen_before_is_read_as_the_first_time(http_server):
+    """A head that arrives whole in one read, as it did before, is answered from what was
+    parsed of it then (forkserve.http.connection, begin_known): the app sees the same request
+    each time, repeated fields joined, and what the connection decided stays the same."""
+    head = (b"GET %s?a=1&b=%%20 HTTP/1.1\r\nHost: t\r\nAccept: a/b\r\n"
+            b"X-Multi: 1\r\nX-Multi: 2\r\n\r\n" % VIEW_PATH[http_server.interface])
+    with http_server.connect() as sock:
+        reader = Reader(sock)
+        views = []
+        for _ in range(3):
+            sock.sendall(head)
+            response = reader.response()
+            assert response.status == 200 and response.header("connection") is None
+            views.append(json.loads(response.body))
+    assert views[0] == views[1] == views[2]
+    if http_server.interface == "wsgi":
+        assert (views[0]["QUERY_STRING"], views[0]["HTTP_X_MULTI"]) == ("a=1&b=%20", "1,2")
+    else:
+        assert views[0]["query_string"] == "a=1&b=%20"
+        assert [v for k, v in views[0]["headers"] if k == "x-multi"] == ["1", "2"]
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    b"GET /hello HTTP/1.0\r\nHost: t\r\n\r\n",
+], ids=["connection-close", "http10"])
+def test_a_closing_head_seen_before_still_closes(http_server, head):
+    for _ in range(3):  # the first parsed, the next ones remembered
+        with http_server.connect() as sock:
+            sock.sendall(head)
+            response = Reader(sock).response()
+            assert response.body == b"Hello, World!"
+            assert response.header("connection") == "close"
+            assert closed_by_peer(sock)
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["body", "100-continue"])
+def test_a_head_seen_before_still_waits_for_its_body(http_server, expect):
+    """A remembered head with a body (sent alone in its read, as clients often do) is not a
+    whole request: the body that follows is read as its body, not as the next request."""
+    head = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n%s\r\n" % (
+        b"Expect: 100-continue\r\n" if expect else b"")
+    with http_server.connect() as sock:
+        reader = Reader(sock)
+        for _ in range(3):
+            sock.sendall(head)
+            if expect:
+                assert reader.read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 100 ")
+            else:  # nothing is answered before the body came (its head is read alone)
+                sock.settimeout(0.3)
+                with pytest.raises(TimeoutError):
+                    sock.recv(1)
+                sock.settimeout(5)
+            sock.sendall(b"abcde")
+            assert reader.response().body == b"abcde"
+
+
+def test_a_head_seen_before_gets_the_root_path_and_forwarded_headers_each_time(
+        start_server):
+    server = start_server(APP_OF["wsgi"], "-w", "1", "--root-path", "/app",
+                          "--forwarded-allow-ips", "127.0.0.1")
+    with server.connect() as sock:
+        reader = Reader(sock)
+        for address in (b"192.0.2.1", b"192.0.2.2", b"192.0.2.1"):
+            sock.sendall(b"GET /app/environ HTTP/1.1\r\nHost: t\r\n"
+                         b"X-Forwarded-For: %s\r\n\r\n" % address)
+            view = json.loads(reader.response().body)
+            assert (view["SCRIPT_NAME"], view["PATH_INFO"]) == ("/app", "/environ")
+            assert view["REMOTE_ADDR"] == address.decode()
+
+
+def test_a_head_seen_before_that_completes_a_partial_one_is_read_as_its_rest(http_server):
+    """Bytes read earlier that began a head come first: a remembered head arriving after
+    them is the rest of that head (here a malformed one), not a request of its own."""
+    with http_server.connect() as sock:
+        reader = Reader(sock)
+        sock.sendall(get(b"/hello"))
+        assert reader.response().status == 200
+        sock.sendall(b"GET /he")
+        sock.settimeout(0.3)  # read alone (the server answers nothing yet)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)
+        sock.settimeout(5)
+        sock.sendall(get(b"/hello"))
+        assert reader.response().status == 400

@@ -19,7 +19,7 @@ from forkserve.logs import check_access_log_format, format_access_line
 from forkserve.memory import fit_warning, memory_limit, oom_kills
 from forkserve.metrics import RequestStats, Totals, read_report
 from forkserve.sockets import Address, _bound_to, parse_bind
-from forkserve.wsgi import InputStream
+from forkserve.wsgi import EnvironFactory, ErrorStream, InputStream
 
 # -- cpus ---------------------------------------------------------------------------------------
 
@@ -370,3 +370,23 @@ def test_a_stored_socket_of_another_family_matches_no_bind():
         port = tcp.getsockname()[1]
         assert _bound_to(tcp.fileno(), parse_bind(f"127.0.0.1:{port}")) is True
         assert _bound_to(tcp.fileno(), parse_bind(f"127.0.0.1:{port + 1}")) is False
+
+
+# -- the environ of a remembered head -------------------------------------------------------------
+
+
+def test_environ_of_a_remembered_head_follows_each_factorys_root_path():
+    """What a head alone decides of the environ is remembered by its bytes (Request.head),
+    with the root path it was made under: another root path makes its own."""
+    head = b"GET /app/x%41?q=1 HTTP/1.1\r\nHost: t\r\n\r\n"
+
+    def environ(root: str) -> dict:
+        request = Request(b"GET", b"/app/x%41?q=1", b"1.1", [(b"host", b"t")], head=head)
+        factory = EnvironFactory(("127.0.0.1", 80), ("127.0.0.1", 5000), False, root)
+        return factory.build(request, InputStream(lambda: b""), ErrorStream())
+
+    for root, script, path in [("/app", "/app", "/xA"), ("", "", "/app/xA"),
+                               ("/app", "/app", "/xA")]:
+        got = environ(root)
+        assert (got["SCRIPT_NAME"], got["PATH_INFO"], got["QUERY_STRING"],
+                got["HTTP_HOST"]) == (script, path, "q=1", "t")

@@ -187,3 +187,16 @@ def test_upgrade_without_wsproto_is_refused_clearly(start_server, tmp_path):
     server.wait_for("wsproto is not installed")
     assert server.log.count("wsproto is not installed") == 1
     assert exchange(server, b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n").status == 200
+
+
+def test_the_same_handshake_again_is_a_handshake_again(ws_server):
+    """A request head seen before is answered from what was parsed of it (begin_known), but
+    not one proposing a protocol switch: a client sending the same handshake again (its key
+    too) gets a WebSocket again, not an HTTP request."""
+    handshake = (b"GET /ws/echo HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    for _ in range(3):
+        with ws_server.connect() as sock:
+            sock.sendall(handshake)
+            assert Reader(sock).response(head_request=True).status == 101

@@ -70,6 +70,9 @@ class Request:
     # field among Connection, Expect and Upgrade that are present (bits below).
     proxy_headers: bool = False
     options: int = 0
+    # The head's bytes, when they are remembered with what was parsed of them (see
+    # forkserve.http.connection): what depends on the head alone may be remembered by them.
+    head: bytes | None = None
 
 
 # Request.options bits.

@@ -169,7 +169,10 @@ class BaseConnection:
         return NEED_DATA
 
     def _begin(self, head: bytearray) -> Request:
-        request, framing, flags = self._checked_request(head)
+        return self._start(*self._checked_request(head))
+
+    def _start(self, request: Request, framing: int, flags: tuple[bool, bool, bool]) -> Request:
+        """The reading side's state for a new request (its body's framing, what it asks)."""
         self._method = request.method
         self._empty_lines = 0
         self._body_read = 0
@@ -183,6 +186,24 @@ class BaseConnection:
         self._state = _BODY
         return request
 
+    def begin_known(self, data: bytes) -> Request | None:
+        """The request in `data`, read to its end, if the connection waits for one with
+        nothing buffered and `data` is exactly a request head remembered (_CHECKED_HEADS)
+        that has no body and proposes no protocol switch: what next_event would return, then
+        END_OF_MESSAGE, but with one dictionary look-up. Else None, and nothing changed:
+        give `data` to receive_data."""
+        if self._state is not _IDLE or self._inbox or self._eof:
+            return None
+        known = _CHECKED_HEADS.get(data)
+        if known is None or known[8] or known[9][1]:  # (framing; flags: a switch proposed)
+            return None
+        remembered = self._remembered(data, known)
+        if remembered is None:
+            return None
+        request = self._start(*remembered)
+        self._end_of_body()
+        return request
+
     def _checked_request(self, head: bytearray) -> tuple[Request, int, tuple[bool, bool, bool]]:
         """The Request of `head`, its body's framing (see check_request) and what it asks of
         the connection (`_asks`): parsed and checked, or, for a parser whose `_parse_head` is
@@ -190,14 +211,12 @@ class BaseConnection:
         (_CHECKED_HEADS)."""
         key = bytes(head) if self._pure_parse and len(head) <= _CACHED_HEAD_MAX \
             and b"ookie" not in head and b"uthorization" not in head else None
-        known = _CHECKED_HEADS.get(key) if key is not None else None
-        if known is not None and known[0] is self._limits and known[1] is type(self):
-            _, _, method, target, version, headers, proxy_headers, options, framing, flags \
-                = known
-            self._new_response()  # (what _parse_head does for the writing side)
-            # A list of its own: an ASGI app's middleware may change scope["headers"].
-            return Request(method, target, version, list(headers), proxy_headers,
-                           options), framing, flags
+        if key is not None:
+            known = _CHECKED_HEADS.get(key)
+            if known is not None:
+                remembered = self._remembered(key, known)
+                if remembered is not None:
+                    return remembered
         request = self._parse_head(head)
         framing = check_request(request, self._limits, head)
         flags = _asks(request)
@@ -208,7 +227,21 @@ class BaseConnection:
             _CHECKED_HEADS[key] = (self._limits, type(self), request.method, request.target,
                                    request.http_version, tuple(request.headers),
                                    request.proxy_headers, request.options, framing, flags)
+            request.head = key
         return request, framing, flags
+
+    def _remembered(self, key: bytes, known: tuple) -> tuple[Request, int,
+                                                             tuple[bool, bool, bool]] | None:
+        """What `_checked_request` returns for the head `key`, from its _CHECKED_HEADS entry
+        `known`; None if that was parsed under other limits or by another parser."""
+        limits, parser, method, target, version, headers, proxy_headers, options, framing, \
+            flags = known
+        if limits is not self._limits or parser is not type(self):
+            return None
+        self._new_response()  # (what _parse_head does for the writing side)
+        # A list of its own: an ASGI app's middleware may change scope["headers"].
+        return Request(method, target, version, list(headers), proxy_headers, options,
+                       key), framing, flags
 
     def _body_event(self) -> Event:
         chunked = self._chunked

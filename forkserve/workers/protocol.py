@@ -153,6 +153,17 @@ class HTTPProtocol(asyncio.Protocol):
         if self.ws is not None:
             self.ws.receive_data(data)
             return
+        if self.cycle is None and not self.closing:
+            # The usual keep-alive request, a head seen before in one read: straight to a
+            # cycle, as _pull_events would have it with the same events.
+            request = self.conn.begin_known(data)
+            if request is not None:
+                if self.keep_last_read:
+                    self.last_read = data if len(data) <= MAX_REPLAY else None
+                self._new_cycle(request)
+                self.cycle.feed_end()
+                self._start_pending()
+                return
         if self.keep_last_read:
             self.last_read = data if self.cycle is None and len(data) <= MAX_REPLAY \
                 and not self.conn.buffered() else None
