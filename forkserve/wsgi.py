@@ -437,22 +437,30 @@ def _environ_key(name: bytes) -> str | None:
 
 
 def respond(app: Callable[..., Any], environ: dict[str, Any],
-            writer: ResponseWriter) -> Iterator[bool]:
+            writer: ResponseWriter) -> Iterator[bool] | None:
     """Run one request through a WSGI app and send its response through `writer`.
 
-    A generator: it yields True when `writer.paused` after a piece, and goes on when next() is
-    called once the writer drained, so that a client that reads slowly holds no thread and
-    no loop. The result's close() is always called, also when sending fails. Exceptions
-    from the app propagate: the caller answers 500 if `writer.head_sent` is false, else
-    drops the connection.
+    Returns None once the response is sent whole (a list of one piece, the usual answer);
+    else the rest of the exchange as a generator, which must be run to its end: it yields
+    True when `writer.paused` after a piece, and goes on when next() is called once the
+    writer drained, so that a client that reads slowly holds no thread and no loop. The
+    result's close() is always called, also when sending fails. Exceptions from the app
+    propagate (from here or from the generator): the caller answers 500 if
+    `writer.head_sent` is false, else drops the connection.
     """
     start_response = StartResponse(writer)
     result = app(environ, start_response)
+    if type(result) is list and len(result) == 1:
+        _require_started(start_response)
+        writer.finish(_check_bytes(result[0]))
+        return None
+    return _send_pieces(result, start_response, environ, writer)
+
+
+def _send_pieces(result: Iterable[Any], start_response: StartResponse,
+                 environ: dict[str, Any], writer: ResponseWriter) -> Iterator[bool]:
+    """The rest of `respond` for a result that is not one piece: see there."""
     try:
-        if type(result) is list and len(result) == 1:
-            _require_started(start_response)
-            writer.finish(_check_bytes(result[0]))
-            return
         head_only = environ["REQUEST_METHOD"] == "HEAD"
         pieces: Iterable[Any] = result
         if type(result) is FileWrapper:

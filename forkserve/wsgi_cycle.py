@@ -120,7 +120,7 @@ class WSGICycle:
 
     def run_inline(self, on_done: Callable[[], None],
                    app_free: Callable[[], asyncio.Future[None] | None],
-                   in_app: Callable[..., bool]) -> None:
+                   in_app: Callable[..., Any]) -> None:
         """Call the app in the loop (the body is complete: reading it never waits), and
         `on_done()` once the response is sent. Each call into the app goes through
         `in_app(self, function, *args)`. If the client stops reading, the rest of the
@@ -128,27 +128,27 @@ class WSGICycle:
         the app (None, or a future to wait for before asking again). The request's context
         variables live in a context of its own, since other requests run meanwhile."""
         context = contextvars.copy_context()
-        steps = self._serve(self)
-        if not in_app(self, context.run, next, steps, False):
+        rest = in_app(self, context.run, self._serve, self)
+        if rest is None or not in_app(self, context.run, next, rest, False):
             self._finish_cycle(on_done)
             return
-        self.out.loop.create_task(self._resume(context, steps, on_done, app_free, in_app))
+        self.out.loop.create_task(self._resume(context, rest, on_done, app_free, in_app))
 
-    async def _resume(self, context: contextvars.Context, steps: Iterator[bool],
+    async def _resume(self, context: contextvars.Context, rest: Iterator[bool],
                       on_done: Callable[[], None],
                       app_free: Callable[[], asyncio.Future[None] | None],
-                      in_app: Callable[..., bool]) -> None:
+                      in_app: Callable[..., Any]) -> None:
         try:
             while True:
                 try:
                     await self.out.drain()
                 except ClientDisconnected:
-                    in_app(self, context.run, steps.close)
+                    in_app(self, context.run, rest.close)
                     self.failed = True
                     return
                 while (busy := app_free()) is not None:
                     await busy
-                if not in_app(self, context.run, next, steps, False):
+                if not in_app(self, context.run, next, rest, False):
                     return
         finally:
             self._finish_cycle(on_done)
@@ -158,23 +158,42 @@ class WSGICycle:
         and the response is sent."""
         self.started = time.monotonic()
         bridge = _FromThread(self, self.out.loop, self.io_timeout)
-        pool.submit(bridge.run, self._serve(bridge), on_done)
+        pool.submit(bridge.run, self._serve, on_done)
 
-    def _serve(self, writer: WSGICycle | _FromThread) -> Iterator[bool]:
+    def _serve(self, writer: WSGICycle | _FromThread) -> Iterator[bool] | None:
         """The exchange, run by `writer`'s side: the app's errors are answered and logged.
-        Yields True each time the client must read before it goes on (see `respond`)."""
+        None once it is over; else its rest (see `respond`), a generator to run to its end."""
         errors = ErrorStream()
         self.environ = environ = self.factory.build(
             self.request, InputStream(writer.read_chunk), errors)
         try:
-            yield from respond(self.app, environ, writer)
-        except ClientDisconnected:
-            writer.fail(0)
-        except StopNow:  # the worker's own quick stop, not the app's
-            raise
-        except BaseException:  # the app's SystemExit and KeyboardInterrupt too, as peers do
-            self._app_failed(writer)
+            rest = respond(self.app, environ, writer)
+        except BaseException as exc:
+            self._handle(exc, writer)
+            rest = None
+        if rest is None:
+            errors.flush()
+            return None
+        return self._serve_rest(rest, errors, writer)
+
+    def _serve_rest(self, rest: Iterator[bool], errors: ErrorStream,
+                    writer: WSGICycle | _FromThread) -> Iterator[bool]:
+        """The rest of `_serve`, for a response sent a piece at a time."""
+        try:
+            yield from rest
+        except BaseException as exc:
+            self._handle(exc, writer)
         errors.flush()
+
+    def _handle(self, exc: BaseException, writer: WSGICycle | _FromThread) -> None:
+        """What `_serve` does with an exception from the exchange: a client gone ends it, the
+        worker's own quick stop goes on up, anything else is the app's error."""
+        if isinstance(exc, ClientDisconnected):
+            writer.fail(0)
+        elif isinstance(exc, StopNow):
+            raise exc
+        else:  # the app's SystemExit and KeyboardInterrupt too, as peers do
+            self._app_failed(writer)
 
     def _app_failed(self, writer: WSGICycle | _FromThread) -> None:
         """In an except clause: log the app's error, and answer 500 if nothing was sent."""
@@ -306,12 +325,16 @@ class _FromThread:
         self.error: BaseException | None = None  # a write handed over failed
         self.ending: list[tuple[Callable[..., Any], tuple]] = []  # finish, fail: at the end
 
-    def run(self, steps: Iterator[bool], on_done: Callable[[], None]) -> None:
-        """In the pool thread: the exchange, then its end in the loop (`_ended`)."""
+    def run(self, serve: Callable[[_FromThread], Iterator[bool] | None],
+            on_done: Callable[[], None]) -> None:
+        """In the pool thread: the exchange (`serve(self)`, then its rest), then its end in
+        the loop (`_ended`)."""
         started = perf_counter()
         try:
-            for _ in steps:
-                pass
+            rest = serve(self)
+            if rest is not None:
+                for _ in rest:
+                    pass
         finally:
             self.cycle.app_seconds = perf_counter() - started
             self.loop.call_soon_threadsafe(self._ended, on_done)

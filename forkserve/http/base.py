@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Protocol
@@ -72,7 +72,8 @@ class Request:
     options: int = 0
     # The head's bytes, when they are remembered with what was parsed of them (see
     # forkserve.http.connection): what depends on the head alone may be remembered by them.
-    head: bytes | None = None
+    # Not part of the request's value: the same request read without it is equal.
+    head: bytes | None = field(default=None, repr=False, compare=False)
 
 
 # Request.options bits.

@@ -356,7 +356,7 @@ class AsyncioWorker(Worker):
         while self.waiting_for_app and not self.thread_busy:
             self.waiting_for_app.popleft()()
 
-    def in_app(self, cycle: WSGICycle, call: Callable[..., bool], *args: Any) -> bool:
+    def in_app(self, cycle: WSGICycle, call: Callable[..., Any], *args: Any) -> Any:
         """`call(*args)`, a call into the app for `cycle` in the loop, which it blocks: the
         scoreboard says so meanwhile, so that peers do not wait for this worker to accept,
         the master can name the request if it hangs, and the watcher can hand the worker's
