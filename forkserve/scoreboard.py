@@ -50,6 +50,11 @@ class Scoreboard:
         for slot in range(1, SLOTS):
             self._counts[slot] = UNAVAILABLE
         self._counts[0] = 0
+        # Worker: the slot and request whose text was written last (see `serving`), and
+        # its length.
+        self._number = 0
+        self._method = self._target = b""
+        self._length = 0
 
     def join(self, number: int) -> None:
         """Master: worker `number` is starting; it counts once it publishes (accepting)."""
@@ -79,17 +84,22 @@ class Scoreboard:
         """Master: has worker `number` ever accepted a connection? (Untracked slots: yes.)"""
         return number >= SLOTS or bool(self._took_traffic[number])
 
-    def serving(self, number: int, request_line: bytes) -> bool:
-        """Worker: its loop is now calling the app for `request_line` (not accepting).
-        True if the master does not poll the calls now (see forkserve.handoff)."""
+    def serving(self, number: int, method: bytes, target: bytes) -> bool:
+        """Worker: its loop is now calling the app for a request (`method` `target`), not
+        accepting. True if the master does not poll the calls now (see forkserve.handoff)."""
         if number >= SLOTS:
             return False
         self._counts[number] = UNAVAILABLE
-        text = request_line[:REQUEST_TEXT]
-        offset = self._text + REQUEST_TEXT * number
-        self._map[offset:offset + len(text)] = text
+        if method is not self._method or target is not self._target \
+                or number != self._number:
+            # (Keep-alive clients ask for the same again: its text is in place already.)
+            self._number, self._method, self._target = number, method, target
+            text = (method + b" " + target)[:REQUEST_TEXT]
+            offset = self._text + REQUEST_TEXT * number
+            self._map[offset:offset + len(text)] = text
+            self._length = len(text)
         self._started[number] = time.monotonic()
-        self._lengths[number] = len(text)
+        self._lengths[number] = self._length
         return not self._polled[0]
 
     def served(self, number: int) -> None:

@@ -140,7 +140,7 @@ class Worker1:
 
     def call(self, seconds: float, expect_hand_off: bool) -> list:
         """A call of `seconds`, polled by the master every POLL_EVERY; what was handed."""
-        self.board.serving(1, b"GET /slow")
+        self.board.serving(1, b"GET", b"/slow")
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, POLL_EVERY))  # the master's poll interval
@@ -199,15 +199,15 @@ def test_the_master_stops_polling_when_calls_stop_and_a_new_call_says_so(board, 
     monkeypatch.setattr("forkserve.handoff.PARK_AFTER", 0.05)
     poller = CallPoller(board)
     assert poller.timeout(1.0) == SLOW_POLL  # no long call seen yet
-    assert board.serving(1, b"GET /") is False  # polled: nothing to say
+    assert board.serving(1, b"GET", b"/") is False  # polled: nothing to say
     poller.poll([(1, -1)], time.monotonic() + HANDOFF_AFTER)  # a long one (-1: no nudge)
     assert poller.timeout(1.0) == POLL_EVERY
     board.served(1)
     poller.poll([(1, -1)], time.monotonic())
     poller.poll([(1, -1)], time.monotonic() + 0.1)  # no new call since
     assert not poller.polling and poller.timeout(1.0) == 1.0
-    assert board.serving(1, b"GET /") is True  # the worker tells the master (CALLING)
+    assert board.serving(1, b"GET", b"/") is True  # the worker tells the master (CALLING)
     poller.wake()
-    assert poller.polling and board.serving(1, b"GET /") is False
+    assert poller.polling and board.serving(1, b"GET", b"/") is False
     poller.poll([(1, -1)], time.monotonic() + 1.0)  # a call running keeps it polling
     assert poller.polling

@@ -259,13 +259,17 @@ def test_scoreboard_balancing_rules():
     assert not board.has_lighter_peer(1, 2)  # 500 vs 450: within an eighth
     board.set(2, 437)
     assert board.has_lighter_peer(1, 2)  # 500 vs 437: more than an eighth fewer
-    board.serving(2, b"GET /slow HTTP/1.1")
+    board.serving(2, b"GET", b"/slow HTTP/1.1")
     board.set(1, 9)
     assert not board.has_lighter_peer(1, 2)  # worker 2 is busy in the app
     text, seconds = board.current_request(2)
     assert text == "GET /slow HTTP/1.1" and 0 <= seconds < 5
     board.served(2)
     assert board.current_request(2) is None
+    for number, target in [(2, b"/b"), (3, b"/b"), (3, b"/b"), (2, b"/slow HTTP/1.1")]:
+        board.serving(number, b"GET", target)  # the text written only when it changes
+        assert board.current_request(number)[0] == "GET " + target.decode()
+        board.served(number)
     board.leave(2)
     board.set(1, UNAVAILABLE)
     assert not board.has_lighter_peer(1, 2)

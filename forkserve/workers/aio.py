@@ -364,7 +364,7 @@ class AsyncioWorker(Worker):
         `Handover`)."""
         request = cycle.request
         handover = self.handover
-        if self.scoreboard.serving(self.number, request.method + b" " + request.target) \
+        if self.scoreboard.serving(self.number, request.method, request.target) \
                 and handover is not None:
             try:
                 channel.send(self.channel_fd, CALLING_FRAME)  # the master polls again
@@ -373,7 +373,7 @@ class AsyncioWorker(Worker):
         auto = self.auto
         if auto is not None and not self.in_batch:
             auto.batch_begins()
-        started = perf_counter()
+        started = perf_counter() if auto is not None else 0.0
         try:
             return call(*args)
         finally:

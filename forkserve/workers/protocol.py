@@ -69,8 +69,9 @@ class HTTPProtocol(asyncio.Protocol):
     # One timer per connection: `deadline` (loop time) is when `on_deadline` runs; the
     # timer wakes at or before it (see _set_deadline).
     timer: asyncio.TimerHandle | None = None
+    timer_at = math.inf  # when it wakes
     deadline = math.inf
-    on_deadline: Callable[[], None] | None = None  # (set with the deadline)
+    on_deadline: Callable[[], None] | None = None  # (set with the deadline; None: close)
     closed = False
     client: Any = None
     server: Any = None
@@ -200,6 +201,7 @@ class HTTPProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+            self.timer_at = math.inf
         if self.cycle is not None:
             self.cycle.disconnect()
         if self.ws is not None:
@@ -472,20 +474,22 @@ class HTTPProtocol(asyncio.Protocol):
         request's HTTP parsing); the timer then wakes early, and sleeps on."""
         when = self.loop.time() + seconds
         self.deadline = when
-        self.on_deadline = action or self.close
-        timer = self.timer
-        if timer is None or timer.when() > when:
-            if timer is not None:
-                timer.cancel()
+        self.on_deadline = action
+        if when < self.timer_at:
+            if self.timer is not None:
+                self.timer.cancel()
             self.timer = self.loop.call_at(when, self._deadline_passed)
+            self.timer_at = when
 
     def _deadline_passed(self) -> None:
         self.timer = None
+        self.timer_at = math.inf
         if self.deadline <= self.loop.time():
             self.deadline = math.inf
-            self.on_deadline()
+            (self.on_deadline or self.close)()
         elif self.deadline != math.inf:
             self.timer = self.loop.call_at(self.deadline, self._deadline_passed)
+            self.timer_at = self.deadline
 
     def begin_stop(self) -> None:
         """Graceful stop: a request in progress finishes, but an event stream (SSE) is ended
