@@ -132,6 +132,13 @@ class HTTPConnection(Protocol):
 
     def next_event(self) -> Event: ...
 
+    def begin_known(self, data: bytes) -> Request | None:
+        """Instead of receive_data(data) then next_event() twice, when the connection waits
+        for a request with nothing buffered and `data` is exactly a request head it parsed
+        and checked before (the same bytes under the same limits), without a body or a
+        protocol switch: that Request, read to its end (the next event is PAUSED). Else None,
+        and nothing changed."""
+
     def send_continue(self) -> bytes: ...
 
     def send_response(self, status: int, reason: bytes, headers: list) -> bytes: ...
