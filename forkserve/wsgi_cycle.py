@@ -128,11 +128,17 @@ class WSGICycle:
         the app (None, or a future to wait for before asking again). The request's context
         variables live in a context of its own, since other requests run meanwhile."""
         context = contextvars.copy_context()
-        rest = in_app(self, context.run, self._serve, self)
-        if rest is None or not in_app(self, context.run, next, rest, False):
+        rest = in_app(self, context.run, self._first_step)
+        if rest is None:
             self._finish_cycle(on_done)
             return
         self.out.loop.create_task(self._resume(context, rest, on_done, app_free, in_app))
+
+    def _first_step(self) -> Iterator[bool] | None:
+        """The exchange in the loop up to the first time the client must read (one call into
+        the app, as the app sees it): None if it is over, else its rest."""
+        rest = self._serve(self)
+        return rest if rest is not None and next(rest, False) else None
 
     async def _resume(self, context: contextvars.Context, rest: Iterator[bool],
                       on_done: Callable[[], None],

@@ -36,7 +36,7 @@ class H11Connection(ResponseWriter, BaseConnection):
         return Request(event.method, event.target, event.http_version,
                        [(name.lower(), value) for name, value in event.headers.raw_items()])
 
-    def _begin(self, head: bytearray) -> Request:
-        request = super()._begin(head)
+    def _start(self, request: Request, framing: int, flags: tuple[bool, bool, bool]) -> Request:
+        request = super()._start(request, framing, flags)
         self._close_asked = self._close_asked or self._http10
         return request

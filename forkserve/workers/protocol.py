@@ -161,9 +161,12 @@ class HTTPProtocol(asyncio.Protocol):
             if request is not None:
                 if self.keep_last_read:
                     self.last_read = data if len(data) <= MAX_REPLAY else None
-                self._new_cycle(request)
-                self.cycle.feed_end()
-                self._start_pending()
+                try:
+                    self._new_cycle(request)
+                    self.cycle.feed_end()
+                    self._start_pending()
+                except StopNow:  # (as in _process)
+                    self.worker.stop_loop_now()
                 return
         if self.keep_last_read:
             self.last_read = data if self.cycle is None and len(data) <= MAX_REPLAY \
