@@ -300,3 +300,47 @@ def answers(draw):
        st.lists(answers(), min_size=3, max_size=3))
 def test_parsers_agree_on_responses(heads, replies):
     assert_agree([b"".join(heads)], replies)
+
+
+# -- a head seen before (begin_known) -------------------------------------------------------------
+
+
+def _answer(conn) -> tuple:
+    """Answer the request read on `conn` with a 2-byte body: the bytes, and what follows."""
+    try:
+        out = (conn.send_response(200, b"OK", [(b"Content-Length", b"2")])
+               + conn.send_data(b"ok") + conn.send_end())
+    except ValueError as exc:
+        return ("refused", str(exc))
+    return out, conn.will_close(), conn.start_next_cycle(), conn.next_event()
+
+
+@BOUNDED
+@EACH_PARSER
+@given(st.sampled_from(HEADS),
+       st.lists(st.tuples(st.integers(min_value=0), st.sampled_from(SPICE)), max_size=4))
+def test_a_head_seen_before_begins_as_it_was_read_the_first_time(parser, head, insertions):
+    """begin_known(head) on a fresh connection, once another connection has read `head`,
+    gives what receive_data(head) and next_event() give there: the same Request, the body
+    read (none), and the same response bytes and keep-alive decision; or None and nothing
+    changed."""
+    data = bytearray(head.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")
+    for position, spice in insertions:
+        position %= len(data) + 1
+        data[position:position] = spice
+    data = bytes(data)
+    first = new_connection(LIMITS, parser)
+    first.receive_data(data)
+    try:
+        events = [first.next_event(), first.next_event()]
+    except ProtocolError:
+        return
+    second = new_connection(LIMITS, parser)
+    request = second.begin_known(data)
+    if request is None:  # nothing changed: the normal path reads it as the first did
+        second.receive_data(data)
+        assert [second.next_event(), second.next_event()] == events
+        return
+    assert [request, END_OF_MESSAGE] == events and not first.buffered()
+    assert second.next_event() == first.next_event()
+    assert _answer(second) == _answer(first)
