@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -115,13 +116,15 @@ def test_a_burst_of_keep_alive_connections_is_spread_over_four_workers(start_ser
     assert sum(counts[-1] - counts[0] <= 4 for counts in splits) >= 2, splits
 
 
-def _fresh_connections(server, target: bytes, clients: int, each: int) -> list[Response]:
-    """`clients` threads each sending `each` requests for `target`, one per connection (as
-    nginx's default proxy_pass and most health checkers do): every response, each a 200."""
+def _fresh_connections(server, target: bytes, clients: int, each: int,
+                       until: float = math.inf) -> list[Response]:
+    """`clients` threads each sending `each` requests for `target` (fewer if the monotonic
+    clock reaches `until`), one per connection (as nginx's default proxy_pass and most
+    health checkers do): every response, each a 200."""
 
     def one_client() -> list[Response]:
-        responses = []
-        for _ in range(each):
+        responses: list[Response] = []
+        while len(responses) < each and time.monotonic() < until:
             with server.connect() as sock:
                 sock.sendall(b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
                              % target)
@@ -134,12 +137,13 @@ def _fresh_connections(server, target: bytes, clients: int, each: int) -> list[R
                 for response in done.result()]
 
 
-def _fresh_connection_rate(server, requests: int = 400, clients: int = 10) -> float:
-    """Requests/s of `clients` threads each sending its share of `requests` for /hello, one
-    request per connection."""
+def _fresh_connection_rate(server, seconds: float = 0.5, clients: int = 10) -> float:
+    """Requests/s of `clients` threads sending requests for /hello, one per connection, for
+    `seconds` (a fixed count took some 50 ms: it measured the machine's hiccups as much as
+    the server)."""
     began = time.monotonic()
-    _fresh_connections(server, b"/hello", clients, requests // clients)
-    return requests / (time.monotonic() - began)
+    answered = _fresh_connections(server, b"/hello", clients, sys.maxsize, began + seconds)
+    return len(answered) / (time.monotonic() - began)
 
 
 @pytest.mark.parametrize("threads", ["1", "4"])
@@ -163,13 +167,15 @@ def test_two_workers_serve_fresh_connections_no_slower_than_one(start_server, in
     # Two workers used to take turns idling (the balancing deferral held one off while its
     # peer deferred in turn): 200 requests/s with -w 2 against 1,900 with -w 1. Healthy rates
     # are bound by this Python client, which shares the machine's cores with the workers:
-    # -w 2 came out at 0.6-0.9 of -w 1 on 2 cores; the stall was 0.1.
+    # -w 2 came out at 0.6-0.9 of -w 1 on 2 cores, and at 0.45-0.8 for ASGI since a worker
+    # serves a head seen before faster (the client's 10 threads get less CPU beside two
+    # busy workers; with wrk, -w 2 serves 1.5 times -w 1); the stall was 0.1.
     one = start_server(APP_OF[interface], "-w", "1")
     rate_one = _fresh_connection_rate(one)
     one.stop()
     two = start_server(APP_OF[interface], "-w", "2")
     rate_two = _fresh_connection_rate(two)
-    assert rate_two >= 0.5 * rate_one, f"-w 2: {rate_two:.0f}/s, -w 1: {rate_one:.0f}/s"
+    assert rate_two >= 0.3 * rate_one, f"-w 2: {rate_two:.0f}/s, -w 1: {rate_one:.0f}/s"
 
 
 def test_killed_worker_is_replaced(start_server):
