@@ -154,13 +154,14 @@ class HTTPProtocol(asyncio.Protocol):
         if self.ws is not None:
             self.ws.receive_data(data)
             return
+        if self.keep_last_read:
+            self.last_read = data if self.cycle is None and len(data) <= MAX_REPLAY \
+                and not self.conn.buffered() else None
         if self.cycle is None and not self.closing:
             # The usual keep-alive request, a head seen before in one read: straight to a
             # cycle, as _pull_events would have it with the same events.
             request = self.conn.begin_known(data)
             if request is not None:
-                if self.keep_last_read:
-                    self.last_read = data if len(data) <= MAX_REPLAY else None
                 try:
                     self._new_cycle(request)
                     self.cycle.feed_end()
@@ -168,9 +169,6 @@ class HTTPProtocol(asyncio.Protocol):
                 except StopNow:  # (as in _process)
                     self.worker.stop_loop_now()
                 return
-        if self.keep_last_read:
-            self.last_read = data if self.cycle is None and len(data) <= MAX_REPLAY \
-                and not self.conn.buffered() else None
         self.conn.receive_data(data)
         self._process()
         # The keep-alive timer runs on until a whole request head is in; once a head has
@@ -363,8 +361,9 @@ class HTTPProtocol(asyncio.Protocol):
         awaited here in the loop, so that the app is called inline and a slow client holds
         no thread and no app call. Not a body the client sends only after 100 Continue (the
         app decides), nor a larger one (the app reads it in the thread). True while it
-        waits; a client that sends nothing for the I/O timeout is answered 408."""
-        if type(cycle) is not WSGICycle or self.worker.app_threaded or cycle.body_complete \
+        waits; a client that sends nothing for the I/O timeout is answered 408. (Asked only
+        while the body is not complete.)"""
+        if type(cycle) is not WSGICycle or self.worker.app_threaded \
                 or not cycle.wants_body or self.conn.client_waiting_for_continue \
                 or _length(cycle.request) > BODY_HIGH_WATER:
             return False
