@@ -9,6 +9,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from forkserve.errors import ConfigError
 from forkserve.systemd import FDSTORE_PREFIX, listen_fds
@@ -35,6 +36,29 @@ class Address:
             return f"fd://{self.fd}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+# IP_TRANSPARENT and IPV6_TRANSPARENT (Linux): the socket accepts connections to any address.
+_TRANSPARENT = {socket.AF_INET: (socket.IPPROTO_IP, 19), socket.AF_INET6: (socket.IPPROTO_IPV6, 75)}
+
+
+def _accepted_local(sock: socket.socket) -> Any:
+    """The local address of every connection listening socket `sock` accepts (as
+    getsockname() gives it), when it is the same for all: a socket bound to one address, or
+    a unix socket. None for one bound to every address, or transparent (each connection has
+    the address it reached)."""
+    local = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return local
+    if local[0] in ("0.0.0.0", "::"):
+        return None
+    transparent = _TRANSPARENT.get(sock.family)
+    try:
+        if transparent is not None and sock.getsockopt(*transparent):
+            return None
+    except OSError:
+        pass  # not Linux
+    return local
 
 
 def parse_bind(spec: str) -> Address:
@@ -79,6 +103,7 @@ class Listener:
         self.address = address
         self.owns_path = owns_path
         self.secure = False  # served over TLS (set by the master)
+        self.accepted_local = _accepted_local(sock)
 
     @property
     def url(self) -> str:

@@ -302,7 +302,8 @@ _SERVER_PARTS: dict[tuple, dict[str, Any]] = {}
 class EnvironFactory:
     """Builds request environs for one connection from a per-connection template."""
 
-    __slots__ = ("_template", "_root_path", "_proxies")
+    __slots__ = ("_template", "_shared", "_remote_addr", "_remote_port", "_root_path",
+                 "_proxies")
 
     def __init__(self, sockname: Any, peername: Any, multithread: bool, root_path: str = "",
                  url_scheme: str = "http", proxies: TrustedProxies | None = None):
@@ -321,17 +322,29 @@ class EnvironFactory:
             server = _server_part(*key)
             if len(_SERVER_PARTS) < 64:
                 _SERVER_PARTS[key] = server
-        self._template = template = server.copy()
-        template["REMOTE_ADDR"] = remote_addr
-        template["REMOTE_PORT"] = remote_port
+        # Shared by every connection to the same server until `extend` (most connections
+        # serve one request: a copy of their own would be one more per connection).
+        self._template = server
+        self._shared = True
+        self._remote_addr = remote_addr
+        self._remote_port = remote_port
 
     def extend(self, variables: dict[str, Any]) -> None:
-        """Add `variables` to every environ built from now on (e.g. the TLS session's)."""
+        """Add `variables` to every environ built from now on (e.g. the TLS session's, or
+        the client's address from a PROXY header)."""
+        variables = dict(variables)
+        self._remote_addr = variables.pop("REMOTE_ADDR", self._remote_addr)
+        self._remote_port = variables.pop("REMOTE_PORT", self._remote_port)
+        if self._shared:
+            self._template = self._template.copy()
+            self._shared = False
         self._template.update(variables)
 
     def build(self, request: Request, body: InputStream, errors: ErrorStream) -> dict[str, Any]:
         """The environ of `request`, with `body` as wsgi.input and `errors` as wsgi.errors."""
         environ = self._template.copy()
+        environ["REMOTE_ADDR"] = self._remote_addr
+        environ["REMOTE_PORT"] = self._remote_port
         head = request.head
         if head is None:
             environ.update(_request_part(request, self._root_path))

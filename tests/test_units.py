@@ -18,7 +18,7 @@ from forkserve.http.base import END_OF_MESSAGE, NEED_DATA, Data, ProtocolError, 
 from forkserve.logs import check_access_log_format, format_access_line
 from forkserve.memory import fit_warning, memory_limit, oom_kills
 from forkserve.metrics import RequestStats, Totals, read_report
-from forkserve.sockets import Address, _bound_to, parse_bind
+from forkserve.sockets import Address, Listener, _bound_to, parse_bind
 from forkserve.wsgi import EnvironFactory, ErrorStream, InputStream
 
 # -- cpus ---------------------------------------------------------------------------------------
@@ -394,3 +394,22 @@ def test_environ_of_a_remembered_head_follows_each_factorys_root_path():
         got = environ(root)
         assert (got["SCRIPT_NAME"], got["PATH_INFO"], got["QUERY_STRING"],
                 got["HTTP_HOST"]) == (script, path, "q=1", "t")
+
+
+def test_the_local_address_of_accepted_connections_is_known_when_one(tmp_path):
+    """A listener bound to one address (or a unix socket) gives every connection that
+    address; one bound to every address, or transparent (any address), does not."""
+    cases = [(("127.0.0.1", 0), {}, True), (("0.0.0.0", 0), {}, False),
+             (("127.0.0.1", 0), {"transparent": True}, False)]
+    for address, options, known in cases:
+        with socket.socket() as sock:
+            if options:
+                sock.setsockopt(socket.IPPROTO_IP, 19, 1)  # IP_TRANSPARENT (needs root)
+            sock.bind(address)
+            sock.listen()
+            local = Listener(sock, Address("tcp")).accepted_local
+            assert local == (sock.getsockname() if known else None)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "s"))
+        sock.listen()
+        assert Listener(sock, Address("unix")).accepted_local == str(tmp_path / "s")

@@ -9,12 +9,12 @@ can close an idle connection for the new one), with every thread busy or over me
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING
 
 from forkserve.workers.base import BALANCE_MARGIN, DEFER_POLL
 
 if TYPE_CHECKING:
+    from forkserve.sockets import Listener
     from forkserve.workers.aio import AsyncioWorker
 
 
@@ -43,7 +43,7 @@ class Acceptor:
         loop = self.loop
         for listener in self.worker.listeners:
             if on:
-                loop.add_reader(listener.sock.fileno(), self._accept, listener.sock)
+                loop.add_reader(listener.sock.fileno(), self._accept, listener)
             else:
                 loop.remove_reader(listener.sock.fileno())
         handover = self.worker.handover
@@ -85,5 +85,5 @@ class Acceptor:
         else:
             self.loop.call_later(DEFER_POLL, self._poll_deferral, until)
 
-    def _accept(self, listening: socket.socket) -> None:
-        self.worker.accept_batch(listening, self.pause, self.worker.take)
+    def _accept(self, listener: Listener) -> None:
+        self.worker.accept_batch(listener, self.pause, self.worker.take)

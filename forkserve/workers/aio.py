@@ -30,6 +30,7 @@ from forkserve.threadpool import ThreadPool
 from forkserve.workers.accepting import Acceptor
 from forkserve.workers.autothreads import AUTO_THREADS, CALM_SECONDS, SLOW_CALL, AutoThreads
 from forkserve.workers.base import BootFailed, Worker, quiet_one
+from forkserve.workers.direct import DirectTransport
 from forkserve.workers.handover import Handover
 from forkserve.workers.loops import cancel_leftovers, new_event_loop
 from forkserve.workers.preamble import connect_after_preamble
@@ -43,6 +44,8 @@ WS_CLOSE_MARGIN = 1.0
 # How long lifespan shutdown may take on a graceful stop.
 LIFESPAN_SHUTDOWN_SECONDS = 10.0
 CALLING_FRAME = channel.encode(channel.CALLING)
+# The most of a just-accepted connection's first bytes read before its protocol is made.
+FIRST_READ = 65536
 # A pool thread waiting this long for a call ends (a new one starts when calls wait).
 THREAD_IDLE_SECONDS = CALM_SECONDS
 
@@ -213,9 +216,10 @@ class AsyncioWorker(Worker):
 
     # -- taking connections ----------------------------------------------------------------------
 
-    def take(self, sock: socket.socket, peer: Any, replay: bytes | None = None) -> None:
-        """Serve the connection `sock`: accepted, or handed by a peer with `replay`, the
-        bytes it read of a request (maybe none)."""
+    def take(self, sock: socket.socket, peer: Any, replay: bytes | None = None,
+             local: Any = None) -> None:
+        """Serve the connection `sock`: accepted (from `peer` to `local`, if known), or
+        handed by a peer with `replay`, the bytes it read of a request (maybe none)."""
         if replay is None and self.stats is not None:
             self.stats.accepted += 1
         if not self._below_limit():
@@ -225,19 +229,41 @@ class AsyncioWorker(Worker):
             if oldest is not None:
                 del self.idle[oldest]
                 oldest.close()
+        plain = self.tls is None and not self.cfg.proxy_protocol
+        if plain and replay is None:
+            data = _first_read(sock)
+            if data is not None:
+                if data:
+                    self._serve_direct(sock, peer, local, data)
+                else:  # the client left without a word
+                    sock.close()
+                if not self.has_room():
+                    self.acceptor.set_accepting(False)
+                return
         self.accepted += 1
         self._publish()  # count it now: peers must see this worker's load at once
-        if self.tls is None and not self.cfg.proxy_protocol:
+        if plain:
             fd = sock.fileno()
             # (One with bytes is handed on only once its protocol has them.)
             if not replay and self.handover is not None:
                 self.handover.accepted(fd)
             self._open(self.loop.connect_accepted_socket(
-                lambda: HTTPProtocol(self, replay=replay), sock), sock, fd)
+                lambda: HTTPProtocol(self, replay=replay, adopted=replay is not None), sock),
+                sock, fd)
         else:
             self.loop.create_task(connect_after_preamble(self, sock))
         if not self.has_room():
             self.acceptor.set_accepting(False)  # connection_closed starts again once one is gone
+
+    def _serve_direct(self, sock: socket.socket, peer: Any, local: Any, data: bytes) -> None:
+        """Serve a connection whose first bytes were read as it was accepted on its socket
+        for the rest of this loop turn (workers/direct.py), then on the loop's transport if
+        it is still open."""
+        protocol = HTTPProtocol(self, replay=data)
+        transport = DirectTransport(sock, peer, local, protocol, self.loop)
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        self._publish()
+        self.loop.call_soon(transport.settle, self.loop.connect_accepted_socket, self._step)
 
     def has_room(self) -> bool:
         """May this worker take another connection (--worker-connections, free threads)? At
@@ -251,22 +277,30 @@ class AsyncioWorker(Worker):
         return len(self.connections) + self.accepted < self.cfg.worker_connections
 
     def _open(self, opening: Coroutine[Any, Any, Any], sock: socket.socket, fd: int) -> None:
-        """Step `opening`, connect_accepted_socket on a plain socket (descriptor `fd`), to
-        its end. It only waits for its transport to call connection_made on the next loop
-        turn, so it is stepped here rather than run as a task: a task per connection costs
-        more than parsing its request."""
+        """Run `opening`, connect_accepted_socket on a plain socket (descriptor `fd`)."""
+        def finished(exc: BaseException | None) -> None:
+            if exc is not None:
+                sock.close()
+            if self.handover is not None:
+                self.handover.settled(fd)
+            self.connection_settled()
+
+        self._step(opening, finished)
+
+    def _step(self, opening: Coroutine[Any, Any, Any],
+              finished: Callable[[BaseException | None], None]) -> None:
+        """Step `opening`, a connect_accepted_socket, to its end, then `finished(None)`, or
+        `finished(exc)` if it failed. It only waits for its transport to call
+        connection_made on the next loop turn, so it is stepped here rather than run as a
+        task: a task per connection costs more than parsing its request."""
         try:
             waiting = opening.send(None)
         except StopIteration:
-            pass
-        except (OSError, asyncio.CancelledError):
-            sock.close()
+            finished(None)
+        except (Exception, asyncio.CancelledError) as exc:  # (OSError, mostly)
+            finished(exc)
         else:
-            waiting.add_done_callback(lambda _: self._open(opening, sock, fd))
-            return
-        if self.handover is not None:
-            self.handover.settled(fd)
-        self.connection_settled()
+            waiting.add_done_callback(lambda _: self._step(opening, finished))
 
     def connection_settled(self) -> None:
         """An accepted socket runs its protocol now, or was closed."""
@@ -480,3 +514,13 @@ class AsyncioWorker(Worker):
         if not self.connections and not self.accepted:
             self.all_closed.set()
 
+
+def _first_read(sock: socket.socket) -> bytes | None:
+    """What a just-accepted client sent already (b"" if it left, or reset the connection),
+    or None if nothing came yet."""
+    try:
+        return sock.recv(FIRST_READ, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""

@@ -84,22 +84,30 @@ class HTTPProtocol(asyncio.Protocol):
     last_read: bytes | None = None
 
     def __init__(self, worker: AsyncioWorker, proxy_header: ProxyHeader | None = None,
-                 replay: bytes | None = None) -> None:
+                 replay: bytes | None = None, adopted: bool = False) -> None:
         self.worker = worker
         self.proxy_header = proxy_header
         self.loop = worker.loop
         self.conn = worker.new_connection(worker.limits)
-        # A connection a peer worker handed over (see forkserve.handoff) comes with the
-        # bytes of a request the peer had read (maybe none): received first. And while the
-        # worker may hand connections over (`worker.handover`), it keeps the bytes of the last
-        # read if they began a request (which workers/handover.py may hand over with it).
-        self.adopted = replay is not None
+        # The bytes read from the connection before it was made (maybe none) are received
+        # first: those a just-accepted client sent at once (workers/direct.py), or those of a
+        # request a peer worker had read when it handed the connection over (`adopted`, see
+        # forkserve.handoff). And while the worker may hand connections over
+        # (`worker.handover`), it keeps the bytes of the last read if they began a request
+        # (which workers/handover.py may hand over with it).
+        self.adopted = adopted
         self.replayed = replay
         self.keep_last_read = worker.handover is not None
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is not None:  # moved from its first turn's (workers/direct.py)
+            first, self.transport = self.transport, transport
+            first.moved_to(transport)  # type: ignore[attr-defined]
+            if self.reading_paused:  # (uvloop starts reading after connection_made)
+                self.loop.call_soon(self._pause_reading_again)
+            return
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -127,12 +135,21 @@ class HTTPProtocol(asyncio.Protocol):
             return
         if worker.interface == "wsgi":
             self.environ_factory = self._environ_factory(local, peer, ssl_object)
-        self._wait_for_request(worker.first_byte_timeout)
+        if self.replayed:
+            # The first byte's deadline, its timer armed only if the bytes are not a whole
+            # request: a timer made and cancelled costs more than parsing one.
+            replayed, self.replayed = self.replayed, b""
+            self.deadline = self.loop.time() + worker.first_byte_timeout
+            self.data_received(replayed)
+            if self.cycle is None and self.ws is None and not self.closing:
+                if self.head_started:  # (a head has begun: see data_received)
+                    self._set_deadline(self.deadline - self.loop.time())
+                else:
+                    self._wait_for_request(worker.first_byte_timeout)
+        else:
+            self._wait_for_request(worker.first_byte_timeout)
         if worker.stopping:
             self.begin_stop()
-        if self.replayed:
-            replayed, self.replayed = self.replayed, b""
-            self.data_received(replayed)
 
     def _environ_factory(self, local: Any, peer: Any, ssl_object: Any) -> EnvironFactory:
         """The WSGI environ template of this connection: addresses, TLS, PROXY header."""
@@ -250,6 +267,10 @@ class HTTPProtocol(asyncio.Protocol):
             self.transport.resume_reading()
             self.loop.call_soon(self._process)
 
+    def _pause_reading_again(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.transport.pause_reading()
+
     def close(self) -> None:
         if not self.closed:
             self.transport.close()
@@ -263,6 +284,7 @@ class HTTPProtocol(asyncio.Protocol):
         """A peer worker serves this connection now: close our descriptor without a word
         (and without shutting the connection down, which would end it for the peer too)."""
         self.adopted = False
+        self.worker.idle.pop(self, None)  # (its descriptor's number may be reused at once)
         if not self.closed:
             self.closed = True
             self.transport.abort()
