@@ -59,6 +59,30 @@ def test_pipelined_requests_answered_in_order(http_server):
         assert reader.response().body.isdigit()
 
 
+def test_a_long_pipeline_is_answered_whole_and_in_order(http_server):
+    """Forty requests in one write (answered in one batch of the worker: their responses
+    go out together, some at a time)."""
+    with http_server.connect() as sock:
+        sock.sendall(b"".join(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%d"
+                              % (len(b"%d" % n), n) for n in range(40)))
+        reader = Reader(sock)
+        for n in range(40):
+            response = reader.response()
+            assert response.status == 200 and response.body == b"%d" % n
+
+
+def test_a_pipeline_cut_by_a_partial_head_answers_what_came_before_it(http_server):
+    """Complete requests, then the start of another: the complete ones are answered before
+    the rest of the last one comes."""
+    with http_server.connect() as sock:
+        sock.sendall(get(b"/hello") * 3 + b"GET /hello HTTP/1.1\r\nHo")
+        reader = Reader(sock)
+        for _ in range(3):
+            assert reader.response().body == b"Hello, World!"
+        sock.sendall(b"st: t\r\n\r\n")
+        assert reader.response().body == b"Hello, World!"
+
+
 def test_requests_of_every_framing_follow_each_other_on_one_connection(http_server):
     # A parser that kept what it expected of one request (a body longer than the next head,
     # a chunked body) would misread the next head: each must be read as if it came first.

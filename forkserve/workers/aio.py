@@ -75,6 +75,7 @@ class AsyncioWorker(Worker):
         self.in_threads: set[WSGICycle] = set()
         self.ready: deque[WSGICycle] = deque()  # requests read in this turn of the loop
         self.in_batch = False  # _run_ready is calling the app for them
+        self.corked: list[HTTPProtocol] = []  # holding responses until the batch ends
         # Calls into the app in the loop hand its waiting connections to peers once they run
         # long (workers/handover.py); not TLS or PROXY connections, whose state is ours alone.
         self.handover: Handover | None = Handover.start(self) if wsgi \
@@ -348,6 +349,9 @@ class AsyncioWorker(Worker):
                 self.run_wsgi(ready.popleft())
         finally:
             self.in_batch = False
+            corked, self.corked = self.corked, []
+            for protocol in corked:
+                protocol.uncork()
         self._publish()  # free again: peers may leave connections to it (see in_app)
 
     def run_wsgi(self, cycle: WSGICycle) -> None:

@@ -140,10 +140,12 @@ def _may_hand_off(protocol: HTTPProtocol) -> bool:
 
 
 def _quiet(protocol: HTTPProtocol) -> bool:
-    """Not closing, nothing unparsed, nothing unsent, no WebSocket. (TLS and PROXY
-    connections are never asked: their workers hand nothing over.)"""
+    """Not closing, nothing unparsed, nothing unsent (or held, see HTTPProtocol.corked),
+    no WebSocket. (TLS and PROXY connections are never asked: their workers hand nothing
+    over.)"""
     transport = protocol.transport
     return (protocol.ws is None and not protocol.closed and protocol.fd >= 0
+            and protocol.corked is None
             and not protocol.reading_paused and not transport.is_closing()
             and not transport.get_write_buffer_size() and not protocol.conn.buffered())
 

@@ -49,6 +49,10 @@ if TYPE_CHECKING:
     from forkserve.workers.aio import AsyncioWorker
 
 
+# The most writes held to go out as one (see HTTPProtocol.corked).
+MAX_CORKED = 16
+
+
 class HTTPProtocol(asyncio.Protocol):
     """One client connection: bytes to the parser, requests to the interface's cycles."""
 
@@ -82,6 +86,9 @@ class HTTPProtocol(asyncio.Protocol):
     head_started = False  # the next request's first bytes have arrived
     fd = -1  # the socket's descriptor
     last_read: bytes | None = None
+    # Responses to pipelined requests answered in one batch of the worker, held to go out in
+    # one write (see _next_cycle); None when writes go straight to the transport.
+    corked: list[bytes] | None = None
 
     def __init__(self, worker: AsyncioWorker, proxy_header: ProxyHeader | None = None,
                  replay: bytes | None = None, adopted: bool = False) -> None:
@@ -241,7 +248,20 @@ class HTTPProtocol(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if not self.closed and data:
-            self.transport.write(data)
+            corked = self.corked
+            if corked is None:
+                self.transport.write(data)
+            else:
+                corked.append(data)
+                if len(corked) >= MAX_CORKED:
+                    self.uncork()
+
+    def uncork(self) -> None:
+        """Write the responses held for one write (see _next_cycle), and write directly
+        from now on."""
+        corked, self.corked = self.corked, None
+        if corked and not self.closed:
+            self.transport.write(b"".join(corked))
 
     @property
     def closing(self) -> bool:
@@ -273,6 +293,7 @@ class HTTPProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed:
+            self.uncork()
             self.transport.close()
 
     def abort(self) -> None:
@@ -453,6 +474,7 @@ class HTTPProtocol(asyncio.Protocol):
                 # The response ended the connection: shut our side, and discard what comes
                 # for a moment (closing with unread bytes would make the kernel reset the
                 # connection, and the client could lose the response).
+                self.uncork()
                 self.transport.write_eof()
                 self._discard_body(LINGER_SECONDS)
             else:  # TLS cannot half-close
@@ -479,7 +501,16 @@ class HTTPProtocol(asyncio.Protocol):
         if self.reading_paused:
             self.resume_reading()  # pipelined bytes had filled the buffer
         if self.conn.has_input():  # (else the next bytes start the next request)
+            worker = self.worker
+            if self.corked is None and worker.in_batch:
+                # A pipelined request, whose WSGI app the worker calls in this batch: the
+                # responses from here on go out in one write, once the batch or the pipeline
+                # ends (a write per response costs more than the response, hello world).
+                self.corked = []
+                worker.corked.append(self)
             self._process()
+        else:
+            self.uncork()
 
     # -- timers and stopping ----------------------------------------------------------------------
 
