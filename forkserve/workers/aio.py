@@ -3,7 +3,8 @@
 The loop (made by workers/loops.py) accepts on the shared listening sockets itself, so that the
 scoreboard can spread connections across workers (when it accepts: workers/accepting.py), and
 runs one `HTTPProtocol` per connection (workers/protocol.py; a TLS or PROXY connection's once
-its preamble is read, workers/preamble.py). An ASGI request runs as a task; a WSGI app is
+its preamble is read, workers/preamble.py; a plain one whose request came with it on its
+socket for its first loop turn, workers/direct.py). An ASGI request runs as a task; a WSGI app is
 called inline in the loop (--threads 1, once the request's body is in) or in a pool of
 --threads threads (see `run_wsgi`). Connections waiting behind a long call in the loop go to
 peer workers (workers/handover.py). The heartbeat is a loop timer: an app that blocks the loop
