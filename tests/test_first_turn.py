@@ -172,3 +172,21 @@ def test_an_app_default_socket_timeout_does_not_reach_the_worker_sockets(start_s
         assert time.monotonic() - started < 1.5
         quiet.sendall(GET % b"/hello")
         assert Reader(quiet).response().status == 200
+
+
+def test_a_client_that_half_closes_after_its_requests_gets_every_response(start_server,
+                                                                           interface):
+    """Requests and the client's end of writing, all there at accept: the end is seen with
+    them (as a transport's read would), before any response is under way, so it does not
+    count as the client leaving during a response."""
+    server = start_server(APP_OF[interface], "-w", "1")
+    with worker_stopped(server):
+        sock = server.connect()
+        sock.sendall(GET % b"/echo" + GET % b"/stream?n=3")
+        sock.shutdown(socket.SHUT_WR)
+    with sock:
+        reader = Reader(sock)
+        assert reader.response().status == 200
+        streamed = reader.response()
+        assert streamed.status == 200 and streamed.body.count(b"piece") == 3
+        assert closed_by_peer(sock)

@@ -236,7 +236,7 @@ class AsyncioWorker(Worker):
             data = _first_read(sock)
             if data is not None:
                 if data:
-                    self._serve_direct(sock, peer, local, data)
+                    self._serve_direct(sock, peer, local, data, _at_eof(sock))
                 else:  # the client left without a word
                     sock.close()
                 if not self.has_room():
@@ -257,13 +257,16 @@ class AsyncioWorker(Worker):
         if not self.has_room():
             self.acceptor.set_accepting(False)  # connection_closed starts again once one is gone
 
-    def _serve_direct(self, sock: socket.socket, peer: Any, local: Any, data: bytes) -> None:
-        """Serve a connection whose first bytes were read as it was accepted on its socket
-        for the rest of this loop turn (workers/direct.py), then on the loop's transport if
-        it is still open."""
+    def _serve_direct(self, sock: socket.socket, peer: Any, local: Any, data: bytes,
+                      eof: bool) -> None:
+        """Serve a connection whose first bytes were read as it was accepted (and whose
+        client has ended writing, `eof`) on its socket for the rest of this loop turn
+        (workers/direct.py), then on the loop's transport if it is still open."""
         protocol = HTTPProtocol(self, replay=data)
         transport = DirectTransport(sock, peer, local, protocol, self.loop)
         protocol.connection_made(transport)  # type: ignore[arg-type]
+        if eof and not protocol.closing and not protocol.eof_received():
+            transport.close()
         self._publish()
         self.loop.call_soon(transport.settle, self.loop.connect_accepted_socket, self._step)
 
@@ -518,6 +521,16 @@ class AsyncioWorker(Worker):
     def _check_all_closed(self) -> None:
         if not self.connections and not self.accepted:
             self.all_closed.set()
+
+
+def _at_eof(sock: socket.socket) -> bool:
+    """Has the client ended writing after what was read? (Told with the bytes, as a
+    transport's reads would, the end comes before any response is under way: a client that
+    half-closes after its requests has not left.)"""
+    try:
+        return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except OSError:  # nothing more yet (a reset shows at the next read)
+        return False
 
 
 def _first_read(sock: socket.socket) -> bytes | None:

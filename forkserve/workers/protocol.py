@@ -89,6 +89,7 @@ class HTTPProtocol(asyncio.Protocol):
     # Responses to pipelined requests answered in one batch of the worker, held to go out in
     # one write (see _next_cycle); None when writes go straight to the transport.
     corked: list[bytes] | None = None
+    eof = False  # the client ended writing (eof_received)
 
     def __init__(self, worker: AsyncioWorker, proxy_header: ProxyHeader | None = None,
                  replay: bytes | None = None, adopted: bool = False) -> None:
@@ -207,6 +208,9 @@ class HTTPProtocol(asyncio.Protocol):
                 self._set_deadline(header_timeout)
 
     def eof_received(self) -> bool:
+        if self.eof:  # told already, in its first turn (workers/direct.py)
+            return True
+        self.eof = True
         if self.ws is not None:
             self.ws.receive_data(None)
             return False
