@@ -13,7 +13,7 @@ workers make of it. It starts ``python -m forkserve tests.apps.wsgiapp:app`` (or
 app, or one after the other with ``--app both``, sharing ``--duration``) on a free loopback
 port with ``--workers`` workers and ``--limit-request-body 65536``, in its own process group
 that is killed whatever happens (Ctrl-C included), its output in
-``loadtests/out/fuzz/server-APP.log``. Then it sends batches of ``--batch`` exchanges, 16 at a
+``loadtests/out/fuzz/server-APP-PID.log``. Then it sends batches of ``--batch`` exchanges, 16 at a
 time, each on a new connection:
 
 * valid pipelines (GET/HEAD/POST..., Content-Length or chunked bodies with extensions and
@@ -1126,7 +1126,8 @@ class Forkserve(Target):
 
     def __init__(self, app: str, workers: int) -> None:
         OUT_DIR.mkdir(parents=True, exist_ok=True)
-        self.log_path = OUT_DIR / f"server-{app}.log"
+        # (Named by this run's pid: two runs at once must not read each other's port.)
+        self.log_path = OUT_DIR / f"server-{app}-{os.getpid()}.log"
         command = [sys.executable, "-m", "forkserve", APPS[app], "-b", "127.0.0.1:0",
                    "-w", str(workers), "--limit-request-body", str(BODY_LIMIT)]
         if os.geteuid() == 0:
