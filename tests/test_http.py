@@ -373,7 +373,9 @@ def test_worker_connections_limit_queues_new_ones_while_all_are_busy(start_serve
     busy = [server.connect() for _ in range(2)]
     try:
         for i, sock in enumerate(busy):
-            sock.sendall(get(b"/sleep?s=1&tag=busy%d" % i))
+            # (2 s: the 0.5 s without an answer below must fall within both calls, also on
+            # a slow machine; with 1 s it once did not.)
+            sock.sendall(get(b"/sleep?s=2&tag=busy%d" % i))
             server.wait_for(f"SLEEPING busy{i}")
         with server.connect() as waiting:  # queued by the kernel: no connection is idle
             waiting.sendall(get(b"/hello"))
