@@ -232,16 +232,19 @@ class AsyncioWorker(Worker):
                 del self.idle[oldest]
                 oldest.close()
         plain = self.tls is None and not self.cfg.proxy_protocol
-        if plain and replay is None:
-            data = _first_read(sock)
-            if data is not None:
-                if data:
-                    self._serve_direct(sock, peer, local, data, _at_eof(sock))
-                else:  # the client left without a word
-                    sock.close()
-                if not self.has_room():
-                    self.acceptor.set_accepting(False)
-                return
+        data = _first_read(sock) if plain and replay is None else None
+        if data:
+            self._serve_direct(sock, peer, local, data, _at_eof(sock))
+        elif data is not None:  # b"": the client left without a word
+            sock.close()
+        else:
+            self._open_later(sock, replay, plain)
+        if not self.has_room():
+            self.acceptor.set_accepting(False)  # connection_closed starts again once one is gone
+
+    def _open_later(self, sock: socket.socket, replay: bytes | None, plain: bool) -> None:
+        """Set up the protocol of `sock` (with the bytes a peer read of it, `replay`) once
+        its transport is made, or its preamble read."""
         self.accepted += 1
         self._publish()  # count it now: peers must see this worker's load at once
         if plain:
@@ -254,8 +257,6 @@ class AsyncioWorker(Worker):
                 sock, fd)
         else:
             self.loop.create_task(connect_after_preamble(self, sock))
-        if not self.has_room():
-            self.acceptor.set_accepting(False)  # connection_closed starts again once one is gone
 
     def _serve_direct(self, sock: socket.socket, peer: Any, local: Any, data: bytes,
                       eof: bool) -> None:

@@ -167,13 +167,8 @@ class DirectTransport:
     def _failed(self, exc: BaseException | None) -> None:
         """The loop's transport was made (None), or could not be (`exc`): then the
         connection is lost."""
-        if exc is None:
-            return
-        self._closing = self._lost = True
-        self._pending.clear()
-        self._sock.close()
-        protocol, self._protocol = self._protocol, None
-        protocol.connection_lost(exc if isinstance(exc, Exception) else None)
+        if exc is not None:
+            self._lose(exc if isinstance(exc, Exception) else None)
 
     # -- helpers --------------------------------------------------------------------------------
 
