@@ -203,6 +203,8 @@ def test_every_control_command_does_what_it_says(start_server, tmp_path):
     # (HUP reads the configuration again: back to -w 1)
     server.wait_for(r"HUP: reloading: starting 1 new workers before stopping 3", start=mark)
     server.wait_for(r"replaced 3 workers", start=mark)
+    for pid in workers:  # (told to stop, they finish in their own time)
+        server.wait_for(rf"\(pid {pid}\) exited with status 0", start=mark)
     assert not set(server.workers()) & set(workers)
     # (the reload is over once the old workers are told to stop: with or without systemd)
     assert _ask(path, {"command": "status"})[0]["master"]["state"] == "serving"
