@@ -190,3 +190,31 @@ def test_a_client_that_half_closes_after_its_requests_gets_every_response(start_
         streamed = reader.response()
         assert streamed.status == 200 and streamed.body.count(b"piece") == 3
         assert closed_by_peer(sock)
+
+
+def test_a_worker_filled_in_its_first_turn_accepts_no_more_in_that_batch(start_server,
+                                                                         interface):
+    """Two requests that fill the worker (--worker-connections 2) and a third, all waiting
+    in the listening queue: the third is not accepted while the first two run (the accept
+    batch went on after serving the second had filled the worker; the third then waited
+    behind them inside the worker, where no peer could take it)."""
+    threads = ["--threads", "4"] if interface == "wsgi" else []
+    server = start_server(APP_OF[interface], "-w", "1", "--worker-connections", "2", *threads)
+    socks = []
+    try:
+        with worker_stopped(server):
+            for data in (GET % b"/sleep?s=2&tag=a", GET % b"/sleep?s=2&tag=b", GET % b"/hello"):
+                socks.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+                socks[-1].sendall(data)
+        *busy, waiting = socks
+        server.wait_for("SLEEPING b")
+        waiting.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            waiting.recv(1)  # still in the listening queue
+        waiting.settimeout(10)
+        assert Reader(waiting).response().status == 200  # once one of them ended
+        for sock in busy:
+            assert Reader(sock).response().status == 200
+    finally:
+        for sock in socks:
+            sock.close()

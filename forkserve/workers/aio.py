@@ -219,9 +219,11 @@ class AsyncioWorker(Worker):
     # -- taking connections ----------------------------------------------------------------------
 
     def take(self, sock: socket.socket, peer: Any, replay: bytes | None = None,
-             local: Any = None) -> None:
+             local: Any = None) -> bool:
         """Serve the connection `sock`: accepted (from `peer` to `local`, if known), or
-        handed by a peer with `replay`, the bytes it read of a request (maybe none)."""
+        handed by a peer with `replay`, the bytes it read of a request (maybe none). True if
+        the worker still takes connections (serving this one in its first turn may have
+        filled it: every thread or --worker-connections in use)."""
         if replay is None and self.stats is not None:
             self.stats.accepted += 1
         if not self._below_limit():
@@ -241,6 +243,7 @@ class AsyncioWorker(Worker):
             self._open_later(sock, replay, plain)
         if not self.has_room():
             self.acceptor.set_accepting(False)  # connection_closed starts again once one is gone
+        return self.acceptor.accepting
 
     def _open_later(self, sock: socket.socket, replay: bytes | None, plain: bool) -> None:
         """Set up the protocol of `sock` (with the bytes a peer read of it, `replay`) once

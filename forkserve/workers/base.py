@@ -226,10 +226,11 @@ class Worker:
             raise MasterGone(f"lost its pipe to the master ({exc.strerror})") from None
 
     def accept_batch(self, listener: Listener, pause: Callable[[float, bool], None],
-                     take: Callable[..., None]) -> None:
+                     take: Callable[..., bool]) -> None:
         """Accept up to ACCEPT_BATCH connections from `listener` and `take(sock, peer,
-        local=...)` each (`sock` is in blocking mode: the event loop's transports make it
-        non-blocking and set TCP_NODELAY; `local` is the listener's `accepted_local`).
+        local=...)` each, while `take` says the worker takes more (`sock` is in blocking
+        mode: the event loop's transports make it non-blocking and set TCP_NODELAY; `local`
+        is the listener's `accepted_local`).
         Leaves new connections to a lighter peer for a moment (`pause(ACCEPT_DEFER, True)`:
         rebalancing, ended early once no peer is lighter), and pauses accepting when out of
         descriptors (`pause(RESOURCE_PAUSE, False)`)."""
@@ -278,7 +279,8 @@ class Worker:
                                "from --forwarded-allow-ips", host or "a unix socket")
                 sock.close()
                 continue
-            take(sock, peer, local=local)
+            if not take(sock, peer, local=local):
+                return  # (serving it in this turn may have filled the worker)
 
     def tick(self) -> None:
         """Periodic duties: heartbeat with counters, title, logs, recycling, master alive.

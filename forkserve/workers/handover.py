@@ -119,6 +119,8 @@ class Handover:
                 return
             for sock, replay in given:
                 self.worker.take(sock, None, replay)
+            if not self.worker.acceptor.accepting:
+                return  # it is full now: the rest are for a free peer
 
 
 def _replay(protocol: HTTPProtocol) -> bytes:
