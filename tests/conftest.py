@@ -98,6 +98,9 @@ class Server:
         self._reader.start()
         self.url = ""
         self.port = 0
+        # Where this test's part of the log begins: a server shared by a module's tests
+        # (shared_server) moves it at each test, so that wait_for and log see only its lines.
+        self.base = 0
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -110,15 +113,17 @@ class Server:
 
     @property
     def log(self) -> str:
+        """What it logged since `base`."""
         with self._cond:
-            return "\n".join(self.lines)
+            return "\n".join(self.lines[self.base:])
 
     def wait_for(self, pattern: str | re.Pattern, timeout: float = 15.0,
-                 start: int = 0) -> re.Match:
-        """Block until a log line (from index `start`) matches `pattern`; return the match."""
+                 start: int | None = None) -> re.Match:
+        """Block until a log line (from index `start`, else `base`) matches `pattern`; return
+        the match."""
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
-        seen = start
+        seen = self.base if start is None else start
         with self._cond:
             while True:
                 for line in self.lines[seen:]:
@@ -133,10 +138,11 @@ class Server:
                     )
                 self._cond.wait(remaining)
 
-    def wait_for_count(self, pattern: str, count: int, start: int = 0,
+    def wait_for_count(self, pattern: str, count: int, start: int | None = None,
                        timeout: float = 15.0) -> None:
-        """Block until `count` log lines from index `start` match `pattern`."""
+        """Block until `count` log lines from index `start` (else `base`) match `pattern`."""
         regex = re.compile(pattern)
+        start = self.base if start is None else start
         deadline = time.monotonic() + timeout
         with self._cond:
             while sum(1 for line in self.lines[start:] if regex.search(line)) < count:
@@ -227,31 +233,74 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _argv(args: tuple[str, ...], parser: str | None) -> list[str]:
+    """A test's server arguments: on 127.0.0.1:0 unless -b is given, --http `parser` when the
+    test runs on each parser."""
+    argv = list(args)
+    if "-b" not in argv and "--bind" not in argv:
+        argv += ["-b", "127.0.0.1:0"]
+    if parser is not None:
+        argv += ["--http", parser]
+    return argv
+
+
+def _show_logs(request: pytest.FixtureRequest, servers: list[Server]) -> None:
+    """Add what each server logged (since its `base`) to the report of a failed test."""
+    failed = getattr(request.node, "report_call", None)
+    if failed is not None and failed.failed:
+        for server in servers:
+            failed.sections.append((f"forkserve {' '.join(server.args)} (exit status "
+                                    f"{server.proc.returncode})", server.log))
+
+
 @pytest.fixture
 def start_server(parser, request) -> Iterator[Callable[..., Server]]:
-    """Start forkserve with the given arguments (on 127.0.0.1:0 unless -b is given, with
-    --http `parser` when the test runs on each parser). A failed test's report shows what
-    each server logged, and how it exited."""
+    """Start forkserve with the given arguments (see _argv). A failed test's report shows
+    what each server logged, and how it exited."""
     servers: list[Server] = []
 
     def start(*args: str, ready: bool = True, **kwargs) -> Server:
-        argv = list(args)
-        if "-b" not in argv and "--bind" not in argv:
-            argv += ["-b", "127.0.0.1:0"]
-        if parser is not None:
-            argv += ["--http", parser]
-        server = Server(argv, **kwargs)
+        server = Server(_argv(args, parser), **kwargs)
         servers.append(server)
         return server.wait_ready() if ready else server
 
     yield start
     for server in servers:
         server.stop()
-    failed = getattr(request.node, "report_call", None)
-    if failed is not None and failed.failed:
-        for server in servers:
-            failed.sections.append((f"forkserve {' '.join(server.args)} (exit status "
-                                    f"{server.proc.returncode})", server.log))
+    _show_logs(request, servers)
+
+
+@pytest.fixture(scope="module")
+def _server_pool() -> Iterator[dict[tuple[str, ...], Server]]:
+    """The servers of shared_server, by command line; stopped when the module is done."""
+    pool: dict[tuple[str, ...], Server] = {}
+    yield pool
+    for server in pool.values():
+        server.stop()
+
+
+@pytest.fixture
+def shared_server(parser, request, _server_pool) -> Iterator[Callable[..., Server]]:
+    """start_server for tests that leave the server as they found it (they change no setting
+    and stop nothing; a worker they make exit is replaced by the master): the module's tests
+    asking for one command line share one server, started for the first of them (about 0.2 s
+    saved per test). Each test sees the log from its own start (Server.base). A server found
+    no longer running is started again."""
+    used: list[Server] = []
+
+    def start(*args: str) -> Server:
+        argv = _argv(args, parser)
+        server = _server_pool.get(tuple(argv))
+        if server is None or server.proc.poll() is not None:
+            if server is not None:
+                server.stop()
+            server = _server_pool[tuple(argv)] = Server(argv).wait_ready()
+        server.base = server.mark()
+        used.append(server)
+        return server
+
+    yield start
+    _show_logs(request, used)
 
 
 @pytest.fixture
@@ -269,10 +318,10 @@ def public_apps() -> Iterator[Path]:
 
 
 @pytest.fixture(params=["1", "4"], ids=["inline", "threads"])
-def wsgi_server(start_server, request) -> Server:
+def wsgi_server(shared_server, request) -> Server:
     """The validating test app, 2 workers; each test runs with the app called in the loop
     (--threads 1) and in a pool of threads (--threads 4), whose writes go through the loop."""
-    return start_server("wsgiapp:app", "-w", "2", "--threads", request.param)
+    return shared_server("wsgiapp:app", "-w", "2", "--threads", request.param)
 
 
 # The same routes as a WSGI app (sync worker) and as an ASGI app (asyncio worker).
@@ -285,9 +334,9 @@ def interface(request) -> str:
 
 
 @pytest.fixture
-def http_server(start_server, interface) -> Server:
+def http_server(shared_server, interface) -> Server:
     """The test app of `interface`, 2 workers; `.interface` says which."""
-    server = start_server(APP_OF[interface], "-w", "2")
+    server = shared_server(APP_OF[interface], "-w", "2")
     server.interface = interface
     return server
 

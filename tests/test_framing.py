@@ -118,9 +118,9 @@ CASES = [
 
 
 @pytest.fixture
-def strict_server(start_server, interface):
+def strict_server(shared_server, interface):
     from conftest import APP_OF
-    return start_server(APP_OF[interface], "-w", "1", "--limit-request-body", "1500")
+    return shared_server(APP_OF[interface], "-w", "1", "--limit-request-body", "1500")
 
 
 @pytest.mark.parametrize(("raw", "status"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
