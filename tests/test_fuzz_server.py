@@ -3,6 +3,7 @@ and the checker does fail a server that answers what it should refuse."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import socketserver
 import subprocess
@@ -59,3 +60,33 @@ def test_a_server_that_answers_malformed_requests_fails_the_run():
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FINDING accepted-malformed" in result.stdout
     assert "FINDING wrong-answer" in result.stdout
+
+
+def _load_fuzz_server():
+    spec = importlib.util.spec_from_file_location("fuzz_server", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_server"] = module  # (its dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_judge_excuses_only_a_half_closed_clients_stream_ended_by_its_eof():
+    """README documents it: a half-closed client's stream may end when its EOF is read after
+    the stream began. Anything near it stays a finding."""
+    fz = _load_fuzz_server()
+    pid = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n123"
+    stream = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8\r\npiece 0\n\r\n"
+    answers = (fz.Answer(None), fz.Answer(fz.STREAM_BODY))
+
+    def verdict(received, ending=fz.HALF_CLOSE, end=fz.EOF, owed=answers):
+        sent = b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\nGET /stream HTTP/1.1\r\nHost: t\r\n\r\nG"
+        case = fz.Case("1.1", f"cut:{ending}", sent, (), ending, fz.Expect(owed, open_end=True))
+        return fz.judge(case, fz.Transcript(received, end, 0, 0.1))
+
+    excused = verdict(pid + stream)
+    assert excused.cut_stream and excused.findings == []
+    for near in (verdict(pid + stream, owed=(fz.Answer(None), fz.Answer(b"Hello"))),
+                 verdict(pid[:-1] + stream),  # the answer before it cut
+                 verdict(pid + stream, end=fz.SILENT),  # not closed: the stream hangs
+                 verdict(pid)):  # the stream never began
+        assert not near.cut_stream and near.findings, near
