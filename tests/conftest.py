@@ -520,12 +520,18 @@ class LoadClient:
 
 def _dropped(sock: socket.socket) -> bool:
     """Has the server closed this idle connection? (EOF waiting to be read.)"""
+    # (Not recv(MSG_DONTWAIT) on the socket as it is: with a timeout, Python first waits for
+    # it to become readable, up to the timeout: 10 s for every keep-alive request.)
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return sock.recv(1, socket.MSG_PEEK) == b""
     except BlockingIOError:
         return False
     except OSError:
         return True
+    finally:
+        sock.settimeout(timeout)
 
 
 def wait_in_file(path, pattern: re.Pattern, timeout: float = 15.0) -> None:
