@@ -24,6 +24,13 @@ import time
 SLOTS = 1024
 UNAVAILABLE = 0xFFFFFFFF  # absent, or busy in the app and not accepting
 REQUEST_TEXT = 240  # bytes of a request line kept for the hang report
+# A loop's call into the app younger than this still counts its worker in for balancing, with
+# the connections it held when the call began: it will accept again in a moment. Without it a
+# burst of keep-alive clients (wrk, a pool filling up) all went to whichever worker was not
+# in a call just then, and stayed there (connections 11 / 21, requests 1.7 to 1). The same
+# bound as forkserve.handoff.HANDOFF_AFTER, where a call becomes long; 1 ms was too short on
+# 2 busy CPUs, where a worker is often preempted in the middle of a call.
+SHORT_CALL = 0.005
 
 
 class Scoreboard:
@@ -33,14 +40,16 @@ class Scoreboard:
     """
 
     def __init__(self) -> None:
-        self._map = mmap.mmap(-1, SLOTS * (4 + 8 + 4 + 1 + 1 + REQUEST_TEXT) + 2)
+        self._map = mmap.mmap(-1, SLOTS * (4 + 8 + 4 + 1 + 1 + 4 + REQUEST_TEXT) + 2)
         view = memoryview(self._map)
         self._counts = view[:4 * SLOTS].cast("I")
         self._started = view[4 * SLOTS:12 * SLOTS].cast("d")  # when the request began
         self._lengths = view[12 * SLOTS:16 * SLOTS].cast("I")  # of its text; 0: none
         self._took_traffic = view[16 * SLOTS:17 * SLOTS]  # 1 once it accepted a connection
         self._hands_off = view[17 * SLOTS:18 * SLOTS]  # 1: hands connections to peers
-        self._text = 18 * SLOTS  # where the texts begin in the map
+        # The connections it last published (`set`), kept while it calls the app.
+        self._held = view[18 * SLOTS:22 * SLOTS].cast("I")
+        self._text = 22 * SLOTS  # where the texts begin in the map
         # 1 while the master polls the calls (forkserve.handoff); else a worker beginning one
         # tells it.
         self._polled = view[len(view) - 1:]
@@ -74,6 +83,7 @@ class Scoreboard:
         """Worker: it holds `connections` connections (UNAVAILABLE while it cannot accept)."""
         if number < SLOTS:
             self._counts[number] = connections
+            self._held[number] = connections
 
     def mark_took_traffic(self, number: int) -> None:
         """Worker: it accepted its first connection."""
@@ -162,7 +172,9 @@ class Scoreboard:
     def has_lighter_peer(self, number: int, margin: int) -> bool:
         """Worker: does another available worker hold clearly fewer connections: at least
         `margin` fewer, and at least an eighth fewer? (The relative part keeps workers
-        holding hundreds of connections each from leaving new ones to each other in turn.)"""
+        holding hundreds of connections each from leaving new ones to each other in turn.)
+        A worker whose loop has been in the app for less than SHORT_CALL counts, with the
+        connections it held; one in a longer call, or with every thread busy, does not."""
         if number >= SLOTS:
             return False
         counts = self._counts
@@ -172,7 +184,13 @@ class Scoreboard:
         threshold = mine - max(margin, mine >> 3)
         if threshold < 0:
             return False
-        for slot in range(1, counts[0] + 1):  # noqa: SIM110 (any() of a generator costs more)
-            if counts[slot] <= threshold and slot != number:
+        now = 0.0
+        for slot in range(1, counts[0] + 1):
+            count = counts[slot]
+            if count == UNAVAILABLE and self._lengths[slot] and slot != number:
+                now = now or time.monotonic()
+                if now - self._started[slot] < SHORT_CALL:
+                    count = self._held[slot]
+            if count <= threshold and slot != number:
                 return True
         return False

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -150,16 +151,52 @@ def _fresh_connection_rate(server, seconds: float = 0.5, clients: int = 10) -> f
 @pytest.mark.parametrize("workers", [2, 4])
 def test_fresh_connections_are_shared_fairly_when_workers_are_busy(start_server, workers,
                                                                    threads):
-    """32 clients sending one request per connection to an app that blocks 5 ms, more than
-    the workers can serve: the busiest worker serves at most 1.25 times the requests of
-    the least busy (issue 15's target). What keeps it fair here is mostly that a worker
-    whose loop or threads are all in the app does not accept; a worker that took
-    connections it cannot serve at once would fail it."""
+    """32 clients sending 24 requests each, one per connection, to an app that blocks 5 ms,
+    more than the workers can serve: the busiest worker serves at most 1.25 times the
+    requests of the least busy (issue 15's target). What keeps it fair here is mostly that a
+    worker whose loop or threads are all in the app does not accept; a worker that took
+    connections it cannot serve at once would fail it. (24 each, not 12: with 4 workers,
+    96 requests a worker spread by chance alone up to 1.36 about once in 7 runs.)"""
     server = start_server("wsgiapp:app", "-w", str(workers), "--threads", threads)
     served = [int(response.body)
-              for response in _fresh_connections(server, b"/sleep?s=0.005", 32, 12)]
+              for response in _fresh_connections(server, b"/sleep?s=0.005", 32, 24)]
     counts = sorted(served.count(pid) for pid in server.workers())
     assert len(counts) == workers and counts[-1] <= 1.25 * counts[0], counts
+
+
+def _keep_alive_burst(server, clients: int = 32) -> list[int]:
+    """`clients` connections opened at once, each then sending a request as soon as it is
+    connected (as wrk and a filling connection pool do): the pid that answered each."""
+    socks = [socket.socket() for _ in range(clients)]
+    try:
+        for sock in socks:
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(("127.0.0.1", server.port))
+        for sock in socks:
+            select.select([], [sock], [], 10)
+            sock.settimeout(10)
+            sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+        return [int(Reader(sock).response().body) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_burst_of_keep_alive_clients_is_split_evenly(start_server):
+    """A keep-alive connection stays with the worker that accepted it, so a burst decides
+    the shares for as long as the clients stay. A worker in a short call into the app when
+    the burst came used to be left out: splits of 10 / 22, even 0 / 32, and requests 1.5-2
+    to 1 under wrk (issue 15's target is 1.25). Now each worker takes its half, within the
+    balancing margin (8 bursts together: 1.00-1.03 in 8 runs; before, 1.00-1.75, 5 of 8 over
+    the bound)."""
+    server = start_server("wsgiapp:app", "-w", "2")
+    held = {pid: 0 for pid in server.workers()}
+    for _ in range(8):
+        for pid in _keep_alive_burst(server):
+            held[pid] += 1
+    counts = sorted(held.values())
+    assert counts[-1] <= 1.06 * counts[0], held
 
 
 @pytest.mark.timeout(90)

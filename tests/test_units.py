@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import socket
+import time
 
 import pytest
 
@@ -243,7 +244,7 @@ def test_bad_access_log_format():
 # -- scoreboard ---------------------------------------------------------------------------------
 
 def test_scoreboard_balancing_rules():
-    from forkserve.scoreboard import UNAVAILABLE, Scoreboard
+    from forkserve.scoreboard import SHORT_CALL, UNAVAILABLE, Scoreboard
     board = Scoreboard()
     board.join(1)
     board.join(2)
@@ -259,9 +260,13 @@ def test_scoreboard_balancing_rules():
     assert not board.has_lighter_peer(1, 2)  # 500 vs 450: within an eighth
     board.set(2, 437)
     assert board.has_lighter_peer(1, 2)  # 500 vs 437: more than an eighth fewer
+    board.set(2, 3)
     board.serving(2, b"GET", b"/slow HTTP/1.1")
     board.set(1, 9)
-    assert not board.has_lighter_peer(1, 2)  # worker 2 is busy in the app
+    # In a call just begun, worker 2 counts with the 3 it held: it accepts again in a moment.
+    assert board.has_lighter_peer(1, 2)
+    time.sleep(SHORT_CALL * 2)  # (the passing of time is what is checked)
+    assert not board.has_lighter_peer(1, 2)  # a long call: worker 2 is busy in the app
     text, seconds = board.current_request(2)
     assert text == "GET /slow HTTP/1.1" and 0 <= seconds < 5
     board.served(2)
