@@ -381,17 +381,25 @@ class Reader:
         return head + marker
 
     def read_exact(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            if not self._more():
-                raise EOFError(f"connection closed after {len(self.buffer)} of {n} bytes")
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        # (Pieces joined once: a large body read in small pieces, as a small receive buffer
+        # gives them, would be copied again for every piece.)
+        pieces, have = [self.buffer], len(self.buffer)
+        while have < n:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError(f"connection closed after {have} of {n} bytes")
+            pieces.append(data)
+            have += len(data)
+        joined = b"".join(pieces)
+        data, self.buffer = joined[:n], joined[n:]
         return data
 
     def read_to_eof(self) -> bytes:
-        while self._more():
-            pass
-        data, self.buffer = self.buffer, b""
-        return data
+        pieces = [self.buffer]
+        while data := self.sock.recv(65536):
+            pieces.append(data)
+        self.buffer = b""
+        return b"".join(pieces)
 
     def response(self, head_request: bool = False) -> Response:
         raw_head = self.read_until(b"\r\n\r\n")
