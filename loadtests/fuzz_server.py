@@ -986,10 +986,13 @@ def judge(case: Case, transcript: Transcript) -> Verdict:
     # Documented (README, ASGI): an EOF read while a response streams is the client leaving,
     # so a client that half-closes right after its requests may have a streamed answer ended
     # when its EOF is read after the stream began (the EOF races the request bytes). Only that
-    # is excused: the stream was begun and well-formed so far, every answer before it whole.
+    # is excused: every answer before it whole and none saying close, the stream's head whole
+    # (200, chunked) and its body well-formed as far as it came.
     cut_stream = (case.ending == HALF_CLOSE and pending and not problem
                   and transcript.end == EOF and len(finals) < len(expect.answers)
-                  and expect.answers[len(finals)].body == STREAM_BODY)
+                  and expect.answers[len(finals)].body == STREAM_BODY
+                  and not any(r.closes for r in finals)
+                  and _streaming_head(transcript.received))
     if cut_stream:
         expect = replace(expect, answers=expect.answers[:len(finals)])
     findings = []
@@ -1023,6 +1026,18 @@ def judge(case: Case, transcript: Transcript) -> Verdict:
     findings += _judge_owed(expect, finals, closed_at, transcript.end)
     unique = {f.kind: f for f in findings}  # one of each kind is enough
     return Verdict(list(unique.values()), [r.status for r in responses], cut_stream)
+
+
+def _streaming_head(received: bytes) -> bool:
+    """Does the last response `received` begin with a whole head of a 200 with a chunked
+    body?"""
+    start = received.rfind(b"HTTP/1.1 ")
+    end = received.find(b"\r\n\r\n", start)
+    if start < 0 or end < 0:
+        return False
+    status_line, *fields = received[start:end].split(b"\r\n")
+    return status_line.startswith(b"HTTP/1.1 200 ") and any(
+        field.lower().replace(b" ", b"") == b"transfer-encoding:chunked" for field in fields)
 
 
 def _judge_owed(expect: Expect, finals: list[Response], closed_at: int | None,

@@ -85,8 +85,13 @@ def test_the_judge_excuses_only_a_half_closed_clients_stream_ended_by_its_eof():
 
     excused = verdict(pid + stream)
     assert excused.cut_stream and excused.findings == []
+    closing = pid.replace(b"OK\r\n", b"OK\r\nConnection: close\r\n")
     for near in (verdict(pid + stream, owed=(fz.Answer(None), fz.Answer(b"Hello"))),
                  verdict(pid[:-1] + stream),  # the answer before it cut
                  verdict(pid + stream, end=fz.SILENT),  # not closed: the stream hangs
-                 verdict(pid)):  # the stream never began
+                 verdict(pid),  # the stream never began
+                 verdict(pid + b"HTTP/1.1 2"),  # nor its head
+                 verdict(pid + stream.replace(b"200 OK", b"500 Internal Server Error")),
+                 verdict(pid + b"HTTP/1.1 200 OK\r\nContent-Length: 24\r\n\r\npiece"),
+                 verdict(closing + stream)):  # a response after the close
         assert not near.cut_stream and near.findings, near
