@@ -186,11 +186,13 @@ class Scoreboard:
             return False
         now = 0.0
         for slot in range(1, counts[0] + 1):
+            if slot == number:
+                continue
             count = counts[slot]
-            if count == UNAVAILABLE and self._lengths[slot] and slot != number:
+            if count == UNAVAILABLE and self._lengths[slot]:
                 now = now or time.monotonic()
                 if now - self._started[slot] < SHORT_CALL:
                     count = self._held[slot]
-            if count <= threshold and slot != number:
+            if count <= threshold:
                 return True
         return False

@@ -1035,9 +1035,13 @@ def _streaming_head(received: bytes) -> bool:
     end = received.find(b"\r\n\r\n", start)
     if start < 0 or end < 0:
         return False
-    status_line, *fields = received[start:end].split(b"\r\n")
-    return status_line.startswith(b"HTTP/1.1 200 ") and any(
-        field.lower().replace(b" ", b"") == b"transfer-encoding:chunked" for field in fields)
+    status_line, *lines = received[start:end].split(b"\r\n")
+    try:
+        fields = dict(_fields(lines))
+    except Malformed:
+        return False
+    return status_line.startswith(b"HTTP/1.1 200 ") \
+        and fields.get(b"transfer-encoding", b"").lower() == b"chunked"
 
 
 def _judge_owed(expect: Expect, finals: list[Response], closed_at: int | None,

@@ -436,6 +436,18 @@ def exchange(server: Server, raw: bytes, head_request: bool = False) -> Response
         return Reader(sock).response(head_request)
 
 
+def served_only_after_the_busy(waiting: socket.socket, busy: list[socket.socket]) -> None:
+    """`waiting`, whose request is sent, gets nothing for 0.5 s while the requests of `busy`
+    run, then its 200 once one of them ended; then each of `busy` gets its 200."""
+    waiting.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        waiting.recv(1)
+    waiting.settimeout(10)
+    assert Reader(waiting).response().status == 200
+    for sock in busy:
+        assert Reader(sock).response().status == 200
+
+
 def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
     """True if the server closes `sock` (EOF or reset) within `timeout`, reading what is left."""
     sock.settimeout(timeout)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from conftest import APP_OF, Reader, Server, closed_by_peer, exchange
+from conftest import APP_OF, Reader, Server, closed_by_peer, exchange, served_only_after_the_busy
 
 GET = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n"
 # A path of each test app answering ?mb= MiB with a Content-Length.
@@ -208,13 +208,7 @@ def test_a_worker_filled_in_its_first_turn_accepts_no_more_in_that_batch(start_s
                 socks[-1].sendall(data)
         *busy, waiting = socks
         server.wait_for("SLEEPING b")
-        waiting.settimeout(0.5)
-        with pytest.raises(TimeoutError):
-            waiting.recv(1)  # still in the listening queue
-        waiting.settimeout(10)
-        assert Reader(waiting).response().status == 200  # once one of them ended
-        for sock in busy:
-            assert Reader(sock).response().status == 200
+        served_only_after_the_busy(waiting, busy)  # (waiting in the listening queue)
     finally:
         for sock in socks:
             sock.close()
