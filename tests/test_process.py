@@ -10,6 +10,7 @@ import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -28,6 +29,8 @@ from conftest import (
     forkserve_command,
     group_members,
 )
+
+from forkserve.workers.base import ACCEPT_DEFER
 
 HELLO = b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -151,15 +154,15 @@ def _fresh_connection_rate(server, seconds: float = 0.5, clients: int = 10) -> f
 @pytest.mark.parametrize("workers", [2, 4])
 def test_fresh_connections_are_shared_fairly_when_workers_are_busy(start_server, workers,
                                                                    threads):
-    """32 clients sending 24 requests each, one per connection, to an app that blocks 5 ms,
-    more than the workers can serve: the busiest worker serves at most 1.25 times the
+    """32 clients sending requests one per connection (384 per worker) to an app that blocks
+    5 ms, more than the workers can serve: the busiest worker serves at most 1.25 times the
     requests of the least busy (issue 15's target). What keeps it fair here is mostly that a
     worker whose loop or threads are all in the app does not accept; a worker that took
-    connections it cannot serve at once would fail it. (24 each, not 12: with 4 workers,
-    96 requests a worker spread by chance alone up to 1.36 about once in 7 runs.)"""
+    connections it cannot serve at once would fail it. (384 a worker: with 96, chance alone
+    spread 4 workers up to 1.36 about once in 7 runs; with 192, up to 1.26 once in 12.)"""
     server = start_server("wsgiapp:app", "-w", str(workers), "--threads", threads)
-    served = [int(response.body)
-              for response in _fresh_connections(server, b"/sleep?s=0.005", 32, 24)]
+    served = [int(response.body) for response in
+              _fresh_connections(server, b"/sleep?s=0.005", 32, 12 * workers)]
     counts = sorted(served.count(pid) for pid in server.workers())
     assert len(counts) == workers and counts[-1] <= 1.25 * counts[0], counts
 
@@ -197,6 +200,45 @@ def test_a_burst_of_keep_alive_clients_is_split_evenly(start_server):
             held[pid] += 1
     counts = sorted(held.values())
     assert counts[-1] <= 1.06 * counts[0], held
+
+
+def test_no_connection_is_left_to_a_stopping_worker(start_server):
+    """A worker that stops (here TERM; a reload, --max-requests) drains what it holds for up
+    to --graceful-timeout. It used to go on publishing its connection count, so a peer that
+    held more left every new connection to it, which never accepts again: each waited
+    ACCEPT_DEFER (20 ms) in the backlog, for as long as the drain lasted. Now a stopping
+    worker counts as unavailable."""
+    server = start_server("asgiapp:app", "-w", "2", "--graceful-timeout", "20")
+    with server.connect() as draining:
+        draining.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+        stopping = int(Reader(draining).response().body)
+        draining.sendall(b"GET /sleep?s=10&tag=drain HTTP/1.1\r\nHost: t\r\n\r\n")
+        server.wait_for(r"SLEEPING drain")
+        os.kill(stopping, signal.SIGTERM)
+        # Keep-alive clients that the other worker alone takes once the stopping one no
+        # longer accepts (while it does, as the lighter one, it gets some of them).
+        held: list[socket.socket] = []
+        try:
+            while len(held) < 6:
+                sock = server.connect()
+                sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+                if int(Reader(sock).response().body) == stopping:
+                    sock.close()
+                else:
+                    held.append(sock)
+            seconds = []
+            for _ in range(11):
+                began = time.monotonic()
+                assert exchange(server, HELLO).status == 200
+                seconds.append(time.monotonic() - began)
+        finally:
+            for sock in held:
+                sock.close()
+        # Deferred, each waited 20 ms at least; answered at once, well under 10 ms.
+        assert sorted(seconds)[5] < ACCEPT_DEFER / 2, seconds
+        assert os.path.exists(f"/proc/{stopping}")  # (it drained all along)
+        # A reset ends the drain (a plain close would wait for the response: half-close).
+        draining.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 @pytest.mark.timeout(90)

@@ -185,6 +185,7 @@ class AsyncioWorker(Worker):
         self.stopping = self.close_all = True
         self.serving = False  # a second stop signal has nothing to wake (the loop may close)
         self.acceptor.set_accepting(False)
+        self._publish()
         if self.handover is not None:
             self.scoreboard.mark_hands_off(self.number, False)
         for listener in self.listeners:
@@ -324,10 +325,14 @@ class AsyncioWorker(Worker):
     def stop_taking_connections(self) -> None:
         # Responses say Connection: close from now on (see `close_all`).
         self.acceptor.set_accepting(False)
+        self._publish()
 
     def _publish(self) -> None:
-        if self.app_threaded and self.in_flight >= self.thread_limit:
-            load = UNAVAILABLE  # every thread is busy: peers must not wait for this worker
+        """Tell peers how many connections this worker holds; UNAVAILABLE while it cannot
+        take one (stopping, over memory, every thread busy, at --worker-connections): a peer
+        must not leave new connections to a worker that will not accept them."""
+        if self.stopping or not self.has_room():
+            load = UNAVAILABLE
         else:
             load = len(self.connections) + self.accepted
         self.scoreboard.set(self.number, load)
