@@ -81,6 +81,24 @@ def test_wsgi_root_path_is_script_name(start_server, target):
     assert (environ["SCRIPT_NAME"], environ["PATH_INFO"]) == ("/api", "/environ")
 
 
+def test_an_app_changing_its_scope_changes_no_later_scope(start_server):
+    """Keep-alive requests with the same head get their scope from what is remembered of
+    that head: each must get a scope of its own, whatever the app did to the last one."""
+    server = start_server("asgiapp:app", "-w", "1", "--root-path", "/mounted")
+    request = b"GET /mounted/scope?mutate=1 HTTP/1.1\r\nHost: t\r\n\r\n"
+    with server.connect() as sock:
+        reader = Reader(sock)
+        scopes = []
+        for _ in range(3):
+            sock.sendall(request)
+            scopes.append(json.loads(reader.response().body))
+    assert scopes[0] == scopes[1] == scopes[2]
+    assert (scopes[2]["path"], scopes[2]["root_path"], scopes[2]["query_string"]) \
+        == ("/mounted/scope", "/mounted", "mutate=1")
+    assert ["x-mutated", "1"] not in scopes[2]["headers"]
+    assert "mutated" not in scopes[2]["extensions"] and "mutated" not in scopes[2]["state"]
+
+
 def test_path_is_decoded_as_utf8_and_raw_path_is_not(asgi_server):
     # The route table only has /scope, so decode a path that is /scope once decoded.
     scope = scope_of(asgi_server, b"GET /%73cope HTTP/1.1\r\nHost: t\r\n\r\n")

@@ -164,6 +164,12 @@ async def scope_dump(scope, receive, send):
     data["query_string"] = scope["query_string"].decode("latin-1")
     data["state"] = dict(scope.get("state", {}))
     await _reply(send, json.dumps(data).encode())
+    if "mutate" in _query(scope):  # as middleware may: the next request must not see it
+        scope["path"] = scope["root_path"] = "/mutated"
+        scope["query_string"] = b"mutated"
+        scope["headers"].append((b"x-mutated", b"1"))
+        scope["extensions"]["mutated"] = {}
+        scope.get("state", {})["mutated"] = True
 
 
 async def wait_disconnect(scope, receive, send):
