@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from urllib.parse import quote, unquote_to_bytes
 
 from forkserve.errors import ClientDisconnected, StopNow
-from forkserve.http.base import HTTPConnection, Request, complete_headers, error_response
+from forkserve.http.base import HTTPConnection, Request, error_response
 from forkserve.logs import error_log
 from forkserve.proxy import Forwarded
 
@@ -361,8 +361,8 @@ class HTTPCycle:
             length = None if more or self.trailers else len(body)
             # A client still waiting for 100 Continue will not send the body: close after.
             close = self.close or (conn.client_waiting_for_continue and not self.body_complete)
-            out = conn.send_response(self.status, _reason(self.status), complete_headers(
-                self.headers, self.status, length, close)) + conn.send_data(body)
+            out = conn.send_app_response(self.status, _reason(self.status), self.headers,
+                                         length, close) + conn.send_data(body)
             self.head_sent = True
         self.sent += len(body)
         if not more and not self.trailers:
@@ -379,41 +379,45 @@ class HTTPCycle:
 
     # -- running the app -----------------------------------------------------------------------
 
-    async def run(self, app: ASGIApp) -> None:
+    async def run(self, app: ASGIApp, on_done: Callable[[], None]) -> None:
         """Call the app; answer 500 (or drop the connection) if it fails to respond.
 
         An app that stops because the request is over (it raises what `send()` raised, even
         wrapped, as Starlette's ClientDisconnect does; or returns unfinished after receive()
         said http.disconnect) is not at fault: that is logged at debug level only, and the
-        response ended as well as it can be (`_end_early`)."""
-        scope = self.scope
+        response ended as well as it can be (`_end_early`).
+        `on_done()` once the app returned."""
         try:
-            await app(scope, self.receive, self.send)
-        except StopNow:  # the worker's own quick stop, not the app's
-            raise
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # as peers: a 500
-            if not _raised_by_send(exc):
-                error_log.error("error handling %s %s\n%s", scope["method"], _target(scope),
-                                traceback.format_exc().rstrip())
-                self._fail(500)
-                return
-            error_log.debug("%s %s ended early: %s: %s", scope["method"], _target(scope),
-                            type(exc).__name__, exc)
-        else:
-            if self.response_complete or self.disconnected:
-                return
-            unfinished = "completing the response" if self.response_started \
-                else "starting a response"
-            if not (self.told_disconnect or self.interrupted):
-                error_log.error("error handling %s %s: the app returned without %s",
-                                scope["method"], _target(scope), unfinished)
-                self._fail(500)
-                return
-            error_log.debug("%s %s ended early: the request was over (%s), the app returned "
-                            "without %s", scope["method"], _target(scope),
-                            "told http.disconnect" if self.told_disconnect else "server stop",
-                            unfinished)
-        self._end_early()
+            scope = self.scope
+            try:
+                await app(scope, self.receive, self.send)
+            except StopNow:  # the worker's own quick stop, not the app's
+                raise
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # as peers: a 500
+                if not _raised_by_send(exc):
+                    error_log.error("error handling %s %s\n%s", scope["method"], _target(scope),
+                                    traceback.format_exc().rstrip())
+                    self._fail(500)
+                    return
+                error_log.debug("%s %s ended early: %s: %s", scope["method"], _target(scope),
+                                type(exc).__name__, exc)
+            else:
+                if self.response_complete or self.disconnected:
+                    return
+                unfinished = "completing the response" if self.response_started \
+                    else "starting a response"
+                if not (self.told_disconnect or self.interrupted):
+                    error_log.error("error handling %s %s: the app returned without %s",
+                                    scope["method"], _target(scope), unfinished)
+                    self._fail(500)
+                    return
+                error_log.debug("%s %s ended early: the request was over (%s), the app returned "
+                                "without %s", scope["method"], _target(scope),
+                                "told http.disconnect" if self.told_disconnect else "server stop",
+                                unfinished)
+            self._end_early()
+        finally:
+            on_done()
 
     def _end_early(self) -> None:
         """The app stopped because the request is over before its response is. An event

@@ -21,7 +21,7 @@ from typing import Any
 
 from forkserve.asgi import BODY_HIGH_WATER, Output
 from forkserve.errors import ClientDisconnected, StopNow
-from forkserve.http.base import HTTPConnection, Request, complete_headers, error_response
+from forkserve.http.base import HTTPConnection, Request, error_response
 from forkserve.logs import error_log
 from forkserve.threadpool import ThreadPool
 from forkserve.wsgi import EnvironFactory, ErrorStream, InputStream, respond
@@ -236,8 +236,8 @@ class WSGICycle:
         conn = self.conn
         close = self.close or self.stopping or (
             conn.client_waiting_for_continue and not self.body_complete)
-        headers = complete_headers(self.headers, self.status, body_length, close)
-        return conn.send_response(self.status, self.reason, headers)
+        return conn.send_app_response(self.status, self.reason, self.headers, body_length,
+                                      close)
 
     def write(self, data: bytes) -> None:
         if not data:

@@ -9,7 +9,7 @@ One request is what a worker does for a hello world on a kept-alive connection, 
 socket and the app: a browser-like GET (Host, User-Agent, Accept, Accept-Encoding,
 Accept-Language, Connection: keep-alive, Cookie) goes into one connection with
 `receive_data`, `next_event` is called until the end of the request, then the response head
-(the app's Content-Type and Content-Length, completed with `complete_headers`), the body and
+(the app's Content-Type and Content-Length, completed by `send_app_response`), the body and
 the end are written, and `start_next_cycle` readies the connection for the next request.
 
 Prints, for each parser, the microseconds per request: the best of `--repeats` runs (5) of
@@ -22,7 +22,7 @@ import argparse
 import time
 
 from forkserve.http import Limits, new_connection
-from forkserve.http.base import END_OF_MESSAGE, NEED_DATA, Request, complete_headers
+from forkserve.http.base import END_OF_MESSAGE, NEED_DATA, Request
 
 REQUEST = (
     b"GET /index.html?lang=en HTTP/1.1\r\n"
@@ -50,8 +50,8 @@ def serve(parser: str, iterations: int) -> float:
         assert type(event) is Request, event
         while (event := conn.next_event()) is not END_OF_MESSAGE:
             assert event is not NEED_DATA, event
-        headers = complete_headers(APP_HEADERS, 200, len(BODY), False)
-        out = conn.send_response(200, b"OK", headers) + conn.send_data(BODY) + conn.send_end()
+        out = conn.send_app_response(200, b"OK", APP_HEADERS, len(BODY), False) \
+            + conn.send_data(BODY) + conn.send_end()
         assert out, out
         if not conn.start_next_cycle():
             raise RuntimeError("the connection did not stay open")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import re
 import socket
 import time
 
@@ -15,7 +17,14 @@ from forkserve.app import detect_interface
 from forkserve.cpus import cgroup_cpu_quota, usable_cpus
 from forkserve.errors import ConfigError
 from forkserve.http import Limits, new_connection
-from forkserve.http.base import END_OF_MESSAGE, NEED_DATA, Data, ProtocolError, Request
+from forkserve.http.base import (
+    END_OF_MESSAGE,
+    NEED_DATA,
+    Data,
+    ProtocolError,
+    Request,
+    complete_headers,
+)
 from forkserve.logs import check_access_log_format, format_access_line
 from forkserve.memory import fit_warning, memory_limit, oom_kills
 from forkserve.metrics import RequestStats, Totals, read_report
@@ -192,6 +201,49 @@ def test_connection_events_and_pipelining(parser):
     assert conn.next_event() is NEED_DATA
     conn.receive_data(b"P/1.1\r\nHost: h\r\n\r\n")
     assert conn.next_event().target == b"/b"
+
+
+def _answered(parser: str, head: bytes, respond) -> tuple[bytes, bool]:
+    """The head `respond(conn)` composes for the request `head`, and whether the connection
+    may then carry on."""
+    conn = new_connection(Limits(), parser)
+    conn.receive_data(head)
+    conn.next_event()
+    conn.next_event()
+    out = respond(conn)
+    with contextlib.suppress(ValueError):  # (an HTTP/1.0 chunked-less body: until close)
+        conn.send_data(b"x" * 3)
+        conn.send_end()
+    # (The clock's second may change between two answers.)
+    return re.sub(rb"\r\nDate: [^\r]*", b"\r\nDate: -", out), conn.start_next_cycle()
+
+
+@pytest.mark.both_parsers
+@pytest.mark.parametrize("request_head", [
+    b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\n", b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"])
+@pytest.mark.parametrize("app_headers", [
+    [], [(b"Content-Type", b"text/plain")], [(b"content-length", b"3")],
+    [(b"Date", b"Thu, 01 Jan 1970 00:00:00 GMT"), (b"Server", b"app")],
+    [(b"Transfer-Encoding", b"chunked")], [(b"Connection", b"close")]])
+@pytest.mark.parametrize(("status", "length", "close"), [
+    (200, 3, False), (200, None, False), (200, 3, True), (204, None, False),
+    (304, 3, False)])
+def test_the_remembered_app_head_is_the_completed_one(parser, request_head, app_headers,
+                                                      status, length, close):
+    """send_app_response composes what send_response does with complete_headers, and so
+    do its remembered heads (asked twice)."""
+    def completed(conn):
+        return conn.send_response(status, b"R", complete_headers(app_headers, status, length,
+                                                                 close))
+
+    def remembered(conn):
+        return conn.send_app_response(status, b"R", app_headers, length, close)
+
+    expected = _answered(parser, request_head, completed)
+    assert _answered(parser, request_head, remembered) == expected
+    assert _answered(parser, request_head, remembered) == expected
 
 
 @pytest.mark.both_parsers

@@ -143,6 +143,10 @@ class HTTPConnection(Protocol):
 
     def send_response(self, status: int, reason: bytes, headers: list) -> bytes: ...
 
+    def send_app_response(self, status: int, reason: bytes, headers: list,
+                          body_length: int | None, close: bool) -> bytes:
+        """`send_response` of the app's `headers` completed by `complete_headers`."""
+
     def send_data(self, data: bytes) -> bytes: ...
 
     def send_end(self, trailers: list[tuple[bytes, bytes]] = ()) -> bytes: ...
@@ -372,7 +376,8 @@ _server_header: bytes | None = SERVER
 
 
 def set_server_header(text: str) -> None:
-    """What the Server header says: 'forkserve' means forkserve/VERSION; empty: no header."""
+    """What the Server header says: 'forkserve' means forkserve/VERSION; empty: no header.
+    Set once, before any response: heads are remembered with it (http/writer.py)."""
     global _server_header
     _server_header = SERVER if text == "forkserve" else (text.encode("latin-1") or None)
 

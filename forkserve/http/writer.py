@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from forkserve.http.base import complete_headers, http_date
 from forkserve.http.connection import comma_values
 
 # h11/_abnf.py: field-name = token; field-value = *( field-content ), with field-content
@@ -79,8 +80,16 @@ _CACHED_VALUE_MAX = 1024  # bytes; a longer value is checked each time
 # when full, as _FIELDS.
 _Head = tuple[bytes, int, int, bool, bool]
 _HEADS: dict[tuple, _Head] = {}
+_APP_HEADS: dict[tuple, _Head] = {}  # (the same, by what send_app_response is given)
 _HEADS_MAX = 256
 _CACHED_HEAD_MAX = 2048  # bytes
+
+
+def _remember(heads: dict[tuple, _Head], key: tuple | None, head: _Head) -> None:
+    if key is not None and len(head[0]) <= _CACHED_HEAD_MAX:
+        if len(heads) >= _HEADS_MAX:
+            heads.clear()
+        heads[key] = head
 
 
 def _field(raw: bytes, lower: bytes, value: bytes) -> _Field:
@@ -203,19 +212,40 @@ class ResponseWriter:
             self._compose(status, reason, headers)
             raise self._fail(f"invalid response head: can't send a response in state "
                              f"{self._wstate}")
-        method = self._method
         try:
-            key = (status, reason, method, self._close_asked, self._http10, *headers)
+            key = (status, reason, self._method, self._close_asked, self._http10, *headers)
             head = _HEADS.get(key)
         except TypeError:  # an unhashable value (a bytearray): composed each time
             key = None
             head = None
         if head is None:
             head = self._compose(status, reason, headers)
-            if key is not None and len(head[0]) <= _CACHED_HEAD_MAX:
-                if len(_HEADS) >= _HEADS_MAX:
-                    _HEADS.clear()
-                _HEADS[key] = head
+            _remember(_HEADS, key, head)
+        return self._sent(head)
+
+    def send_app_response(self, status: int, reason: bytes, headers: list,
+                          body_length: int | None, close: bool) -> bytes:
+        """send_response(status, reason, complete_headers(headers, status, body_length,
+        close)): the app's head with what the server adds, remembered by what it is made of
+        (the Date too), so that the usual response costs one look-up."""
+        if self._wstate is not _SEND_RESPONSE:
+            return self.send_response(status, reason,
+                                      complete_headers(headers, status, body_length, close))
+        try:
+            key = (status, reason, self._method, self._close_asked, self._http10, body_length,
+                   close, http_date(), *headers)
+            head = _APP_HEADS.get(key)
+        except TypeError:
+            key = None
+            head = None
+        if head is None:
+            head = self._compose(status, reason,
+                                 complete_headers(headers, status, body_length, close))
+            _remember(_APP_HEADS, key, head)
+        return self._sent(head)
+
+    def _sent(self, head: _Head) -> bytes:
+        """The writing side's state once `head` is sent; its bytes."""
         data, self._framing, self._length_left, self._keep_alive, switched = head
         self.client_waiting_for_continue = False
         if switched:

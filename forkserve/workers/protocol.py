@@ -401,7 +401,7 @@ class HTTPProtocol(asyncio.Protocol):
         if type(cycle) is WSGICycle:
             worker.start_wsgi(cycle)
         else:
-            self.loop.create_task(self._run(cycle))
+            self.loop.create_task(cycle.run(self.asgi_app, worker.request_done))
 
     def _awaits_body(self, cycle: HTTPCycle | WSGICycle) -> bool:
         """WSGI with --threads 1: a small body still coming (up to BODY_HIGH_WATER) is
@@ -452,13 +452,6 @@ class HTTPProtocol(asyncio.Protocol):
         if self.trusted and request.proxy_headers:
             apply_forwarded(scope, forwarded(request.headers, self.worker.proxies))
         return scope
-
-    async def _run(self, cycle: HTTPCycle) -> None:
-        worker = self.worker
-        try:
-            await cycle.run(self.asgi_app)
-        finally:
-            worker.request_done()
 
     def _response_complete(self, cycle: HTTPCycle | WSGICycle) -> None:
         if self.started:
