@@ -514,8 +514,9 @@ class AsyncioWorker(Worker):
     def not_idle(self, protocol: HTTPProtocol) -> None:
         """`protocol`'s next request has begun: it can no longer make room for a new
         connection, so a worker at --worker-connections may have to stop accepting."""
-        if self.idle.pop(protocol, 0) is None and self.acceptor.accepting \
-                and not self.has_room():
+        # (Only at --worker-connections can it have made room: the check costs a call.)
+        if self.idle.pop(protocol, 0) is None and not self._below_limit() \
+                and self.acceptor.accepting and not self.has_room():
             self.acceptor.set_accepting(False)  # connection_closed starts again once one is gone
 
     def connection_closed(self, protocol: HTTPProtocol) -> None:

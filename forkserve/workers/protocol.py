@@ -506,7 +506,7 @@ class HTTPProtocol(asyncio.Protocol):
                 self.corked = []
                 worker.corked.append(self)
             self._process()
-        else:
+        elif self.corked is not None:
             self.uncork()
 
     # -- timers and stopping ----------------------------------------------------------------------
