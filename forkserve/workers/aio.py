@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 import time
 from collections import deque
@@ -49,6 +50,7 @@ CALLING_FRAME = channel.encode(channel.CALLING)
 FIRST_READ = 65536
 # (An int: or-ing the flags' enums costs more than the system call, on every connection.)
 _PEEK_NOW = int(socket.MSG_DONTWAIT | socket.MSG_PEEK)
+_POLL = select.poll()  # (for _at_eof: one descriptor at a time)
 # A pool thread waiting this long for a call ends (a new one starts when calls wait).
 THREAD_IDLE_SECONDS = CALM_SECONDS
 
@@ -539,9 +541,18 @@ def _at_eof(sock: socket.socket) -> bool:
     """Has the client ended writing after what was read? (Told with the bytes, as a
     transport's reads would, the end comes before any response is under way: a client that
     half-closes after its requests has not left.)"""
+    # Usually nothing more came: a poll says so without the exception a peek would raise
+    # (making it costs more than the system call).
+    fd = sock.fileno()
+    _POLL.register(fd, select.POLLIN)
+    try:
+        if not _POLL.poll(0):
+            return False
+    finally:
+        _POLL.unregister(fd)
     try:
         return sock.recv(1, _PEEK_NOW) == b""
-    except OSError:  # nothing more yet (a reset shows at the next read)
+    except OSError:  # a reset shows at the next read
         return False
 
 
