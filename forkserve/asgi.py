@@ -386,7 +386,8 @@ class HTTPCycle:
         wrapped, as Starlette's ClientDisconnect does; or returns unfinished after receive()
         said http.disconnect) is not at fault: that is logged at debug level only, and the
         response ended as well as it can be (`_end_early`).
-        `on_done()` once the app returned."""
+        `on_done()` is called once as this ends, however it ends (the app returned or raised,
+        the task was cancelled while it ran, the worker stops at once)."""
         try:
             scope = self.scope
             try:

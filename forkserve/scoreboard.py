@@ -22,7 +22,8 @@ import mmap
 import time
 
 SLOTS = 1024
-UNAVAILABLE = 0xFFFFFFFF  # absent, or busy in the app and not accepting
+# Absent; busy in the app; or taking no connection now (stopping, over memory, full).
+UNAVAILABLE = 0xFFFFFFFF
 REQUEST_TEXT = 240  # bytes of a request line kept for the hang report
 # A loop's call into the app younger than this still counts its worker in for balancing, with
 # the connections it held when the call began: it will accept again in a moment. Without it a
@@ -174,7 +175,8 @@ class Scoreboard:
         `margin` fewer, and at least an eighth fewer? (The relative part keeps workers
         holding hundreds of connections each from leaving new ones to each other in turn.)
         A worker whose loop has been in the app for less than SHORT_CALL counts, with the
-        connections it held; one in a longer call, or with every thread busy, does not."""
+        connections it held; one in a longer call, or taking no connection now (every thread
+        busy, stopping, over memory, at --worker-connections), does not."""
         if number >= SLOTS:
             return False
         counts = self._counts

@@ -210,6 +210,9 @@ def test_no_connection_is_left_to_a_stopping_worker(start_server):
     worker counts as unavailable."""
     server = start_server("asgiapp:app", "-w", "2", "--graceful-timeout", "20")
     with server.connect() as draining:
+        # Closed with a reset, which ends the drain (a plain close would wait for the
+        # response: half-close).
+        draining.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         draining.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
         stopping = int(Reader(draining).response().body)
         draining.sendall(b"GET /sleep?s=10&tag=drain HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -237,8 +240,6 @@ def test_no_connection_is_left_to_a_stopping_worker(start_server):
         # Deferred, each waited 20 ms at least; answered at once, well under 10 ms.
         assert sorted(seconds)[5] < ACCEPT_DEFER / 2, seconds
         assert os.path.exists(f"/proc/{stopping}")  # (it drained all along)
-        # A reset ends the drain (a plain close would wait for the response: half-close).
-        draining.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 @pytest.mark.timeout(90)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import re
@@ -203,15 +204,15 @@ def test_connection_events_and_pipelining(parser):
     assert conn.next_event().target == b"/b"
 
 
-def _answered(parser: str, head: bytes, respond) -> tuple[bytes, bool]:
-    """The head `respond(conn)` composes for the request `head`, and whether the connection
-    may then carry on."""
+def _answered(parser: str, head: bytes, send: str, *args) -> tuple[bytes, bool]:
+    """The response head that the connection's method `send` composes from `args` for the
+    request `head`, and whether the connection may then carry on."""
     conn = new_connection(Limits(), parser)
     conn.receive_data(head)
     conn.next_event()
     conn.next_event()
-    out = respond(conn)
-    with contextlib.suppress(ValueError):  # (an HTTP/1.0 chunked-less body: until close)
+    out = getattr(conn, send)(*args)
+    with contextlib.suppress(ValueError):  # (a body where the status or HEAD has none)
         conn.send_data(b"x" * 3)
         conn.send_end()
     # (The clock's second may change between two answers.)
@@ -219,31 +220,28 @@ def _answered(parser: str, head: bytes, respond) -> tuple[bytes, bool]:
 
 
 @pytest.mark.both_parsers
-@pytest.mark.parametrize("request_head", [
-    b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n",
-    b"GET / HTTP/1.0\r\n\r\n", b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"])
-@pytest.mark.parametrize("app_headers", [
-    [], [(b"Content-Type", b"text/plain")], [(b"content-length", b"3")],
-    [(b"Date", b"Thu, 01 Jan 1970 00:00:00 GMT"), (b"Server", b"app")],
-    [(b"Transfer-Encoding", b"chunked")], [(b"Connection", b"close")]])
-@pytest.mark.parametrize(("status", "length", "close"), [
-    (200, 3, False), (200, None, False), (200, 3, True), (204, None, False),
-    (304, 3, False)])
-def test_the_remembered_app_head_is_the_completed_one(parser, request_head, app_headers,
-                                                      status, length, close):
-    """send_app_response composes what send_response does with complete_headers, and so
-    do its remembered heads (asked twice)."""
-    def completed(conn):
-        return conn.send_response(status, b"R", complete_headers(app_headers, status, length,
-                                                                 close))
-
-    def remembered(conn):
-        return conn.send_app_response(status, b"R", app_headers, length, close)
-
-    expected = _answered(parser, request_head, completed)
-    assert _answered(parser, request_head, remembered) == expected
-    assert _answered(parser, request_head, remembered) == expected
+def test_the_remembered_app_head_is_the_completed_one(parser):
+    """send_app_response composes what send_response does with complete_headers, remembered
+    or not: every combination below in turn, each asked twice, so that a key missing what
+    tells two of them apart gives one the other's head."""
+    request_heads = [
+        b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET / HTTP/1.0\r\n\r\n", b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"]
+    app_headers = [
+        [], [(b"Content-Type", b"text/plain")], [(b"content-length", b"3")],
+        [(b"Date", b"Thu, 01 Jan 1970 00:00:00 GMT"), (b"Server", b"app")],
+        [(b"Transfer-Encoding", b"chunked")], [(b"Connection", b"close")]]
+    answers = [(200, 3, False), (200, None, False), (200, 3, True), (204, None, False),
+               (304, 3, False), (404, 3, False)]
+    for request_head, headers, (status, length, close) in itertools.product(
+            request_heads, app_headers, answers):
+        expected = _answered(parser, request_head, "send_response", status, b"R",
+                             complete_headers(headers, status, length, close))
+        case = (request_head, headers, status, length, close)
+        for _ in range(2):
+            assert _answered(parser, request_head, "send_app_response", status, b"R", headers,
+                             length, close) == expected, case
 
 
 @pytest.mark.both_parsers

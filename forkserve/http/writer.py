@@ -86,6 +86,8 @@ _CACHED_HEAD_MAX = 2048  # bytes
 
 
 def _remember(heads: dict[tuple, _Head], key: tuple | None, head: _Head) -> None:
+    """Keep `head` in `heads` under `key` (None: not to be kept), unless it is too long;
+    `heads` is emptied when full."""
     if key is not None and len(head[0]) <= _CACHED_HEAD_MAX:
         if len(heads) >= _HEADS_MAX:
             heads.clear()
@@ -231,13 +233,10 @@ class ResponseWriter:
         if self._wstate is not _SEND_RESPONSE:
             return self.send_response(status, reason,
                                       complete_headers(headers, status, body_length, close))
-        try:
-            key = (status, reason, self._method, self._close_asked, self._http10, body_length,
-                   close, http_date(), *headers)
-            head = _APP_HEADS.get(key)
-        except TypeError:
-            key = None
-            head = None
+        # (The app's fields are bytes, checked by its interface: the key is hashable.)
+        key = (status, reason, self._method, self._close_asked, self._http10, body_length,
+               close, http_date(), *headers)
+        head = _APP_HEADS.get(key)
         if head is None:
             head = self._compose(status, reason,
                                  complete_headers(headers, status, body_length, close))

@@ -282,10 +282,12 @@ class AsyncioWorker(Worker):
     def has_room(self) -> bool:
         """May this worker take another connection (--worker-connections, free threads)? At
         --worker-connections it still may when it can close an idle connection for it."""
-        if self.app_threaded and self.in_flight >= self.thread_limit:
-            return False
-        return not self.over_memory and (
-            self._below_limit() or quiet_one(self.idle) is not None)
+        return self._free() and (self._below_limit() or quiet_one(self.idle) is not None)
+
+    def _free(self) -> bool:
+        """Neither every thread busy nor over --max-worker-memory."""
+        return not self.over_memory and not (
+            self.app_threaded and self.in_flight >= self.thread_limit)
 
     def _below_limit(self) -> bool:
         return len(self.connections) + self.accepted < self.cfg.worker_connections
@@ -335,7 +337,9 @@ class AsyncioWorker(Worker):
         """Tell peers how many connections this worker holds; UNAVAILABLE while it cannot
         take one (stopping, over memory, every thread busy, at --worker-connections): a peer
         must not leave new connections to a worker that will not accept them."""
-        if self.stopping or not self.has_room():
+        # (At --worker-connections an idle connection counts as room without `has_room`'s
+        # poll of them: this runs on every connection and every batch.)
+        if self.stopping or not self._free() or not (self._below_limit() or self.idle):
             load = UNAVAILABLE
         else:
             load = len(self.connections) + self.accepted
@@ -514,6 +518,7 @@ class AsyncioWorker(Worker):
         if not self.acceptor.accepting and not self.acceptor.deferring and not self.stopping \
                 and self.has_room():
             self.acceptor.set_accepting(True)
+            self._publish()
 
     def not_idle(self, protocol: HTTPProtocol) -> None:
         """`protocol`'s next request has begun: it can no longer make room for a new
@@ -522,6 +527,7 @@ class AsyncioWorker(Worker):
         if self.idle.pop(protocol, 0) is None and not self._below_limit() \
                 and self.acceptor.accepting and not self.has_room():
             self.acceptor.set_accepting(False)  # connection_closed starts again once one is gone
+            self._publish()
 
     def connection_closed(self, protocol: HTTPProtocol) -> None:
         self.connections.discard(protocol)
