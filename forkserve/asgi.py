@@ -389,36 +389,46 @@ class HTTPCycle:
         `on_done()` is called once as this ends, however it ends (the app returned or raised,
         the task was cancelled while it ran, the worker stops at once)."""
         try:
-            scope = self.scope
-            try:
-                await app(scope, self.receive, self.send)
-            except StopNow:  # the worker's own quick stop, not the app's
-                raise
-            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # as peers: a 500
-                if not _raised_by_send(exc):
-                    error_log.error("error handling %s %s\n%s", scope["method"], _target(scope),
-                                    traceback.format_exc().rstrip())
-                    self._fail(500)
-                    return
-                error_log.debug("%s %s ended early: %s: %s", scope["method"], _target(scope),
-                                type(exc).__name__, exc)
-            else:
-                if self.response_complete or self.disconnected:
-                    return
-                unfinished = "completing the response" if self.response_started \
-                    else "starting a response"
-                if not (self.told_disconnect or self.interrupted):
-                    error_log.error("error handling %s %s: the app returned without %s",
-                                    scope["method"], _target(scope), unfinished)
-                    self._fail(500)
-                    return
-                error_log.debug("%s %s ended early: the request was over (%s), the app returned "
-                                "without %s", scope["method"], _target(scope),
-                                "told http.disconnect" if self.told_disconnect else "server stop",
-                                unfinished)
-            self._end_early()
+            await app(self.scope, self.receive, self.send)
+        except StopNow:  # the worker's own quick stop, not the app's
+            raise
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # as peers: a 500
+            self._app_raised(exc)
+        else:
+            if not (self.response_complete or self.disconnected):
+                self._app_returned_early()
         finally:
             on_done()
+
+    def _app_raised(self, exc: BaseException) -> None:
+        """(In run's except clause.) The app raised `exc`: logged with its traceback and
+        answered 500, unless it is what `send()` raised (the request was over)."""
+        scope = self.scope
+        if not _raised_by_send(exc):
+            error_log.error("error handling %s %s\n%s", scope["method"], _target(scope),
+                            traceback.format_exc().rstrip())
+            self._fail(500)
+            return
+        error_log.debug("%s %s ended early: %s: %s", scope["method"], _target(scope),
+                        type(exc).__name__, exc)
+        self._end_early()
+
+    def _app_returned_early(self) -> None:
+        """The app returned before its response was complete: an error (500), unless the
+        request was over (told http.disconnect, or ended by the server)."""
+        scope = self.scope
+        unfinished = "completing the response" if self.response_started \
+            else "starting a response"
+        if not (self.told_disconnect or self.interrupted):
+            error_log.error("error handling %s %s: the app returned without %s",
+                            scope["method"], _target(scope), unfinished)
+            self._fail(500)
+            return
+        error_log.debug("%s %s ended early: the request was over (%s), the app returned "
+                        "without %s", scope["method"], _target(scope),
+                        "told http.disconnect" if self.told_disconnect else "server stop",
+                        unfinished)
+        self._end_early()
 
     def _end_early(self) -> None:
         """The app stopped because the request is over before its response is. An event
