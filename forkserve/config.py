@@ -11,20 +11,15 @@ import argparse
 import json
 import os
 import runpy
-import sys
 import types
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from forkserve import __version__
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 from forkserve.cpus import usable_cpus
 from forkserve.errors import ConfigError
 from forkserve.settings import BY_NAME, DEFAULT_APP, SETTINGS, Setting
+from forkserve.tomlfile import load_toml
 
 # Server hooks a config file may define, called as in gunicorn:
 #   on_starting(server)          master, before binding; an exception stops the start
@@ -303,10 +298,10 @@ def load_config_file(path: str) -> tuple[dict[str, Any], dict[str, Callable[...,
 def _read_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            return load_toml(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: not found") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
 
 

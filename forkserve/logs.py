@@ -19,7 +19,6 @@ from __future__ import annotations
 import configparser
 import json
 import logging
-import logging.config
 import os
 import sys
 import time
@@ -28,11 +27,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from forkserve.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from forkserve.tomlfile import load_toml
 
 if TYPE_CHECKING:
     from forkserve.config import Config
@@ -92,7 +87,7 @@ def _load_config(path: str | None, config: dict[str, Any] | None) -> _LoggingCon
                 raise OSError(f"cannot read {path}")
             return parser
         with open(path, "rb") as f:
-            loaded = tomllib.load(f) if path.endswith(".toml") else json.load(f)
+            loaded = load_toml(f) if path.endswith(".toml") else json.load(f)
     except (OSError, ValueError, configparser.Error) as exc:  # (JSON's and TOML's errors too)
         raise ConfigError(f"--log-config {path}: {exc}") from None
     if not isinstance(loaded, dict):
@@ -133,6 +128,8 @@ def _apply_config(cfg: Config, config: _LoggingConfig) -> set[str] | None:
     unless it says disable_existing_loggers)."""
     if config is None:
         return None
+    import logging.config  # (only here: its import costs every start 10 ms and 1 MiB)
+
     where = f"--log-config {cfg.log_config}" if cfg.log_config else "logconfig_dict"
     try:
         if isinstance(config, configparser.ConfigParser):

@@ -44,6 +44,7 @@ from forkserve.endpoints import Endpoint
 from forkserve.errors import EXIT_BOOT, EXIT_FAILURE, EXIT_OK
 from forkserve.failures import Failures, GiveUp
 from forkserve.handoff import CallPoller, HandoffChannel
+from forkserve.http import connection_factory
 from forkserve.logs import error_log
 from forkserve.memory import check_fit
 from forkserve.pidfile import Pidfile
@@ -114,6 +115,7 @@ class Master:
         cfg = self.cfg
         privileges.check_root(cfg.user, cfg.allow_root, cfg.app)
         ids = privileges.resolve(cfg.user, cfg.group)
+        connection_factory(cfg.http)  # the parser, imported while the master may read it
         os.umask(cfg.umask)
         self.tls = server_context(cfg)
         self.listeners = listen(cfg.bind, cfg.backlog, self.notify.remove_fds)
@@ -316,6 +318,7 @@ class Master:
     def _spawn(self, worker: WorkerProcess) -> bool:
         """Fork `worker`; False if fork() failed (retried after a growing delay)."""
         self.call_hook("pre_fork", self, worker)
+        connection_factory(self.cfg.http)  # (a reload may change it) shared by the workers
         try:
             pid, read_fd, nudge_fd = fork_worker(worker.number, self.scoreboard,
                                                  self._leave_master, self._run_worker(worker))

@@ -50,17 +50,6 @@ SERVICE_RESTART = 1012
 CLOSE_TIMEOUT = 5.0
 
 
-def is_upgrade(request: Request) -> bool:
-    """Does the request ask to switch to WebSocket?"""
-    upgrade = connection = False
-    for name, value in request.headers:
-        if name == b"upgrade":
-            upgrade = upgrade or value.strip().lower() == b"websocket"
-        elif name == b"connection":
-            connection = connection or b"upgrade" in value.lower()
-    return upgrade and connection and request.method == b"GET"
-
-
 def websocket_scope(request: Request, client: Any, server: Any, root_path: str,
                     state: dict[str, Any] | None) -> dict[str, Any]:
     """The scope of a WebSocket request (ASGI WebSocket spec 2.4)."""
@@ -231,6 +220,10 @@ class WebSocketSession:
             self.out.close()
         else:
             self._reject(403 if code == NORMAL else 500)
+
+    def close_for_restart(self) -> None:
+        """End the session because the worker stops: 1012 (service restart)."""
+        self.close(SERVICE_RESTART, "server restarting")
 
     async def _ping(self) -> None:
         while not self.closed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 from conftest import APPS, exchange, forkserve_command
@@ -125,3 +126,26 @@ def test_error_logfile(start_server, tmp_path):
                 break
     assert any("listening at http://127.0.0.1:" in line for line in lines)
     assert "ready:" not in server.log  # nothing went to stderr
+
+
+_IMPORTED = """
+import sys
+import forkserve.cli, forkserve.master
+from forkserve.http import connection_factory
+print(sorted(m for m in {modules} if m in sys.modules))
+connection_factory({parser!r})
+print(sorted(m for m in {modules} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_the_master_imports_no_more_than_it_serves_with(parser):
+    """A start imports what every server needs; what only some do (h11 unless it is the
+    parser, wsproto until a worker upgrades a connection, the TOML parser and
+    logging.config without a file to read) cost each start about 60 ms and 4 MiB that
+    every worker was charged a share of (PSS)."""
+    lazy = ("h11", "wsproto", "tomllib", "tomli", "logging.config", "forkserve.websocket")
+    script = _IMPORTED.format(modules=lazy, parser=parser)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=30, check=True).stdout.splitlines()
+    assert out == ["[]", "['h11']" if parser == "h11" else "[]"]

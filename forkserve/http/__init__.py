@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from forkserve.http.base import HTTPConnection, Limits
-from forkserve.http.h11conn import H11Connection
 
-# Imported here, in the master, so that the workers share its pages (PSS).
+# Imported here, in the master, so that the workers share its pages (PSS). h11 is imported
+# only when it is the parser (connection_factory, which the master calls before forking).
 try:
     from forkserve.http.httptoolsconn import HttptoolsConnection
 except ImportError:  # no httptools on this platform: h11 only
@@ -27,6 +27,8 @@ def connection_factory(parser: str = "h11") -> Callable[[Limits], HTTPConnection
             return HttptoolsConnection
         if parser == "httptools":
             raise ImportError("httptools is not installed")
+    from forkserve.http.h11conn import H11Connection
+
     return H11Connection
 
 

@@ -36,16 +36,16 @@ from forkserve.http.base import CLOSED, END_OF_MESSAGE, Data, ProtocolError, Req
 from forkserve.proxy import forwarded
 from forkserve.proxy_protocol import ProxyHeader
 from forkserve.tls import tls_environ, tls_extension
-from forkserve.websocket import SERVICE_RESTART, WebSocketSession, is_upgrade
 from forkserve.workers.base import LINGER_SECONDS, MAX_DRAIN, STOP_GRACE
 from forkserve.workers.handover import shut_down
 from forkserve.workers.records import record
 from forkserve.workers.refusals import body_stalled, reject
-from forkserve.workers.websocket_upgrade import upgrade
+from forkserve.workers.websocket_upgrade import is_upgrade, upgrade
 from forkserve.wsgi import EnvironFactory
 from forkserve.wsgi_cycle import WSGICycle
 
 if TYPE_CHECKING:
+    from forkserve.websocket import WebSocketSession
     from forkserve.workers.aio import AsyncioWorker
 
 
@@ -557,7 +557,7 @@ class HTTPProtocol(asyncio.Protocol):
         restart), a response streaming without a Content-Length is ended (`HTTPCycle.stop`);
         a request still to answer may yet do so."""
         if self.ws is not None:
-            self.ws.close(SERVICE_RESTART, "server restarting")
+            self.ws.close_for_restart()
         elif self.cycle is not None:
             self.cycle.stop(deadline=True)
 

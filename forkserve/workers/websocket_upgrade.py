@@ -1,6 +1,11 @@
 """A connection switching from HTTP to the WebSocket protocol (ASGI apps): the upgrade request
 hands it to a `WebSocketSession` (forkserve.websocket), which the app then drives in a task.
 Without wsproto, upgrade requests are refused (501).
+
+forkserve.websocket (and with it wsproto, and h11 which wsproto uses) is imported by the first
+upgrade a worker serves, not by the master: most apps never upgrade a connection (a WSGI app
+cannot), and it was the largest import of the master's start (about 40 ms, and 2 MiB in every
+process). The first upgrade in each worker waits that long once.
 """
 
 from __future__ import annotations
@@ -10,21 +15,33 @@ from typing import TYPE_CHECKING
 
 from forkserve.http.base import END_OF_MESSAGE, ProtocolError, Request, error_response
 from forkserve.logs import error_log
-from forkserve.websocket import AVAILABLE as WEBSOCKET_AVAILABLE
-from forkserve.websocket import WebSocketSession, websocket_scope
 from forkserve.workers.refusals import reject
 
 if TYPE_CHECKING:
+    from forkserve.websocket import WebSocketSession
     from forkserve.workers.aio import AsyncioWorker
     from forkserve.workers.protocol import HTTPProtocol
+
+
+def is_upgrade(request: Request) -> bool:
+    """Does the request ask to switch to WebSocket?"""
+    upgrade = connection = False
+    for name, value in request.headers:
+        if name == b"upgrade":
+            upgrade = upgrade or value.strip().lower() == b"websocket"
+        elif name == b"connection":
+            connection = connection or b"upgrade" in value.lower()
+    return upgrade and connection and request.method == b"GET"
 
 
 def upgrade(protocol: HTTPProtocol, request: Request) -> None:
     """Hand `protocol`'s connection to a WebSocket session for the upgrade `request` (or
     refuse: no wsproto). The session is `protocol.ws` from then on: it gets what the client
     sends."""
+    from forkserve.websocket import AVAILABLE, WebSocketSession, websocket_scope
+
     worker = protocol.worker
-    if not WEBSOCKET_AVAILABLE:
+    if not AVAILABLE:
         if not worker.warned_no_websocket:
             worker.warned_no_websocket = True
             error_log.warning("refusing WebSocket requests: wsproto is not installed "
