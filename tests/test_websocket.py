@@ -200,3 +200,18 @@ def test_the_same_handshake_again_is_a_handshake_again(ws_server):
         with ws_server.connect() as sock:
             sock.sendall(handshake)
             assert Reader(sock).response(head_request=True).status == 101
+
+
+def test_an_upgrade_pipelined_behind_requests_is_answered_after_them(ws_server):
+    """Responses to pipelined requests are held to go out in one write; an upgrade request
+    behind them starts no HTTP request: what is held goes out, then the handshake."""
+    with ws_server.connect() as sock:
+        sock.settimeout(5)
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n" * 2
+                     + b"GET /ws/echo HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        reader = Reader(sock)
+        for _ in range(2):
+            assert reader.response().body == b"Hello, World!"
+        assert reader.response(head_request=True).status == 101

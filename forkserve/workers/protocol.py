@@ -86,8 +86,8 @@ class HTTPProtocol(asyncio.Protocol):
     head_started = False  # the next request's first bytes have arrived
     fd = -1  # the socket's descriptor
     last_read: bytes | None = None
-    # Responses to pipelined requests answered in one batch of the worker, held to go out in
-    # one write (see _next_cycle); None when writes go straight to the transport.
+    # Responses to pipelined requests, held to go out in one write (see _next_cycle); None
+    # when writes go straight to the transport.
     corked: list[bytes] | None = None
     eof = False  # the client ended writing (eof_received)
 
@@ -402,6 +402,15 @@ class HTTPProtocol(asyncio.Protocol):
             worker.start_wsgi(cycle)
         else:
             self.loop.create_task(cycle.run(self.asgi_app, worker.request_done))
+            if self.corked is not None:
+                self.loop.call_soon(self._uncork_if_waiting, cycle)
+
+    def _uncork_if_waiting(self, cycle: HTTPCycle) -> None:
+        """(Right after the first step of `cycle`'s task, while responses are held for one
+        write.) An app still running then awaits something: what is held goes out now,
+        not once that app is done."""
+        if self.cycle is cycle:
+            self.uncork()
 
     def _awaits_body(self, cycle: HTTPCycle | WSGICycle) -> bool:
         """WSGI with --threads 1: a small body still coming (up to BODY_HIGH_WATER) is
@@ -499,13 +508,19 @@ class HTTPProtocol(asyncio.Protocol):
             self.resume_reading()  # pipelined bytes had filled the buffer
         if self.conn.has_input():  # (else the next bytes start the next request)
             worker = self.worker
-            if self.corked is None and worker.in_batch:
-                # A pipelined request, whose WSGI app the worker calls in this batch: the
-                # responses from here on go out in one write, once the batch or the pipeline
-                # ends (a write per response costs more than the response, hello world).
-                self.corked = []
-                worker.corked.append(self)
+            if self.corked is None:
+                # A pipelined request: the responses from here on go out in one write, once
+                # the pipeline ends, or the worker's batch (WSGI), or an ASGI app that waits
+                # for something (see _uncork_if_waiting): a write per response costs more
+                # than the response, hello world.
+                if worker.in_batch:
+                    self.corked = []
+                    worker.corked.append(self)
+                elif self.environ_factory is None:
+                    self.corked = []
             self._process()
+            if not worker.in_batch and (self.cycle is None or not self.cycle_started):
+                self.uncork()  # no request started (a partial one, an upgrade): none to wait for
         elif self.corked is not None:
             self.uncork()
 
