@@ -19,6 +19,7 @@ from __future__ import annotations
 import configparser
 import json
 import logging
+import logging.config  # (apps may use it having imported only logging, as under gunicorn)
 import os
 import sys
 import time
@@ -128,8 +129,6 @@ def _apply_config(cfg: Config, config: _LoggingConfig) -> set[str] | None:
     unless it says disable_existing_loggers)."""
     if config is None:
         return None
-    import logging.config  # (only here: its import costs every start 10 ms and 1 MiB)
-
     where = f"--log-config {cfg.log_config}" if cfg.log_config else "logconfig_dict"
     try:
         if isinstance(config, configparser.ConfigParser):

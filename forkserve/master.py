@@ -58,6 +58,7 @@ from forkserve.systemd import Notifier, Reporter, status_text
 from forkserve.tls import server_context
 from forkserve.upgrade import Upgrade, in_terminal_foreground
 from forkserve.workers import run_worker
+from forkserve.workers.websocket_upgrade import load as load_websocket
 from forkserve.workerset import WorkerProcess, WorkerSet, kill
 
 # How long a quick stop (INT/QUIT) waits for workers before SIGKILL.
@@ -129,6 +130,7 @@ class Master:
             self.admin.open(cfg, take_over=bool(self.upgrade.inherited_from))
             if ids is not None:
                 self.admin.hand_to(*ids)
+                load_websocket()  # (read as root; once the user, a worker might not be able to)
                 privileges.drop(ids, self.listeners)
             return self._serve()
         finally:

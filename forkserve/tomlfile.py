@@ -9,9 +9,14 @@ from typing import IO, Any
 
 def load_toml(file: IO[bytes]) -> dict[str, Any]:
     """The document in binary `file`. Raises ValueError (tomllib's TOMLDecodeError, or a
-    UnicodeDecodeError) for a file that is not valid TOML."""
+    UnicodeDecodeError) for a file that is not valid TOML, or when no TOML parser is
+    installed (Python 3.10 without tomli)."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ValueError("reading TOML on Python 3.10 needs tomli (pip install tomli)") \
+                from None
     return tomllib.load(file)

@@ -35,10 +35,12 @@ try:
     )
     from wsproto.events import Request as WSRequest
     from wsproto.extensions import PerMessageDeflate
-except ImportError:  # the ws extra is not installed
-    AVAILABLE = False
+except ModuleNotFoundError:  # the ws extra is not installed
+    MISSING = "wsproto is not installed (pip install 'forkserve[ws]')"
+except (ImportError, OSError) as exc:  # installed where this process cannot read it, or broken
+    MISSING = f"wsproto cannot be imported: {exc}"
 else:
-    AVAILABLE = True
+    MISSING = ""  # (else why upgrade requests are refused)
 
 # Close codes (RFC 6455 §7.4.1).
 NORMAL = 1000

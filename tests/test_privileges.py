@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import socket
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import APPS, Reader, forkserve_command
@@ -71,3 +73,36 @@ def test_bad_user_group_umask(args, message):
                             cwd=APPS, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+_WEBSOCKET_APP = '''
+async def app(scope, receive, send):
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close"})
+'''
+
+
+@root_only
+def test_a_master_dropping_privileges_imports_wsproto_before(start_server, tmp_path,
+                                                              public_apps):
+    """Workers import wsproto at their first upgrade, unless the master drops its privileges:
+    then it imports wsproto as root, since the user may not be able to read it (a venv in
+    root's home). Here a copy of wsproto only root can read stands in for that."""
+    import wsproto
+
+    hidden = tmp_path / "hidden"
+    shutil.copytree(Path(wsproto.__file__).parent, hidden / "wsproto")
+    for path in hidden.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o600)
+    for folder in (tmp_path, hidden):
+        folder.chmod(0o755)
+    (public_apps / "wsapp.py").write_text(_WEBSOCKET_APP)
+    server = start_server("wsapp:app", "-w", "1", "--user", "nobody", cwd=public_apps,
+                          env={"PYTHONPATH": str(hidden)})
+    with server.connect() as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        assert Reader(sock).response(head_request=True).status == 101

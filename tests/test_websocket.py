@@ -175,7 +175,7 @@ def test_unanswered_pings_close_with_1011(start_server):
 
 
 def test_upgrade_without_wsproto_is_refused_clearly(start_server, tmp_path):
-    (tmp_path / "wsproto.py").write_text("raise ImportError('hidden by the test')\n")
+    (tmp_path / "wsproto.py").write_text("raise ModuleNotFoundError('hidden by the test')\n")
     server = start_server("asgiapp:app", "-w", "1", env={"PYTHONPATH": str(tmp_path)})
     request = (b"GET /ws/echo HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade"
                b"\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="

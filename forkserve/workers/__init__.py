@@ -2,8 +2,8 @@
 serve.
 
 The worker is imported here, in the master, so that a worker forked after the master
-dropped its privileges needs to read nothing more than the app (and wsproto, for its first
-WebSocket: see workers/websocket_upgrade.py).
+dropped its privileges needs to read nothing more than the app (wsproto, which a worker
+imports for its first WebSocket, is imported by such a master: see workers/websocket_upgrade.py).
 
 `run_worker` is what a forked child runs: `AsyncioWorker` (workers/aio.py), an event loop
 whose connections (workers/protocol.py) hand requests to the app's interface: `-k sync`

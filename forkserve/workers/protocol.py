@@ -49,8 +49,10 @@ if TYPE_CHECKING:
     from forkserve.workers.aio import AsyncioWorker
 
 
-# The most writes held to go out as one (see HTTPProtocol.corked).
+# The most writes, and bytes, held to go out as one (see HTTPProtocol.corked): more go out at
+# once, and the transport's flow control (which a held write escapes) sees them.
 MAX_CORKED = 16
+MAX_CORKED_SIZE = 65536
 
 
 class HTTPProtocol(asyncio.Protocol):
@@ -89,6 +91,7 @@ class HTTPProtocol(asyncio.Protocol):
     # Responses to pipelined requests, held to go out in one write (see _next_cycle); None
     # when writes go straight to the transport.
     corked: list[bytes] | None = None
+    corked_size = 0  # bytes in `corked`
     eof = False  # the client ended writing (eof_received)
 
     def __init__(self, worker: AsyncioWorker, proxy_header: ProxyHeader | None = None,
@@ -219,8 +222,10 @@ class HTTPProtocol(asyncio.Protocol):
             self.transport.abort()  # it left during the response: drop what waits for it
             return False
         self._process()
-        # Keep our side open to finish a response in progress (TLS cannot half-close).
-        return self.tls is None
+        if self.tls is None:
+            return True  # our side stays open to finish a response in progress
+        self.uncork()  # TLS cannot half-close: the transport closes now, after what it has
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.adopted and self.fd >= 0:
@@ -257,13 +262,15 @@ class HTTPProtocol(asyncio.Protocol):
                 self.transport.write(data)
             else:
                 corked.append(data)
-                if len(corked) >= MAX_CORKED:
+                self.corked_size += len(data)
+                if len(corked) >= MAX_CORKED or self.corked_size >= MAX_CORKED_SIZE:
                     self.uncork()
 
     def uncork(self) -> None:
         """Write the responses held for one write (see _next_cycle), and write directly
         from now on."""
         corked, self.corked = self.corked, None
+        self.corked_size = 0
         if corked and not self.closed:
             self.transport.write(b"".join(corked))
 

@@ -5,7 +5,8 @@ Without wsproto, upgrade requests are refused (501).
 forkserve.websocket (and with it wsproto, and h11 which wsproto uses) is imported by the first
 upgrade a worker serves, not by the master: most apps never upgrade a connection (a WSGI app
 cannot), and it was the largest import of the master's start (about 40 ms, and 2 MiB in every
-process). The first upgrade in each worker waits that long once.
+process). The first upgrade in each worker waits that long once. A master that drops its
+privileges (--user) imports it before (`load`), so that workers need not read it as the user.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ if TYPE_CHECKING:
     from forkserve.workers.protocol import HTTPProtocol
 
 
+def load() -> None:
+    """Import the WebSocket session (wsproto) now rather than at a worker's first upgrade."""
+    import forkserve.websocket  # noqa: F401
+
+
 def is_upgrade(request: Request) -> bool:
     """Does the request ask to switch to WebSocket?"""
     upgrade = connection = False
@@ -38,14 +44,13 @@ def upgrade(protocol: HTTPProtocol, request: Request) -> None:
     """Hand `protocol`'s connection to a WebSocket session for the upgrade `request` (or
     refuse: no wsproto). The session is `protocol.ws` from then on: it gets what the client
     sends."""
-    from forkserve.websocket import AVAILABLE, WebSocketSession, websocket_scope
+    from forkserve.websocket import MISSING, WebSocketSession, websocket_scope
 
     worker = protocol.worker
-    if not AVAILABLE:
+    if MISSING:
         if not worker.warned_no_websocket:
             worker.warned_no_websocket = True
-            error_log.warning("refusing WebSocket requests: wsproto is not installed "
-                              "(pip install 'forkserve[ws]')")
+            error_log.warning("refusing WebSocket requests: %s", MISSING)
         protocol.write(error_response(501, "WebSocket support is not installed"))
         protocol.close()
         return
