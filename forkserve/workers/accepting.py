@@ -23,25 +23,20 @@ class Acceptor:
     (connections handed by peers are taken like new ones, see workers/handover.py), or
     unregisters them; and pauses accepting.
 
-    `accepting`: the listeners are registered now; `adopting`: the hand-off channel is;
-    `deferring`: a pause lasts (ended by its timer, or by a connection closing: `resume`).
-    Uses of the worker: its listeners and `handover`, `stopping`, `has_room()`,
-    `accept_batch`, `accept_forced` and `take`, and the scoreboard's view of its peers.
+    `accepting`: registered now; `deferring`: a pause lasts (ended by its timer, or by a
+    connection closing: `resume`). Uses of the worker: its listeners and `handover`,
+    `stopping`, `has_room()`, `accept_batch`, `accept_forced` and `take`, and the
+    scoreboard's view of its peers.
     """
 
     def __init__(self, worker: AsyncioWorker) -> None:
         self.worker = worker
         self.loop = worker.loop
         self.accepting = False
-        self.adopting = False
         self.deferring = False
 
     def set_accepting(self, on: bool) -> None:
-        """Accept connections, new and handed by peers, from now on (`on`), or neither."""
-        self._listen(on)
-        self._adopt(on)
-
-    def _listen(self, on: bool) -> None:
+        """Accept connections from now on (`on`), or not."""
         if on == self.accepting:
             return
         self.accepting = on
@@ -51,16 +46,12 @@ class Acceptor:
                 loop.add_reader(listener.sock.fileno(), self._accept, listener)
             else:
                 loop.remove_reader(listener.sock.fileno())
-
-    def _adopt(self, on: bool) -> None:
         handover = self.worker.handover
-        if handover is None or on == self.adopting:
-            return
-        self.adopting = on
-        if on:
-            self.loop.add_reader(handover.channel.fileno(), handover.adopt)
-        else:
-            self.loop.remove_reader(handover.channel.fileno())
+        if handover is not None:  # connections handed by peers: taken like new ones
+            if on:
+                loop.add_reader(handover.channel.fileno(), handover.adopt)
+            else:
+                loop.remove_reader(handover.channel.fileno())
 
     def resume(self, forced: bool = True) -> None:
         """End a pause of accepting; `forced`: accept one connection even if a peer is
@@ -73,16 +64,12 @@ class Acceptor:
 
     def pause(self, seconds: float, rebalancing: bool) -> None:
         """Stop accepting for `seconds`; `rebalancing` (a peer is lighter): until no peer is
-        lighter, if that comes sooner, and still adopting what a peer in a long call hands
-        over (it found this worker free; and the channel's reader unregistered and made again
-        cost each pause 4 of its 8 epoll_ctl calls, a pause every other fresh connection);
-        else (out of descriptors) adopting nothing either."""
+        lighter, if that comes sooner."""
         self.deferring = True  # ended by the timer below, or by a connection closing
-        self._listen(False)
+        self.set_accepting(False)
         if rebalancing:
             self._poll_deferral(self.loop.time() + seconds)
         else:
-            self._adopt(False)
             self.loop.call_later(seconds, self.resume)
 
     def _poll_deferral(self, until: float) -> None:

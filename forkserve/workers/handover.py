@@ -119,7 +119,7 @@ class Handover:
                 return
             for sock, replay in given:
                 self.worker.take(sock, None, replay)
-            if not self.worker.acceptor.adopting:
+            if not self.worker.acceptor.accepting:
                 return  # it is full now: the rest are for a free peer
 
 
