@@ -234,6 +234,24 @@ def test_a_client_that_never_reads_does_not_make_the_worker_buffer(asgi_server):
     asgi_server.wait_for(r"DOWNLOAD 268435456|DOWNLOAD 260046848")
 
 
+def test_a_pipelined_response_held_for_one_write_is_still_held_back(asgi_server):
+    """Responses to pipelined requests are held to go out in one write; a held write escapes
+    the transport's flow control, so what is held goes out at 64 KiB: an app sending 8 MiB
+    pieces to a client that does not read is held back by send() after the first (16 held
+    writes would be 128 MiB: without the bound it sent 16 MiB and more within the second)."""
+    (worker,) = asgi_server.workers()
+    sock = asgi_server.connect()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(GET % b"/hello" + GET % b"/big-download?mb=256&kb=8192")
+        assert Reader(sock).response().body == b"Hello, World!"
+        time.sleep(1.0)  # nothing to wait for: this checks that nothing happens
+        assert "DOWNLOAD 16777216" not in asgi_server.log
+        assert rss_mib(worker) < 120
+    finally:
+        sock.close()
+
+
 def test_unread_upload_pauses_reading(asgi_server):
     (worker,) = asgi_server.workers()
     with asgi_server.connect() as sock:

@@ -200,11 +200,13 @@ async def returns_early(scope, receive, send):
 
 
 async def big_download(scope, receive, send):
-    """?mb= MiB in 64 KiB pieces: a client that never reads must not make us buffer it all."""
-    total = int(_query(scope).get("mb", "64")) * 1024 * 1024
+    """?mb= MiB in pieces of ?kb= KiB (64): a client that never reads must not make us buffer
+    it all."""
+    query = _query(scope)
+    total = int(query.get("mb", "64")) * 1024 * 1024
     await send({"type": "http.response.start", "status": 200,
                 "headers": TEXT + [(b"content-length", str(total).encode())]})
-    piece = b"d" * 65536
+    piece = b"d" * (int(query.get("kb", "64")) * 1024)
     for sent in range(0, total, len(piece)):
         await send({"type": "http.response.body", "body": piece, "more_body": True})
         if sent % (8 * 1024 * 1024) == 0:
