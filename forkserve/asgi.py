@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from urllib.parse import quote, unquote_to_bytes
 
 from forkserve.errors import ClientDisconnected, StopNow
-from forkserve.http.base import HTTPConnection, Request, error_response
+from forkserve.http.base import HTTPConnection, Request, error_response, remember
 from forkserve.logs import error_log
 from forkserve.proxy import Forwarded
 
@@ -90,9 +90,7 @@ def connection_scope(kind: str, request: Request, client: Any, server: Any, root
     if known is None or known[0] != root_path or known[1] != kind:
         known = (root_path, kind, *_request_part(kind, request, root_path))
         if head is not None:
-            if len(_SCOPE_PARTS) >= _SCOPE_PARTS_MAX:
-                _SCOPE_PARTS.clear()
-            _SCOPE_PARTS[head] = known
+            remember(_SCOPE_PARTS, head, known, _SCOPE_PARTS_MAX)
     part, authority = known[2], known[3]
     scope = part.copy()
     # RFC 9112 §3.2.2: an absolute-form target's authority is the host, whatever Host says.

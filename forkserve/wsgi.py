@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
-from forkserve.http.base import SERVER, Request
+from forkserve.http.base import SERVER, Request, remember
 from forkserve.logs import error_log
 from forkserve.proxy import Forwarded, TrustedProxies, forwarded
 
@@ -352,10 +352,9 @@ class EnvironFactory:
             # A head seen before: its part is remembered by its bytes (and the root path).
             known = _REQUEST_PARTS.get(head)
             if known is None or known[0] != self._root_path:
-                if len(_REQUEST_PARTS) >= _REQUEST_PARTS_MAX:
-                    _REQUEST_PARTS.clear()
-                known = _REQUEST_PARTS[head] = (self._root_path,
-                                                _request_part(request, self._root_path))
+                known = remember(_REQUEST_PARTS, head, (
+                    self._root_path, _request_part(request, self._root_path)),
+                    _REQUEST_PARTS_MAX)
             environ.update(known[1])
         environ["wsgi.input"] = body
         environ["wsgi.errors"] = errors

@@ -15,9 +15,12 @@ import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from forkserve import __version__
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class ProtocolError(Exception):
@@ -225,6 +228,16 @@ _HOST = re.compile(
 
 # Host values found valid: clients send the same one or few with every request. Emptied when
 # full, so that the memory stays bounded whatever hosts are sent.
+def remember(cache: dict[K, V], key: K, value: V, most: int) -> V:
+    """`cache[key] = value`, `cache` emptied first when it holds `most` entries: the
+    request path's caches (heads, fields, environ and scope parts) are bounded this way, as
+    a few entries are all a server sees again and again. Returns `value`."""
+    if len(cache) >= most:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 _VALID_HOSTS: set[bytes] = set()
 _VALID_HOSTS_MAX = 256
 _CACHED_HOST_MAX = 300  # bytes: a DNS name has at most 253, a port 6 more

@@ -31,6 +31,7 @@ from forkserve.http.base import (
     check_partial_head,
     check_request,
     plain_head_length,
+    remember,
 )
 from forkserve.http.chunked import ChunkedFraming
 
@@ -222,11 +223,10 @@ class BaseConnection:
         flags = _asks(request)
         if key is not None and len(request.headers) <= _CACHED_HEAD_FIELDS \
                 and not any(name in _CREDENTIALS for name, _ in request.headers):
-            if len(_CHECKED_HEADS) >= _CHECKED_HEADS_MAX:
-                _CHECKED_HEADS.clear()
-            _CHECKED_HEADS[key] = (self._limits, type(self), request.method, request.target,
-                                   request.http_version, tuple(request.headers),
-                                   request.proxy_headers, request.options, framing, flags)
+            remember(_CHECKED_HEADS, key, (
+                self._limits, type(self), request.method, request.target,
+                request.http_version, tuple(request.headers), request.proxy_headers,
+                request.options, framing, flags), _CHECKED_HEADS_MAX)
             request.head = key
         return request, framing, flags
 

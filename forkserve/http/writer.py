@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from forkserve.http.base import complete_headers, http_date
+from forkserve.http.base import complete_headers, http_date, remember
 from forkserve.http.connection import comma_values
 
 # h11/_abnf.py: field-name = token; field-value = *( field-content ), with field-content
@@ -89,9 +89,7 @@ def _remember(heads: dict[tuple, _Head], key: tuple | None, head: _Head) -> None
     """Keep `head` in `heads` under `key` (None: not to be kept), unless it is too long;
     `heads` is emptied when full."""
     if key is not None and len(head[0]) <= _CACHED_HEAD_MAX:
-        if len(heads) >= _HEADS_MAX:
-            heads.clear()
-        heads[key] = head
+        remember(heads, key, head, _HEADS_MAX)
 
 
 def _field(raw: bytes, lower: bytes, value: bytes) -> _Field:
@@ -128,9 +126,7 @@ def _check_field(name: object, value: object) -> _Field:
         raw_value = raw_value.lower()  # normalize_fields refuses what is not "chunked"
     field = _field(raw, lower, raw_value)
     if type(name) is bytes and type(value) is bytes and len(value) <= _CACHED_VALUE_MAX:
-        if len(_FIELDS) >= _FIELDS_MAX:
-            _FIELDS.clear()
-        _FIELDS[name, value] = field
+        remember(_FIELDS, (name, value), field, _FIELDS_MAX)
     return field
 
 
