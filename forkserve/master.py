@@ -257,6 +257,7 @@ class Master:
         if new is None:
             return
         self.cfg, self.tls = new
+        connection_factory(self.cfg.http)  # (--http may have changed) shared by the workers
         self.size = self.cfg.workers
         self.saved_size = 0
         self.reporter.reload_started()
@@ -320,7 +321,6 @@ class Master:
     def _spawn(self, worker: WorkerProcess) -> bool:
         """Fork `worker`; False if fork() failed (retried after a growing delay)."""
         self.call_hook("pre_fork", self, worker)
-        connection_factory(self.cfg.http)  # (a reload may change it) shared by the workers
         try:
             pid, read_fd, nudge_fd = fork_worker(worker.number, self.scoreboard,
                                                  self._leave_master, self._run_worker(worker))
